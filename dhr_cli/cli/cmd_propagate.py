@@ -1,0 +1,12 @@
+"""`dhr propagate` (placeholder until its capability is built)."""
+
+from __future__ import annotations
+
+from dhr_cli.cli.options import app, user_errors
+from dhr_cli.errors import NotBuiltError
+
+
+@app.command("propagate", help="Not built yet in this version.")
+@user_errors
+def propagate_cmd() -> None:
+    raise NotBuiltError("'dhr propagate' is not built yet in this version")
