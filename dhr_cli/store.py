@@ -256,15 +256,22 @@ class StoreWriter:
             raise StoreError(f"{self.path}: folder {self.path.parent} does not exist")
         if overwrite and resume:
             raise StoreError(f"{self.path}: --overwrite and --resume exclude each other")
+        moved = False
         if resume:
             if self.path.exists() and not self.partial.exists():
                 os.replace(self.path, self.partial)  # a complete store: resume fills what is missing
+                moved = True
         elif self.path.exists() and not overwrite:
             raise StoreError(f"{self.path}: already exists; pass --overwrite to replace it or --resume to complete it")
         elif self.partial.exists() and not overwrite:
             raise StoreError(f"{self.partial}: an interrupted run is there; pass --resume to continue it or --overwrite to start again")
         if resume and self.partial.exists():
-            self._file = self._open_partial_for_resume()
+            try:
+                self._file = self._open_partial_for_resume()
+            except StoreError:
+                if moved:  # give the user's complete store back untouched
+                    os.replace(self.partial, self.path)
+                raise
         else:
             self._file = h5py.File(self.partial, "w")
             a = self._file.attrs

@@ -1,12 +1,45 @@
-"""`dhr info` (placeholder until its capability is built)."""
+"""`dhr info`: summarise a store or a dataset."""
 
 from __future__ import annotations
 
-from dhr_cli.cli.options import app, user_errors
-from dhr_cli.errors import NotBuiltError
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dhr_cli.cli.options import Split, app, out, user_errors
 
 
-@app.command("info", help="Not built yet in this version.")
+@app.command("info", help="Summarise a store (kind, classes, items, shapes, provenance) or a dataset folder.")
 @user_errors
-def info_cmd() -> None:
-    raise NotBuiltError("'dhr info' is not built yet in this version")
+def info_cmd(
+    path: Annotated[Path, typer.Argument(help="A store (.h5) or a dataset folder.")],
+    split: Split = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    from rich.table import Table
+
+    from dhr_cli.errors import InputError
+    from dhr_cli.info import describe
+
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    summary = describe(path, split)
+    if as_json:
+        out.print_json(json.dumps(summary, default=str))
+        return
+    table = Table(title=f"{summary['what']}: {path}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in summary.items():
+        if key in ("path", "what"):
+            continue
+        if key == "provenance":
+            value = {k: value.get(k) for k in ("command", "dhr_version", "time", "inputs") if k in value}
+        if key == "classes":
+            value = f"{len(value)}: " + ", ".join(value)
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
+        table.add_row(key, str(value))
+    out.print(table)
