@@ -52,6 +52,11 @@ def test_info_on_a_dataset(tmp_path):
     assert result.exit_code == 0 and "flat" in result.output and "cat" in result.output
 
 
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
 @pytest.mark.parametrize(
     "setup, message",
     [
@@ -61,11 +66,6 @@ def test_info_on_a_dataset(tmp_path):
         (lambda p: write_plain_store(p / "v2.h5", "masks", ["bg"], {}, version=2), "newer than this dhr reads"),
     ],
 )
-def _write(path, text):
-    path.write_text(text)
-    return path
-
-
 def test_bad_input_is_one_line_and_exit_1(tmp_path, setup, message):
     path = setup(tmp_path)
     result = runner.invoke(app, ["info", str(path)])
