@@ -18,6 +18,7 @@ from dhr_cli.cli import (  # noqa: E402,F401
     cmd_eval,
     cmd_export,
     cmd_info,
+    cmd_merge,
     cmd_demo,
 )
 
