@@ -33,7 +33,7 @@ VERSION = 1
 KINDS = ("cams", "features", "seeds", "masks")
 # The dataset every item of a kind must hold.
 MAIN_DATASET = {"cams": "cams", "features": "features", "seeds": "mask", "masks": "mask"}
-_DONE_ATTR = "_dhr_done"  # set on an item group once all its datasets are written (partial files)
+_TMP_PREFIX = ".writing-"  # an item group's name until all its datasets are written
 
 
 # ---- reading --------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ class Store:
         if self.path.is_dir():
             raise StoreError(f"{self.path}: is a directory, expected an HDF5 store file")
         try:
-            self._file = h5py.File(self.path, "r")
+            self._file = _open_h5(self.path, "r")
         except OSError:
             raise StoreError(f"{self.path}: not an HDF5 file (or damaged)") from None
         try:
@@ -273,7 +273,7 @@ class StoreWriter:
                     os.replace(self.partial, self.path)
                 raise
         else:
-            self._file = h5py.File(self.partial, "w")
+            self._file = _open_h5(self.partial, "w")
             a = self._file.attrs
             a["dhr_format"] = FORMAT
             a["dhr_version"] = VERSION
@@ -286,11 +286,11 @@ class StoreWriter:
             self._file.create_group("items")
             self._file.flush()
         self._items = self._file["items"]
-        self.done: set[str] = {k for k, g in self._items.items() if g.attrs.get(_DONE_ATTR, True)}
+        self.done: set[str] = {k for k in self._items.keys() if not k.startswith(_TMP_PREFIX)}
 
     def _open_partial_for_resume(self) -> h5py.File:
         try:
-            f = h5py.File(self.partial, "a")
+            f = _open_h5(self.partial, "a")
         except OSError:
             raise StoreError(f"{self.partial}: damaged by the interruption; delete it or rerun with --overwrite") from None
         kind = _attr_str(f.attrs.get("kind"))
@@ -298,8 +298,8 @@ class StoreWriter:
         if kind != self.kind or classes != self.classes:
             f.close()
             raise StoreError(f"{self.partial}: holds {kind!r} with classes {classes}, which does not match this run; use --overwrite")
-        # Drop items cut off half-written (group created, not yet marked done).
-        for key in [k for k, g in f["items"].items() if not g.attrs.get(_DONE_ATTR, True)]:
+        # Drop an item cut off half-written.
+        for key in [k for k in f["items"].keys() if k.startswith(_TMP_PREFIX)]:
             del f["items"][key]
         prov = _decode_attr("provenance", f.attrs.get("provenance", "{}"))
         if isinstance(prov, dict):
@@ -317,26 +317,24 @@ class StoreWriter:
         if item_id in self.done:
             raise StoreError(f"{self.path}: item {item_id!r} written twice (duplicate id?)")
         _validate_item(self.kind, self.path, item_id, arrays, attrs)
-        if item_id in self._items:
-            del self._items[item_id]
-        group = self._items.create_group(item_id)
-        group.attrs[_DONE_ATTR] = False
+        # Written under a temporary name and renamed when complete: an item cut off half-written
+        # never appears under its own name, and --resume deletes the leftover.
+        tmp = _TMP_PREFIX + item_id
+        if tmp in self._items:
+            del self._items[tmp]
+        group = self._items.create_group(tmp)
         for name, array in arrays.items():
             array = np.ascontiguousarray(array)
             ds = group.create_dataset(name, data=array, **dataset_kwargs(array))
             for k, v in attrs.get(name, {}).items():
                 ds.attrs[k] = v
-        group.attrs[_DONE_ATTR] = True
+        self._items.move(tmp, item_id)
         self._file.flush()
         self.done.add(item_id)
 
     def close(self, complete: bool) -> None:
         if not self._file.id.valid:
             return
-        if complete:
-            for g in self._items.values():  # the marker only matters for partial files
-                if _DONE_ATTR in g.attrs:
-                    del g.attrs[_DONE_ATTR]
         self._file.close()
         if complete:
             os.replace(self.partial, self.path)
@@ -368,6 +366,20 @@ def make_provenance(command: str, config=None, inputs: dict[str, Any] | None = N
 
 
 # ---- helpers --------------------------------------------------------------------------------
+def _open_h5(path: Path, mode: str) -> h5py.File:
+    """h5py.File with a bounded metadata cache: HDF5's adaptive default grows with the number of
+    items touched (measured, bench/store_memory.py: 77 -> 253 MB peak RSS for 1k vs 10k items;
+    with a 1 MiB cap the growth is a few MB and reading is no slower)."""
+    f = h5py.File(path, mode)
+    config = f.id.get_mdc_config()
+    config.set_initial_size = True
+    config.initial_size = 1 << 18
+    config.min_size = 1 << 18
+    config.max_size = 1 << 20
+    f.id.set_mdc_config(config)
+    return f
+
+
 def _partial(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
