@@ -210,10 +210,12 @@ def open_store(path: str | os.PathLike, expect: str | tuple[str, ...] | None = N
 
 # ---- writing --------------------------------------------------------------------------------
 def dataset_kwargs(array: np.ndarray) -> dict:
-    """Chunked gzip for every dataset; one chunk per item is what readers touch anyway."""
+    """Chunked gzip level 1 for every dataset (bench/store_memory.py, VOC-like mask + fp16 USS
+    features: gzip1 169 KB/item, write 4.4 ms, read 1.5 ms; gzip4 168 KB, 5.4 ms, 2.0 ms;
+    lzf 187 KB; byte shuffle gained nothing). Gzip is readable by every HDF5 build."""
     if array.ndim == 0 or array.size < 64:
         return {}
-    return {"compression": "gzip", "compression_opts": 4, "shuffle": array.dtype.itemsize > 1, "chunks": True}
+    return {"compression": "gzip", "compression_opts": 1, "chunks": True}
 
 
 def _validate_item(kind: str, path: Path, item_id: str, arrays: dict, attrs: dict) -> None:
