@@ -102,8 +102,16 @@ class EvalConfig:
     """`dhr eval`: DHR's mIoU / mFPR / mFNR protocol."""
 
     skip_background_only: bool = False  # DHR's evaluator drops GT images with no foreground (non-COCO)
-    on_size_mismatch: Literal["fail", "skip"] = "fail"
+    on_size_mismatch: Literal["fail", "skip"] = "fail"  # prediction and GT of different sizes
+    # A GT image without a prediction: "skip" (counted and listed) or "empty" (scored as a
+    # prediction of no class at all, so every labelled pixel is a false negative).
+    on_missing: Literal["skip", "empty"] = "skip"
     report_images: int = 8  # worst and most-improved images shown in the HTML report
+
+    def __post_init__(self) -> None:
+        _check(self.on_size_mismatch in ("fail", "skip"), f"on_size_mismatch must be 'fail' or 'skip', got {self.on_size_mismatch!r}")
+        _check(self.on_missing in ("skip", "empty"), f"on_missing must be 'skip' or 'empty', got {self.on_missing!r}")
+        _check(self.report_images >= 0, f"report_images must be >= 0, got {self.report_images}")
 
 
 @dataclass(frozen=True)
@@ -120,3 +128,89 @@ class CamsConfig:
 def as_dict(cfg) -> dict:
     """A config as plain JSON-able data (for provenance)."""
     return asdict(cfg)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """`dhr train`: DeepLabv3+ with DHR's online regeneration of the pseudo-masks (recursive learning)."""
+
+    backbone: str = "resnet101"  # resnet18 | resnet34 | resnet50 | resnet101 (paper: resnet101)
+    output_stride: int = 8  # (paper)
+    decoder_channels: int = 256  # ASPP / decoder width (paper)
+    dropout: bool = True  # decoder dropout 0.5 / 0.1 (paper)
+    freeze_bn: bool = False  # BatchNorm in eval mode (per-sample computation; small batches)
+    sync_bn: bool = True  # SyncBatchNorm under DistributedDataParallel on CUDA
+    crop_size: int = 512  # (paper)
+    scale_range: tuple[int, int] = (320, 640)  # random longer side before the crop (paper)
+    flip: bool = True
+    color_jitter: tuple[float, float, float, float] = (0.3, 0.3, 0.3, 0.1)  # brightness contrast saturation hue (paper)
+    batch_size: int = 16  # global batch, split over processes (paper)
+    epochs: int = 100  # (paper)
+    lr: float = 1e-3  # backbone; new layers get lr * head_lr_mult (paper)
+    head_lr_mult: float = 10.0  # (paper)
+    momentum: float = 0.9  # (paper)
+    weight_decay: float = 4e-5  # (paper)
+    poly_power: float = 0.9  # (paper)
+    ema_decay: float = 0.999  # EMA of the weights, saved and used for inference; 0 turns it off (paper)
+    seg_weight: float = 1.0  # cross-entropy weight (paper)
+    cls_weight: float = 1.0  # multilabel soft-margin weight (paper)
+    dhr: bool = True  # regenerate the pseudo-masks online; False trains plainly on --masks
+    uss_cell: int = 16  # crop pixels per cell of the warped USS feature grid
+    seed_cfg: SeedConfig = field(default_factory=SeedConfig)  # Step 1 online
+    propagate: PropagateConfig = field(default_factory=PropagateConfig)  # Steps 2-3 online
+    amp: bool = True  # mixed precision, CUDA only
+    seed: int = 0
+    num_workers: int = 2
+    device: str = "auto"
+    val_split: str | None = "auto"  # "auto": the split named val when the dataset has one with GT
+    val_size: int = 512  # validation: longer side resized to this (single scale)
+    log_every: int = 10  # iterations between log lines
+
+    def __post_init__(self) -> None:
+        _check(self.output_stride in (8, 16), f"output_stride must be 8 or 16, got {self.output_stride}")
+        _check(self.crop_size >= 32, f"crop_size must be >= 32, got {self.crop_size}")
+        _check(0 < self.scale_range[0] <= self.scale_range[1], f"scale_range must be 0 < lo <= hi, got {self.scale_range}")
+        _check(self.batch_size >= 1 and self.epochs >= 1, "batch_size and epochs must be >= 1")
+        _check(self.lr > 0 and self.head_lr_mult > 0, "lr and head_lr_mult must be > 0")
+        _check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        _check(self.uss_cell >= 1, f"uss_cell must be >= 1, got {self.uss_cell}")
+        _check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """`dhr predict`: the authors' inference with a network trained by `dhr train`."""
+
+    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)  # (paper)
+    flip: bool = True  # (paper)
+    class_threshold: float = 0.05  # a class is kept if its max probability exceeds this (paper)
+    restrict_to_labels: bool = False  # keep only the image-level labels (+ background) when known
+    use_crf: bool = True  # (paper)
+    crf: CRFConfig = field(default_factory=CRFConfig)
+    use_ema: bool = True  # the EMA weights when the checkpoint has them (paper)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(len(self.scales) >= 1 and all(s > 0 for s in self.scales), f"scales must be > 0, got {self.scales}")
+        _check(0 <= self.class_threshold < 1, f"class_threshold must be in [0, 1), got {self.class_threshold}")
+
+
+@dataclass(frozen=True)
+class RandomWalkConfig:
+    """`dhr propagate --method rw`: PSA/AffinityNet random walk (MCTformer psa/infer_aff.py defaults)."""
+
+    beta: float = 8.0  # affinity exponent (MCTformer --beta 8)
+    logt: int = 6  # T ** (2 ** logt), 64 steps (MCTformer --logt 6)
+    bg: float = 0.39  # constant background plane (MCTformer --bg_thr 0.39)
+    affinity: Literal["cosine", "l1"] = "cosine"  # "l1": PSA's exp(-mean|f_i - f_j|), for learned affinity features
+    radius: int = 5  # cells closer than this are connected (PSA); 0 connects every pair
+    power: Literal["auto", "square", "iterate"] = "auto"  # same result; "auto" picks the cheaper
+    max_side: int = 64  # the walk grid's longer side is capped at this many cells
+
+    def __post_init__(self) -> None:
+        _check(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        _check(self.logt >= 0, f"logt must be >= 0, got {self.logt}")
+        _check(self.affinity in ("cosine", "l1"), f"affinity must be 'cosine' or 'l1', got {self.affinity!r}")
+        _check(self.radius >= 0, f"radius must be >= 0, got {self.radius}")
+        _check(self.power in ("auto", "square", "iterate"), f"power must be 'auto', 'square' or 'iterate', got {self.power!r}")
+        _check(self.max_side >= 2, f"max_side must be >= 2, got {self.max_side}")

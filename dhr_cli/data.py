@@ -103,7 +103,10 @@ class Dataset:
         if mask.shape != self.image_size(item_id):
             raise DatasetError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
                                f"{self.image_size(item_id)[1]}x{self.image_size(item_id)[0]}")
-        bad = np.setdiff1d(np.unique(mask), np.r_[np.arange(len(self.classes)), IGNORE_INDEX])
+        counts = np.bincount(mask.ravel(), minlength=256)
+        counts[: len(self.classes)] = 0
+        counts[IGNORE_INDEX] = 0
+        bad = np.flatnonzero(counts)
         if bad.size:
             raise DatasetError(f"{path}: label values {bad.tolist()[:5]} are outside the {len(self.classes)} classes")
         return mask

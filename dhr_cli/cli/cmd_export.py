@@ -1,12 +1,28 @@
-"""`dhr export` (placeholder until its capability is built)."""
+"""`dhr export`: a masks or seeds store to one VOC palette PNG per item."""
 
 from __future__ import annotations
 
-from dhr_cli.cli.options import app, user_errors
-from dhr_cli.errors import NotBuiltError
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dhr_cli.cli.options import Overwrite, Quiet, app, out as stdout, user_errors
 
 
-@app.command("export", help="Not built yet in this version.")
+@app.command(
+    "export",
+    help="Write every item of a masks (or seeds) store as DIR/<id>.png: a VOC palette PNG whose "
+    "pixel values are the label values (255 = ignore kept).",
+)
 @user_errors
-def export_cmd() -> None:
-    raise NotBuiltError("'dhr export' is not built yet in this version")
+def export_cmd(
+    store: Annotated[Path, typer.Argument(help="A masks or seeds store (.h5).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (created; must be empty unless --overwrite).")],
+    overwrite: Overwrite = False,
+    quiet: Quiet = False,
+) -> None:
+    from dhr_cli.export import run_export
+
+    result = run_export(store, out, overwrite=overwrite, quiet=quiet)
+    stdout.print(f"Wrote {result.written} {result.kind} PNGs to {result.out}", markup=False, highlight=False)
