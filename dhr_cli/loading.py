@@ -1,0 +1,68 @@
+"""Parallel decoding: images (and ground truth) read in DataLoader workers while the kernels run.
+
+Only picklable, file-based work goes to the workers (decoding PNG/JPEG files through a
+Dataset); HDF5 stores are read in the main process, one item at a time, so memory stays
+bounded whatever the number of items.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterator, Sequence, TypeVar
+
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from dhr_cli.errors import DhrError
+
+T = TypeVar("T")
+
+
+def default_workers() -> int:
+    """One decoding process per spare core, at most 4 (decoding is cheaper than the kernels)."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+class _Items(TorchDataset):
+    def __init__(self, ids: Sequence[str], load: Callable[[str], T]):
+        self.ids = list(ids)
+        self.load = load
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.load(self.ids[index])
+        except DhrError as e:  # carried back whole: DataLoader would re-wrap it with a traceback
+            return _Failure(e)
+
+
+class _Failure:
+    def __init__(self, error: DhrError):
+        self.error = error
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def iterate_batches(ids: Sequence[str], load: Callable[[str], T], batch_size: int,
+                    workers: int | None = None) -> Iterator[list[T]]:
+    """Yield lists of `load(id)` for consecutive ids, `batch_size` at a time, in order.
+
+    `load` must be picklable (a module-level function or a functools.partial over one) when
+    workers > 0. A DhrError raised in a worker reaches the caller unchanged.
+    """
+    workers = default_workers() if workers is None else workers
+    if workers == 0 or len(ids) <= batch_size:
+        for start in range(0, len(ids), batch_size):
+            yield [load(i) for i in ids[start : start + batch_size]]
+        return
+    loader = DataLoader(_Items(ids, load), batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=_as_list, prefetch_factor=2)
+    for batch in loader:
+        for entry in batch:
+            if isinstance(entry, _Failure):
+                raise entry.error
+        yield batch

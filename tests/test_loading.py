@@ -1,0 +1,34 @@
+"""Parallel decoding keeps order and surfaces dataset errors unchanged."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from dhr_cli.data import open_dataset
+from dhr_cli.errors import DatasetError
+from dhr_cli.loading import iterate_batches
+from tests.helpers import make_flat
+
+
+def _image_and_labels(ds, item_id):
+    return item_id, ds.image(item_id).shape, ds.labels(item_id)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_in_order(tmp_path, workers):
+    ds = open_dataset(make_flat(tmp_path / "d", items={f"i{k}": (1,) for k in range(7)}))
+    batches = list(iterate_batches(ds.ids, functools.partial(_image_and_labels, ds), batch_size=3, workers=workers))
+    assert [len(b) for b in batches] == [3, 3, 1]
+    assert [r[0] for b in batches for r in b] == ds.ids
+    assert all(r[1] == (24, 32, 3) and r[2] == [1] for b in batches for r in b)
+
+
+def test_worker_errors_reach_the_caller(tmp_path):
+    root = make_flat(tmp_path / "d", items={f"i{k}": (1,) for k in range(6)})
+    (root / "images" / "i4.png").write_bytes(b"broken")
+    ds = open_dataset(root)
+    with pytest.raises(DatasetError, match=r"^\S*i4.png: cannot decode image \(\w+\)$"):
+        for _ in iterate_batches(ds.ids, functools.partial(_image_and_labels, ds), batch_size=2, workers=2):
+            pass
