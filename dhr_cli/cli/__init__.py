@@ -15,6 +15,7 @@ from dhr_cli.cli import (  # noqa: E402,F401
     cmd_seed,
     cmd_propagate,
     cmd_train,
+    cmd_predict,
     cmd_eval,
     cmd_export,
     cmd_info,

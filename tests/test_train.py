@@ -1,0 +1,264 @@
+"""`dhr train`: joint augmentation, the network, loss going down, exact resume, logs and checkpoints."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from dhr_cli.augment import Geometry, identity_geometry, sample_geometry, valid_region, warp_features, warp_image, warp_mask
+from dhr_cli.config import TrainConfig
+
+TINY = TrainConfig(backbone="resnet18", decoder_channels=16, crop_size=64, scale_range=(64, 96), batch_size=2,
+                   epochs=2, lr=0.01, num_workers=0, log_every=1, val_size=64, dhr=False, seed=3,
+                   val_split=None)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from dhr_cli.synthetic import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("synth"), n_images=8, seed=0)
+
+
+# ---- augmentation -------------------------------------------------------------------------------
+def test_identity_geometry_keeps_feature_map():
+    feats = torch.randn(5, 7, 9)
+    g = identity_geometry((56, 72))
+    torch.testing.assert_close(warp_features(feats, g, (7, 9)), feats, atol=1e-5, rtol=0)
+
+
+def test_flip_geometry_flips_feature_map():
+    feats = torch.randn(3, 6, 8)
+    g = Geometry((48, 64), (48, 64), True, (0, 0), (48, 64))
+    torch.testing.assert_close(warp_features(feats, g, (6, 8)), feats.flip(-1), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_features_follow_the_image(seed):
+    """A feature map holding each cell's x (and y) coordinate, warped, matches the warped image's coordinates."""
+    rng = np.random.default_rng(seed)
+    h, w = 96, 128
+    g = sample_geometry(rng, (h, w), crop=80, scale_range=(60, 200), flip=True)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    # Image channels hold the coordinates (scaled to fit uint8); features the same at stride 8.
+    image = np.stack([xx * 255 / (w - 1), yy * 255 / (h - 1), np.zeros_like(xx)], -1).round().astype(np.uint8)
+    fy, fx = np.mgrid[0:h // 8, 0:w // 8].astype(np.float32)
+    feats = torch.from_numpy(np.stack([((fx + 0.5) * 8 - 0.5) * 255 / (w - 1), ((fy + 0.5) * 8 - 0.5) * 255 / (h - 1)]))
+    cell = 8
+    warped_img = warp_image(image, g).astype(np.float32)
+    valid = valid_region(g)
+    grid = (80 // cell, 80 // cell)
+    warped = warp_features(feats, g, grid).numpy()
+    # Compare at cells fully inside the image and away from the border (bilinear extrapolation aside).
+    for a in range(grid[0]):
+        for b in range(grid[1]):
+            block = valid[a * cell:(a + 1) * cell, b * cell:(b + 1) * cell]
+            if not block.all():
+                continue
+            img_mean = warped_img[a * cell:(a + 1) * cell, b * cell:(b + 1) * cell, :2].mean((0, 1))
+            if (img_mean < 20).any() or (img_mean > 235).any():
+                continue
+            np.testing.assert_allclose(warped[:, a, b], img_mean, atol=8)
+
+
+def test_mask_padding_is_ignore_and_matches_valid_region():
+    g = Geometry((40, 50), (30, 38), False, (-10, -5), (64, 64))  # smaller than the crop: padded
+    mask = np.full((40, 50), 3, np.uint8)
+    out = warp_mask(mask, g)
+    valid = valid_region(g)
+    assert (out[valid] == 3).all() and (out[~valid] == 255).all()
+    assert valid.sum() == 30 * 38
+
+
+# ---- network ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("output_stride", [8, 16])
+def test_network_shapes(output_stride):
+    from dhr_cli.models.deeplab import DHRNet, NetworkSpec
+
+    net = DHRNet(NetworkSpec("resnet18", 6, 5, output_stride=output_stride, decoder_channels=16))
+    out = net(torch.randn(2, 3, 64, 96), with_features=True)
+    assert out["logits"].shape == (2, 6, 16, 24)
+    assert out["cams"].shape == (2, 5, 4, 6)
+    assert out["C5"].shape[2:] == (64 // output_stride, 96 // output_stride)
+
+
+def test_backbone_weights_load_strictly_and_reject_others(tmp_path):
+    from torchvision.models import resnet18
+
+    from dhr_cli.errors import CheckpointError
+    from dhr_cli.models.deeplab import NetworkSpec, build_network
+
+    ref = resnet18(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "r18.pth")
+    net = build_network(NetworkSpec("resnet18", 3, 2, decoder_channels=16), tmp_path / "r18.pth")
+    torch.testing.assert_close(net.backbone.layer4[1].conv2.weight, ref.layer4[1].conv2.weight)
+    with pytest.raises(CheckpointError, match="not a torchvision resnet50"):
+        build_network(NetworkSpec("resnet50", 3, 2, decoder_channels=16), tmp_path / "r18.pth")
+
+
+# ---- training -----------------------------------------------------------------------------------
+def _steps(run_dir):
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "step"]
+
+
+def test_plain_training_lowers_loss_and_writes_the_run(dataset, tmp_path):
+    from dhr_cli.train import run_train
+
+    cfg = replace(TINY, epochs=3, val_split="auto")
+    result = run_train(cfg, dataset, dataset / "masks", tmp_path / "run", split="train", quiet=True)
+    losses = [r["loss"] for r in result.history]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    run = tmp_path / "run"
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["config"]["backbone"] == "resnet18" and saved["inputs"]["split"] == "train"
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "model.pt").is_file()
+    assert len((run / "epochs.csv").read_text().splitlines()) == 4
+    assert 0 <= result.history[-1]["val_miou"] <= 1  # the synthetic dataset has a val split with GT
+    assert len(_steps(run)) == 9
+
+
+def test_resume_continues_exactly(dataset, tmp_path):
+    from dhr_cli.errors import CheckpointError, InputError
+    from dhr_cli.train import run_train
+
+    straight = run_train(TINY, dataset, dataset / "masks", tmp_path / "a", split="train", quiet=True)
+    run_train(TINY, dataset, dataset / "masks", tmp_path / "b", split="train", quiet=True, max_steps=3)  # "killed" after epoch 1
+    with pytest.raises(InputError, match="already holds a run"):
+        run_train(TINY, dataset, dataset / "masks", tmp_path / "b", split="train", quiet=True)
+    with pytest.raises(CheckpointError, match="lr"):
+        run_train(replace(TINY, lr=0.1), dataset, dataset / "masks", tmp_path / "b", split="train", quiet=True, resume=True)
+    resumed = run_train(TINY, dataset, dataset / "masks", tmp_path / "b", split="train", quiet=True, resume=True)
+    assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in straight.history], rel=1e-5)
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a["ema"][k], b["ema"][k], atol=1e-5, rtol=1e-4)
+
+
+def test_bad_inputs_fail_before_the_run_folder_is_made(dataset, tmp_path):
+    from dhr_cli.errors import InputError
+    from dhr_cli.train import run_train
+
+    with pytest.raises(InputError, match="needs USS features"):
+        run_train(replace(TINY, dhr=True), dataset, dataset / "masks", tmp_path / "r", split="train")
+    with pytest.raises(InputError, match="no such store or folder"):
+        run_train(TINY, dataset, tmp_path / "nope", tmp_path / "r", split="train")
+    (tmp_path / "few").mkdir()
+    with pytest.raises(InputError, match="have no mask"):
+        run_train(TINY, dataset, tmp_path / "few", tmp_path / "r", split="train")
+    assert not (tmp_path / "r").exists()
+
+
+def test_online_regeneration_plumbing(dataset, tmp_path, monkeypatch):
+    """The regenerator hands the kernels the labelled live CAMs, warped USS maps and C4/C5, and trains on their output."""
+    import sys
+    import types
+
+    from dhr_cli.data import open_dataset
+    from dhr_cli.train import run_train
+
+    ds = open_dataset(dataset, "train")
+    label_sets = {tuple(ds.labels(i)) for i in ds.ids}
+    calls = []
+
+    def seed_batch(cams, values, images, cfg, *, base, pixel_valid):
+        b, s = base.shape[0], base.shape[1]
+        assert cams.shape[:2] == values.shape and cams.shape[2:] == (4, 4) and (cams >= 0).all()
+        assert images.shape == (b, 3, s, s) and 0 <= images.min() and images.max() <= 255
+        for row in values.tolist():
+            assert tuple(v for v in row if v >= 0) in label_sets
+        assert (base[~pixel_valid] == 255).all()
+        return base
+
+    def propagate_batch(seeds, uss, wss, values, images, cfg, *, cams, pixel_valid):
+        assert uss.shape[2:] == (4, 4) and uss.shape[1] == 32  # crop 64 / uss_cell 16; synthetic USS dim 32
+        assert [w.shape[1] for w in wss] == [256, 512]  # ResNet-18 C4, C5
+        calls.append(values.shape[0])
+        return torch.where(pixel_valid, torch.zeros_like(seeds), seeds)  # everything background
+
+    monkeypatch.setitem(sys.modules, "dhr_cli.seed", types.SimpleNamespace(seed_batch=seed_batch))
+    monkeypatch.setitem(sys.modules, "dhr_cli.propagate", types.SimpleNamespace(propagate_batch=propagate_batch))
+    cfg = replace(TINY, dhr=True, epochs=2, uss_cell=16)
+    result = run_train(cfg, dataset, dataset / "masks", tmp_path / "run", uss=dataset / "uss.h5", split="train", quiet=True)
+    assert calls == [2] * 6
+    # Trained towards all-background masks: the segmentation loss collapses.
+    assert result.history[-1]["loss_seg"] < 0.5 * result.history[0]["loss_seg"]
+
+
+def _kernels_ready() -> bool:
+    try:
+        from dhr_cli.propagate import propagate_batch  # noqa: F401
+        from dhr_cli.seed import seed_batch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _kernels_ready(), reason="dhr_cli.seed / dhr_cli.propagate kernels not built yet")
+def test_dhr_training_lowers_loss(dataset, tmp_path):
+    from dhr_cli.train import run_train
+
+    cfg = replace(TINY, dhr=True, epochs=3, seed_cfg=replace(TINY.seed_cfg, use_crf=False),
+                  propagate=replace(TINY.propagate, use_crf=False))
+    result = run_train(cfg, dataset, dataset / "masks", tmp_path / "run", uss=dataset / "uss.h5", split="train", quiet=True)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+@pytest.mark.skipif(not _kernels_ready(), reason="dhr_cli.seed / dhr_cli.propagate kernels not built yet")
+def test_online_regeneration_equals_offline_seed_and_propagate(dataset, tmp_path):
+    """Same network, same image (no augmentation): online masks == `dhr seed` + `dhr propagate` on stores of its outputs."""
+    from typer.testing import CliRunner
+
+    from dhr_cli.augment import normalize
+    from dhr_cli.cli import app
+    from dhr_cli.data import open_dataset
+    from dhr_cli.models.deeplab import DHRNet, NetworkSpec
+    from dhr_cli.store import create_store, open_store
+    from dhr_cli.train import OnlineRegenerator, TrainSamples
+
+    ds = open_dataset(dataset, "train")
+    ids = ds.ids
+    cfg = replace(TINY, dhr=True, seed_cfg=replace(TINY.seed_cfg, use_crf=False),
+                  propagate=replace(TINY.propagate, use_crf=False, marginals="uniform"))
+    torch.manual_seed(0)
+    net = DHRNet(NetworkSpec("resnet18", len(ds.classes), len(ds.classes) - 1, decoder_channels=16)).eval()
+    x = torch.stack([normalize(ds.image(i)) for i in ids])
+    with torch.no_grad():
+        out = net(x, with_features=True)
+    samples = TrainSamples(ds, ids, None, None, cfg)
+    labels = torch.stack([samples.labels_vector(i) for i in ids])
+    with open_store(dataset / "uss.h5") as s:
+        uss = torch.stack([torch.from_numpy(s.read(i).features) for i in ids])
+    regen = OnlineRegenerator(cfg, ds, 1)
+    valid = torch.ones(x.shape[0], *x.shape[2:], dtype=torch.bool)
+    online = regen(x, out["cams"], labels, None, valid, uss, [out["C4"], out["C5"]])
+
+    prov = {"test": True}
+    size = list(x.shape[2:])
+    with create_store(tmp_path / "cams.h5", "cams", ds.classes, provenance=prov) as w:
+        for b, i in enumerate(ids):
+            lab = ds.labels(i)
+            w.write(i, {"cams": out["cams"][b, [v - 1 for v in lab]].relu().numpy()}, {"cams": {"labels": lab, "image_size": size}})
+    for name in ("C4", "C5"):
+        with create_store(tmp_path / f"{name}.h5", "features", ds.classes, provenance=prov, root_attrs={"source": name}) as w:
+            for b, i in enumerate(ids):
+                w.write(i, {"features": out[name][b].numpy()}, {"features": {"image_size": size}})
+    runner = CliRunner()
+    r = runner.invoke(app, ["seed", "--cams", str(tmp_path / "cams.h5"), "--data", str(dataset), "--split", "train",
+                            "--out", str(tmp_path / "seeds.h5"), "--no-crf"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["propagate", "--seeds", str(tmp_path / "seeds.h5"), "--data", str(dataset), "--split", "train",
+                            "--uss", str(dataset / "uss.h5"), "--wss", str(tmp_path / "C4.h5"), "--wss", str(tmp_path / "C5.h5"),
+                            "--cams", str(tmp_path / "cams.h5"), "--out", str(tmp_path / "masks.h5"), "--no-crf",
+                            "--ot-marginals", "uniform", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    with open_store(tmp_path / "masks.h5") as s:
+        for b, i in enumerate(ids):
+            offline = torch.from_numpy(s.read(i).mask.astype(np.int64))
+            assert (offline != online[b]).float().mean() < 1e-3, i
