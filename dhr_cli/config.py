@@ -87,10 +87,17 @@ class PropagateConfig:
     marginals: Marginals = "seeded"  # METHOD.md decision; "uniform" reproduces the authors
     min_marginal: float = 0.02  # floor of a class's share under seeded marginals
     recover_missing: bool = True  # prototype from the CAM peak for labelled classes that win no cell
+    # "dhr" (steps 2-3), or a baseline on the same inputs: "cam" (CAM argmax against a constant
+    # background score) or "rw" (PSA/AffinityNet random walk on the USS features).
+    method: Literal["dhr", "cam", "rw"] = "dhr"
+    cam_bg_threshold: float = 0.3  # background score of the "cam" baseline (CAMs max-normalised)
+    rw: "RandomWalkConfig" = field(default_factory=lambda: RandomWalkConfig())
     batch_size: int = 8
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        _check(self.method in ("dhr", "cam", "rw"), f"method must be dhr, cam or rw, got {self.method!r}")
+        _check(0 <= self.cam_bg_threshold <= 1, f"cam_bg_threshold must be in [0, 1], got {self.cam_bg_threshold}")
         _check(-1 <= self.tau <= 1, f"tau must be in [-1, 1], got {self.tau}")
         _check(self.marginals in ("seeded", "uniform"), f"marginals must be 'seeded' or 'uniform', got {self.marginals!r}")
         _check(0 < self.min_marginal < 1, f"min_marginal must be in (0, 1), got {self.min_marginal}")

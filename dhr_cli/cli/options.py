@@ -77,3 +77,29 @@ Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted 
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (CUDA when present).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images processed together.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+Crf = Annotated[bool, typer.Option("--crf/--no-crf", help="Refine with the dense CRF (the image is read for it).")]
+MissingItems = Annotated[str, typer.Option("--missing", help="Images of the split missing from an input store: fail, or skip (listed).")]
+OTSolverOpt = Annotated[str, typer.Option("--ot-solver", help="dhr: the authors' Sinkhorn (batched, their stopping rule); pot: POT's converged log-domain solver.")]
+SinkhornMaxIter = Annotated[int, typer.Option("--sinkhorn-max-iter", min=1, help="Sinkhorn iteration cap.")]
+SinkhornTol = Annotated[float, typer.Option("--sinkhorn-tol", help="Sinkhorn stops when mean |r - r_prev| < tol (scale dependent, the authors' rule).")]
+SinkhornEps = Annotated[float, typer.Option("--sinkhorn-eps", help="Entropic regularisation of the OT.")]
+
+
+def sinkhorn_config(solver: str, max_iter: int, tol: float, eps: float):
+    from dhr_cli.config import SinkhornConfig
+    from dhr_cli.errors import InputError
+
+    if solver not in ("dhr", "pot"):
+        raise InputError(f"--ot-solver {solver!r}: expected dhr or pot")
+    try:
+        return SinkhornConfig(eps=eps, max_iter=max_iter, tol=tol, solver=solver)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
+    from dhr_cli.errors import InputError
+
+    if value not in choices:
+        raise InputError(f"{option} {value!r}: expected {' or '.join(choices)}")
+    return value

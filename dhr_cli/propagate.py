@@ -1,0 +1,180 @@
+"""`dhr propagate` as a library: Steps 2 and 3 of METHOD.md over a whole split, in batches.
+
+    run_propagate(PropagateConfig(), seeds="seeds.h5", data="data/voc", uss="uss.h5",
+                  wss=["cams.h5"], out="masks.h5", cams="cams.h5")
+
+USS and WSS sources are stores (a features store, or a cams store's `features`). The same
+inputs also drive two baselines users can run on their own data: `method="cam"` (CAM argmax
+against a constant background score) and `method="rw"` (PSA/AffinityNet random walk).
+`propagate_batch` is the pure-tensor entry point that `dhr train` uses online.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dhr_cli.config import IGNORE_INDEX, PropagateConfig
+from dhr_cli.data import open_dataset
+from dhr_cli.distributed import device_for_rank, output_store, shard
+from dhr_cli.errors import InputError, StoreError
+from dhr_cli.inputs import (
+    Missing,
+    check_cam_labels,
+    check_labels,
+    crf_function,
+    image_and_labels,
+    open_checked,
+    require_background,
+    select_ids,
+    to_tensor,
+)
+from dhr_cli.kernels.dhr import PropagateItem, normalize_cams, propagate_items, resize
+from dhr_cli.loading import iterate_batches
+from dhr_cli.progress import track
+from dhr_cli.runtime import resolve_device
+from dhr_cli.store import Store, make_provenance
+
+logger = logging.getLogger(__name__)
+
+
+def _source_path(value: str | Path, role: str) -> Path:
+    """A USS/WSS source given as a store path; method names need `dhr cams` first."""
+    path = Path(value)
+    if path.exists():
+        return path
+    if path.suffix.lower() in (".h5", ".hdf5") or "/" in str(value):
+        raise InputError(f"{path}: no such file (--{role})")
+    raise InputError(f"--{role} {value}: method names are computed by `dhr cams --{role} {value} ... --out "
+                     f"{role.upper()}.h5`; then pass that store to --{role}")
+
+
+def _features(store: Store, item_id: str) -> np.ndarray:
+    item = store.read(item_id)
+    if "features" not in item.arrays:
+        raise StoreError(f"{store.path}: item {item_id!r} has no 'features' dataset (a {store.kind} store used as "
+                         "a feature source needs the network's features)")
+    return item.features
+
+
+def run_propagate(cfg: PropagateConfig, *, seeds: Path, data: Path, uss: str | Path, wss: list[str | Path],
+                  out: Path, cams: Path | None = None, split: str | None = None, missing: Missing = "fail",
+                  overwrite: bool = False, resume: bool = False, quiet: bool = False) -> dict:
+    """Write the masks store; returns a small summary."""
+    dataset = open_dataset(data, split)
+    background = require_background(dataset)
+    if cfg.method in ("cam", "rw") and cams is None:
+        raise InputError(f"--method {cfg.method} needs the CAMs: pass --cams CAMS.h5")
+    if cfg.method == "dhr" and not wss:
+        raise InputError("--wss is required: the WSS features of Step 3 (a features store or a cams store with features)")
+    device = resolve_device(device_for_rank(cfg.device))
+    crf = crf_function(cfg.crf) if cfg.use_crf and cfg.method != "rw" else None
+    opened: dict[str, Store] = {}
+    try:
+        opened["seeds"] = open_checked(seeds, ("seeds", "masks"), dataset, "seeds")
+        opened["uss"] = open_checked(_source_path(uss, "uss"), ("features", "cams"), dataset, "uss")
+        for k, w in enumerate(wss):
+            opened[f"wss{k}"] = open_checked(_source_path(w, "wss"), ("features", "cams"), dataset, "wss")
+        if cams is not None:
+            opened["cams"] = open_checked(cams, "cams", dataset, "cams")
+        ids = shard(select_ids(dataset, opened, missing))
+        inputs = {"seeds": seeds, "uss": uss, "data": data, "cams": cams or ""} | {f"wss{k}": w for k, w in enumerate(wss)}
+        with output_store(out, "masks", dataset.classes, provenance=make_provenance("propagate", cfg, inputs),
+                          overwrite=overwrite, resume=resume) as writer:
+            todo = [i for i in ids if i not in writer]
+            load = functools.partial(image_and_labels, dataset, crf is not None)
+            batches = iterate_batches(todo, load, cfg.batch_size)
+            for batch in track(batches, f"propagate ({cfg.method})", total=-(-len(todo) // cfg.batch_size), quiet=quiet):
+                items = [_read_item(opened, dataset, cfg, device, entry) for entry in batch]
+                with torch.no_grad():
+                    masks = _run_method(items, cfg, background, crf)
+                for (item_id, *_), mask in zip(batch, masks):
+                    writer.write(item_id, {"mask": mask.to(torch.uint8).cpu().numpy()})
+        return {"written": len(todo), "items": len(ids)}
+    finally:
+        for store in opened.values():
+            store.close()
+
+
+def _read_item(opened: dict[str, Store], dataset, cfg: PropagateConfig, device, entry) -> PropagateItem:
+    item_id, image, labels, size = entry
+    check_labels(dataset, item_id, labels)
+    seed = opened["seeds"].read(item_id).mask
+    if seed.shape != tuple(size):
+        raise StoreError(f"{opened['seeds'].path}: seed mask of {item_id} is {seed.shape[1]}x{seed.shape[0]}, "
+                         f"its image {size[1]}x{size[0]}")
+    cams = cam_labels = None
+    if "cams" in opened:
+        cam_item = opened["cams"].read(item_id)
+        cams, cam_labels = cam_item.cams, cam_item.labels.tolist()
+        check_cam_labels(opened["cams"].path, item_id, cam_labels, labels)
+    wss = [to_tensor(_features(opened[k], item_id), device) for k in sorted(opened) if k.startswith("wss")]
+    return PropagateItem(seed=to_tensor(seed, device).long(), uss=to_tensor(_features(opened["uss"], item_id), device),
+                         wss=wss, labels=labels, cams=to_tensor(cams, device), cam_labels=cam_labels,
+                         image=to_tensor(image, device))
+
+
+def _run_method(items: list[PropagateItem], cfg: PropagateConfig, background: int, crf) -> list[torch.Tensor]:
+    if cfg.method == "dhr":
+        return propagate_items(items, cfg, background=background, crf=crf)
+    if cfg.method == "cam":
+        return cam_baseline(items, cfg.cam_bg_threshold, background, crf)
+    from dhr_cli.kernels.randomwalk import random_walk_mask
+
+    rw = cfg.rw
+    return [random_walk_mask(it.cams, it.uss.float(), it.cam_labels, tuple(it.seed.shape), beta=rw.beta, logt=rw.logt,
+                             bg=rw.bg, kind=rw.affinity, radius=rw.radius, power=rw.power, max_side=rw.max_side)
+            for it in items]
+
+
+def cam_baseline(items: list[PropagateItem], bg_threshold: float, background: int, crf=None) -> list[torch.Tensor]:
+    """CAM argmax against a constant background score (optionally CRF-refined): the plain baseline."""
+    from dhr_cli.kernels.dhr import _crf_padded
+
+    probs, values = [], []
+    for it in items:
+        cams = resize(normalize_cams(it.cams.float()), tuple(it.seed.shape)).clamp(0, 1)
+        scores = torch.cat([cams.new_full((1, *cams.shape[1:]), bg_threshold), cams], 0)
+        probs.append(scores / scores.sum(0, keepdim=True).clamp_min(1e-12))
+        values.append(torch.tensor([background, *it.cam_labels], device=cams.device))
+    if crf is not None and all(it.image is not None for it in items):
+        probs = _crf_padded(crf, [it.image for it in items], probs)
+    return [v[p.argmax(0)] for p, v in zip(probs, values)]
+
+
+def propagate_batch(seeds: torch.Tensor, uss: torch.Tensor, wss: list[torch.Tensor], values: torch.Tensor,
+                    images: torch.Tensor | None, cfg: PropagateConfig, *, cams: torch.Tensor | None = None,
+                    pixel_valid: torch.Tensor | None = None, background: int = 0, crf=None) -> torch.Tensor:
+    """Online propagation for equally sized crops (what `dhr train` calls every iteration).
+
+    Args:
+        seeds: (B, H, W) seed masks, 255 = unsure.
+        uss: (B, D, hu, wu) USS features on the crop's grid.
+        wss: [(B, D_l, h_l, w_l)] WSS feature maps.
+        values: (B, L) image-level foreground label values, -1 = padding.
+        images: (B, 3, H, W) 0..255 for the CRF, or None.
+        cams: (B, L, h, w) CAMs aligned with `values`, for recovering classes that win no cell.
+        pixel_valid: (B, H, W) bool; outside it seeds count as unsure and the output is 255.
+    Returns:
+        (B, H, W) int64 masks.
+    """
+    if crf is None and cfg.use_crf and images is not None:
+        crf = crf_function(cfg.crf)
+    if pixel_valid is not None:
+        seeds = torch.where(pixel_valid, seeds.long(), torch.full_like(seeds.long(), IGNORE_INDEX))
+    items = []
+    for b in range(seeds.shape[0]):
+        keep = values[b] >= 0
+        labels = values[b][keep].tolist()
+        items.append(PropagateItem(seed=seeds[b].long(), uss=uss[b], wss=[w[b] for w in wss], labels=labels,
+                                   cams=cams[b][keep] if cams is not None else None,
+                                   cam_labels=labels if cams is not None else None,
+                                   image=images[b] if images is not None else None))
+    out = torch.stack(propagate_items(items, cfg, background=background, crf=crf))
+    if pixel_valid is not None:
+        out = torch.where(pixel_valid, out, torch.full_like(out, IGNORE_INDEX))
+    return out

@@ -1,0 +1,144 @@
+"""`dhr seed` as a library: Step 1 of METHOD.md over a whole split, streamed in batches.
+
+    run_seed(SeedConfig(), "cams.h5", "data/voc", "seeds.h5", split="train")
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dhr_cli.config import SeedConfig
+from dhr_cli.data import open_dataset, read_index_png
+from dhr_cli.distributed import device_for_rank, output_store, shard
+from dhr_cli.errors import InputError
+from dhr_cli.inputs import (
+    Missing,
+    check_cam_labels,
+    check_labels,
+    crf_function,
+    image_and_labels,
+    open_checked,
+    require_background,
+    select_ids,
+    to_tensor,
+)
+from dhr_cli.kernels.dhr import seed_masks
+from dhr_cli.loading import iterate_batches
+from dhr_cli.progress import track
+from dhr_cli.runtime import resolve_device
+from dhr_cli.store import make_provenance, open_store
+
+logger = logging.getLogger(__name__)
+
+
+class InitMasks:
+    """Initial masks M0 from another WSS method: a masks/seeds store or a folder of <id>.png."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._store = None
+        if self.path.is_dir():
+            self._pngs = {p.stem: p for p in self.path.glob("*.png")}
+            if not self._pngs:
+                raise InputError(f"{self.path}: folder holds no .png masks")
+        else:
+            self._store = open_store(self.path, expect=("masks", "seeds"))
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in (self._store if self._store is not None else self._pngs)
+
+    def read(self, item_id: str, size: tuple[int, int]) -> np.ndarray:
+        mask = self._store.read(item_id).mask if self._store is not None else read_index_png(self._pngs[item_id])
+        if mask.shape != size:
+            raise InputError(f"{self.path}: initial mask of {item_id} is {mask.shape[1]}x{mask.shape[0]}, its image {size[1]}x{size[0]}")
+        return mask
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+def run_seed(cfg: SeedConfig, cams: Path, data: Path, out: Path, *, split: str | None = None,
+             init_masks: Path | None = None, missing: Missing = "fail", overwrite: bool = False,
+             resume: bool = False, quiet: bool = False) -> dict:
+    """Write the seed store; returns a small summary (items written, skipped)."""
+    dataset = open_dataset(data, split)
+    background = require_background(dataset)
+    device = resolve_device(device_for_rank(cfg.device))
+    crf = crf_function(cfg.crf) if cfg.use_crf else None
+    cam_store = open_checked(cams, "cams", dataset, "cams")
+    base = InitMasks(init_masks) if init_masks is not None else None
+    try:
+        ids = shard(select_ids(dataset, {"cams": cam_store}, missing))
+        if base is not None:
+            absent = [i for i in ids if i not in base]
+            if absent:
+                raise InputError(f"{base.path}: no initial mask for {len(absent)} images, e.g. {absent[:3]}")
+        provenance = make_provenance("seed", cfg, {"cams": cams, "data": data, "init_masks": init_masks or ""})
+        with output_store(out, "seeds", dataset.classes, provenance=provenance, overwrite=overwrite,
+                          resume=resume) as writer:
+            todo = [i for i in ids if i not in writer]
+            load = functools.partial(image_and_labels, dataset, crf is not None)
+            batches = iterate_batches(todo, load, cfg.batch_size)
+            for batch in track(batches, "seed", total=-(-len(todo) // cfg.batch_size), quiet=quiet):
+                _seed_batch(batch, dataset, cam_store, base, cfg, device, background, crf, writer)
+        return {"written": len(todo), "items": len(ids)}
+    finally:
+        cam_store.close()
+        if base is not None:
+            base.close()
+
+
+def _seed_batch(batch, dataset, cam_store, base, cfg, device, background, crf, writer) -> None:
+    cams, labels, sizes, images, bases = [], [], [], [], []
+    for item_id, image, image_labels, size in batch:
+        item = cam_store.read(item_id)
+        cam_labels = item.labels.tolist()
+        check_labels(dataset, item_id, image_labels)
+        check_cam_labels(cam_store.path, item_id, cam_labels, image_labels)
+        cams.append(to_tensor(item.cams, device))
+        labels.append(cam_labels)
+        sizes.append(size)
+        images.append(to_tensor(image, device))
+        bases.append(to_tensor(base.read(item_id, size), device) if base is not None else None)
+    with torch.no_grad():
+        masks = seed_masks(cams, labels, sizes, cfg, images=images if crf else None, base=bases if base else None,
+                           background=background, crf=crf)
+    for (item_id, *_), mask in zip(batch, masks):
+        writer.write(item_id, {"mask": mask.cpu().numpy()})
+
+
+def seed_batch(cams: torch.Tensor, values: torch.Tensor, images: torch.Tensor | None, cfg: SeedConfig, *,
+               base: torch.Tensor | None = None, pixel_valid: torch.Tensor | None = None, background: int = 0,
+               crf=None) -> torch.Tensor:
+    """Online Step 1 for equally sized crops (what `dhr train` calls every iteration).
+
+    Args:
+        cams: (B, L, h, w) CAMs >= 0 aligned with `values`.
+        values: (B, L) label values, -1 = padding.
+        images: (B, 3, H, W) 0..255 (for the CRF) or None.
+        base: (B, H, W) initial masks M0 overwritten where a class wins, or None.
+        pixel_valid: (B, H, W) bool; outside it the seed is 255.
+    Returns:
+        (B, H, W) int64 seeds, 255 = unsure.
+    """
+    if crf is None and cfg.use_crf and images is not None:
+        crf = crf_function(cfg.crf)
+    size = tuple(images.shape[-2:]) if images is not None else tuple(base.shape[-2:])
+    cam_list, labels = [], []
+    for b in range(cams.shape[0]):
+        keep = values[b] >= 0
+        cam_list.append(cams[b][keep])
+        labels.append(values[b][keep].tolist())
+    masks = seed_masks(cam_list, labels, [size] * len(cam_list), cfg,
+                       images=list(images) if images is not None and crf is not None else None,
+                       base=list(base) if base is not None else None, background=background, crf=crf)
+    out = torch.stack(masks).long()
+    if pixel_valid is not None:
+        out = torch.where(pixel_valid, out, torch.full_like(out, 255))
+    return out
