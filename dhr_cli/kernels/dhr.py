@@ -256,7 +256,7 @@ def _recovery_weights(item: PropagateItem, label: int, grid: tuple[int, int]) ->
     cam = resize(torch.relu(item.cams[item.cam_labels.index(label)].float())[None], grid)[0].flatten()
     if float(cam.max()) <= 0:
         return None
-    return (cam >= 0.8 * cam.max()).float()
+    return (cam >= 0.8 * cam.max()).double()
 
 
 def propagate_items(items: list[PropagateItem], cfg: PropagateConfig, *, background: int = 0,
@@ -279,13 +279,15 @@ def propagate_items(items: list[PropagateItem], cfg: PropagateConfig, *, backgro
         if not classes:  # nothing to propagate from: everything background
             classes = [background]
         cls_t = torch.tensor(classes, device=dev)
-        weights = (cells[:, None] == cls_t[None, :]).float()
+        weights = (cells[:, None] == cls_t[None, :]).double()
         for label, w in extra.items():
             weights[:, classes.index(label)] = w
         cell_labels_list.append(cells)
         classes_list.append(cls_t)
         weights_list.append(weights)
-    feats, cell_valid = _pad_cells([it.uss.float().flatten(1).T for it in items])
+    # Class-level work runs in float64: grids are small, and min-max with its 1e-5 guard
+    # amplifies rounding wherever a heat-map is nearly flat.
+    feats, cell_valid = _pad_cells([it.uss.double().flatten(1).T for it in items])
     cell_labels, _ = pad_stack(cell_labels_list, IGNORE_INDEX)
     classes, class_valid = pad_stack(classes_list, -1)
     weights = _pad_weights(weights_list, feats.shape[1], classes.shape[1])
@@ -303,7 +305,7 @@ def propagate_items(items: list[PropagateItem], cfg: PropagateConfig, *, backgro
     for i, (it, grid) in enumerate(zip(items, grids)):
         n = len(classes_list[i])
         g = grid[0] * grid[1]
-        maps.append(resize(heat[i, :g, :n].T.reshape(n, *grid), tuple(it.seed.shape)))
+        maps.append(resize(heat[i, :g, :n].T.reshape(n, *grid).float(), tuple(it.seed.shape)))
     if crf is not None and all(it.image is not None for it in items):
         probs = [m / m.sum(0, keepdim=True).clamp_min(1e-12) for m in maps]
         maps = _crf_padded(crf, [it.image for it in items], [p.clamp_min(1e-6) for p in probs])
@@ -333,7 +335,7 @@ def _wss_heatmap(items, grids, weights, cell_valid, class_valid) -> torch.Tensor
     n_maps = len(items[0].wss)
     total = None
     for level in range(n_maps):
-        feats, _ = _pad_cells([resize(it.wss[level].float(), grid).flatten(1).T for it, grid in zip(items, grids)])
+        feats, _ = _pad_cells([resize(it.wss[level].float(), grid).double().flatten(1).T for it, grid in zip(items, grids)])
         heat = cosine_heatmap(feats, class_prototypes(feats, weights), cell_valid, class_valid)
         total = heat if total is None else total + heat
     heat = minmax_columns(total / n_maps, cell_valid)

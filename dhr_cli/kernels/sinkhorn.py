@@ -52,7 +52,7 @@ def sinkhorn(sim: torch.Tensor, *, pixel_valid: torch.Tensor | None = None, clas
         eps, max_iter, tol: METHOD.md's 0.1, 100, 1e-2.
 
     Returns:
-        SinkhornResult with the plan in sim's dtype and device.
+        SinkhornResult with the plan on sim's device, in sim's dtype (float32 for half inputs).
     """
     check_shape(sim, "B M N", "sim")
     pv, cv = _masks(sim, pixel_valid, class_valid)
@@ -91,7 +91,8 @@ def sinkhorn(sim: torch.Tensor, *, pixel_valid: torch.Tensor | None = None, clas
         warnings.warn("Sinkhorn produced non-finite scalings; raise --sinkhorn-eps or check the inputs", RuntimeWarning,
                       stacklevel=2)
     plan = r[:, :, None] * kernel * c[:, None, :]
-    return SinkhornResult(plan.to(sim.dtype), n_iter, err.to(sim.dtype))
+    out_dtype = sim.dtype if sim.dtype in (torch.float32, torch.float64) else torch.float32  # fp16 plans underflow
+    return SinkhornResult(plan.to(out_dtype), n_iter, err.to(out_dtype))
 
 
 def sinkhorn_pot(sim: torch.Tensor, *, pixel_valid=None, class_valid=None, class_marginal=None, eps: float = 0.1,
@@ -147,7 +148,8 @@ def f_ot(sim: torch.Tensor, cfg: SinkhornConfig = SinkhornConfig(), *, pixel_val
     kwargs = {} if cfg.solver == "pot" else {"max_iter": cfg.max_iter, "tol": cfg.tol}
     result = solve(sim, pixel_valid=pixel_valid, class_valid=class_valid, class_marginal=class_marginal, eps=cfg.eps,
                    **kwargs)
-    out = minmax_columns(result.plan, pixel_valid)
+    plan = result.plan if result.plan.dtype in (torch.float32, torch.float64) else result.plan.float()
+    out = minmax_columns(plan, pixel_valid)
     if class_valid is not None:
         out = out * class_valid[:, None, :].to(out.dtype)
-    return out
+    return out.to(sim.dtype)

@@ -1,0 +1,77 @@
+"""Class-level kernels: majority pooling rules, prototypes, heat-maps, grouping, batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dhr_cli.config import PropagateConfig
+from dhr_cli.kernels.dhr import (
+    PropagateItem,
+    class_prototypes,
+    correlation_groups,
+    cosine_heatmap,
+    majority_pool,
+    propagate_items,
+    seeded_marginals,
+)
+from tests import oracle
+
+
+def test_majority_ties_go_to_the_lowest_label_and_255_is_highest():
+    m = torch.tensor([[4, 4, 2, 2], [255, 255, 7, 7]])
+    assert majority_pool(m[:1], (1, 1)).tolist() == [[2]]  # 4 vs 2 tie -> 2
+    assert majority_pool(m[:, :2], (1, 1)).tolist() == [[4]]  # 4 vs 255 tie -> 4
+    assert majority_pool(torch.full((3, 3), 255), (1, 1)).tolist() == [[255]]
+
+
+def test_majority_uses_adaptive_pooling_bins():
+    rng = np.random.default_rng(0)
+    for h, w, gh, gw in [(37, 53, 11, 13), (20, 20, 7, 3), (9, 40, 9, 40)]:
+        mask = rng.choice([0, 3, 5, 255], size=(h, w))
+        np.testing.assert_array_equal(majority_pool(torch.from_numpy(mask), (gh, gw)).numpy(), oracle.majority_cells(mask, (gh, gw)))
+
+
+def test_prototype_of_one_class_is_the_plain_mean():
+    feats = torch.randn(1, 6, 4, dtype=torch.float64)
+    weights = torch.tensor([[1, 1, 0, 0, 1, 0]], dtype=torch.float64)[..., None]
+    np.testing.assert_allclose(class_prototypes(feats, weights)[0, 0].numpy(), feats[0, [0, 1, 4]].mean(0).numpy())
+
+
+def test_heatmaps_are_min_max_per_class_and_zero_on_padding():
+    feats = torch.randn(2, 10, 5)
+    protos = torch.randn(2, 3, 5)
+    cell_valid = torch.ones(2, 10, dtype=torch.bool)
+    cell_valid[1, 7:] = False
+    class_valid = torch.tensor([[True, True, True], [True, True, False]])
+    heat = cosine_heatmap(feats, protos, cell_valid, class_valid)
+    assert heat.min() >= 0 and heat.max() <= 1
+    assert (heat[1, 7:] == 0).all() and (heat[1, :, 2] == 0).all()
+    assert torch.allclose(heat[0].amax(0), torch.ones(3)) and torch.allclose(heat[0].amin(0), torch.zeros(3))
+
+
+def test_correlation_groups_are_upper_triangular_with_tau():
+    v = torch.tensor([[[1.0, 0.0], [0.95, 0.31], [0.0, 1.0]]])
+    g = correlation_groups(v, torch.ones(1, 3, dtype=torch.bool), tau=0.8)[0]
+    assert g.tolist() == [[True, True, False], [False, True, False], [False, False, True]]
+
+
+def test_seeded_marginals_floor():
+    cells = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 0, 0, 3]])
+    b = seeded_marginals(cells, torch.ones(1, 10, dtype=torch.bool), torch.tensor([[0, 3, 6, -1]]), floor=0.02)
+    assert torch.allclose(b, torch.tensor([[0.9, 0.1, 0.02, 0.0]]))
+
+
+def test_batched_equals_one_by_one_and_follows_device(device):
+    rng = np.random.default_rng(0)
+    items = []
+    for h, w, g in [(30, 40, (4, 5)), (25, 33, (6, 7)), (41, 29, (5, 4))]:
+        seed = rng.choice([0, 2, 4, 255], size=(h, w), p=[0.5, 0.2, 0.2, 0.1])
+        items.append(PropagateItem(seed=torch.from_numpy(seed).to(device), uss=torch.randn(8, *g, device=device),
+                                   wss=[torch.randn(5, g[0] + 1, g[1], device=device)], labels=[2, 4]))
+    cfg = PropagateConfig(use_crf=False, tau=-1.0)
+    batched = propagate_items(items, cfg)
+    for item, out in zip(items, batched):
+        assert out.device == item.seed.device and out.shape == item.seed.shape
+        assert torch.equal(out, propagate_items([item], cfg)[0])
+        assert set(out.unique().tolist()) <= {0, 2, 4}

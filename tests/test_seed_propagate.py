@@ -1,0 +1,198 @@
+"""Batched kernels and the seed/propagate commands agree with the per-image oracle of METHOD.md."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dhr_cli.cli import app
+from dhr_cli.config import PropagateConfig, SeedConfig
+from dhr_cli.kernels.dhr import PropagateItem, propagate_items, seed_masks
+from dhr_cli.store import create_store, open_store
+from dhr_cli.synthetic import make_dataset
+from tests import oracle
+
+runner = CliRunner()
+
+
+def _scene(rng, h, w, labels, unsure=0.05):
+    """A seed mask with rectangles of each label on background, some unsure pixels."""
+    seed = np.zeros((h, w), np.int64)
+    for k, c in enumerate(labels):
+        y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+        seed[y : y + rng.integers(h // 6, h // 2), x : x + rng.integers(w // 6, w // 2)] = c
+    seed[rng.random((h, w)) < unsure] = 255
+    return seed
+
+
+def _features(rng, seed, grid, dim, groups, noise):
+    """Features whose class embeddings follow `groups` (same group -> nearly the same embedding)."""
+    emb = {c: rng.normal(0, 1, dim) for c in set(groups.values())}
+    dense = np.zeros((dim, *seed.shape))
+    for c in np.unique(seed):
+        key = groups.get(int(c), "bg")
+        if key not in emb:
+            emb[key] = rng.normal(0, 1, dim)
+        dense[:, seed == c] = (emb[key] + 0.1 * rng.normal(0, 1, dim))[:, None]
+    t = torch.from_numpy(dense).float()[None]
+    pooled = torch.nn.functional.adaptive_avg_pool2d(t, grid)[0].numpy()
+    return pooled + noise * rng.normal(0, 1, pooled.shape)
+
+
+CASES = [
+    # (size, labels, USS grid, shared USS group?)
+    ((40, 52), [7], (5, 7), False),  # one class
+    ((48, 64), [2, 5, 9, 11], (6, 8), False),  # many classes
+    ((45, 61), [3, 4], (7, 9), True),  # two classes share a USS group: Step 3 runs
+    ((37, 53), [1, 2, 3], (11, 13), True),  # odd grid sizes, overlapping adaptive bins
+]
+
+
+def _case(seed_value, size, labels, grid, shared):
+    rng = np.random.default_rng(seed_value)
+    seed = _scene(rng, *size, labels)
+    groups = {c: ("g" if shared else f"c{c}") for c in labels}
+    uss = _features(rng, seed, grid, 12, groups, 0.3).astype(np.float32)
+    wss = [_features(rng, seed, (grid[0] - 1, grid[1] + 2), 9, {c: f"w{c}" for c in labels}, 0.5).astype(np.float32)]
+    return seed, uss, wss
+
+
+@pytest.mark.parametrize("marginals", ["uniform", "seeded"])
+def test_batched_propagation_equals_the_oracle(marginals):
+    cfg = PropagateConfig(use_crf=False, marginals=marginals, recover_missing=False)
+    items, expected = [], []
+    for k, (size, labels, grid, shared) in enumerate(CASES):
+        seed, uss, wss = _case(k, size, labels, grid, shared)
+        items.append(PropagateItem(seed=torch.from_numpy(seed), uss=torch.from_numpy(uss),
+                                   wss=[torch.from_numpy(w) for w in wss], labels=labels))
+        expected.append(oracle.propagate(seed, uss, wss, labels, marginals=marginals, recover=False))
+    got = propagate_items(items, cfg)  # one padded batch of four different problems
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape
+        np.testing.assert_array_equal(g.numpy(), e)
+
+
+def test_step3_changes_the_result_when_classes_share_a_group():
+    size, labels, grid, _ = CASES[2]
+    seed, uss, wss = _case(2, size, labels, grid, True)
+    item = PropagateItem(seed=torch.from_numpy(seed), uss=torch.from_numpy(uss), wss=[torch.from_numpy(w) for w in wss],
+                         labels=labels)
+    with_step3 = propagate_items([item], PropagateConfig(use_crf=False, tau=0.8))[0]
+    without = propagate_items([item], PropagateConfig(use_crf=False, tau=1.0))[0]
+    assert not torch.equal(with_step3, without)
+
+
+def test_recovery_of_a_class_that_wins_no_cell():
+    rng = np.random.default_rng(5)
+    seed = _scene(rng, 40, 40, [3], unsure=0)
+    uss = _features(rng, seed, (5, 5), 8, {3: "a"}, 0.1).astype(np.float32)
+    cams = np.zeros((2, 10, 10), np.float32)
+    cams[0, 0:2, 0:2] = 1.0  # class 6 has a CAM peak but no seed pixel
+    cams[1] = 0.5
+    item = PropagateItem(seed=torch.from_numpy(seed), uss=torch.from_numpy(uss), wss=[], labels=[3, 6],
+                         cams=torch.from_numpy(cams), cam_labels=[6, 3])
+    on = propagate_items([item], PropagateConfig(use_crf=False))[0]
+    off = propagate_items([item], PropagateConfig(use_crf=False, recover_missing=False))[0]
+    assert (on == 6).any() and not (off == 6).any()
+    expected = oracle.propagate(seed, uss, [], [3, 6], marginals="seeded", cams=cams, cam_labels=[6, 3])
+    np.testing.assert_array_equal(on.numpy(), expected)
+
+
+def test_seeds_equal_the_oracle():
+    rng = np.random.default_rng(1)
+    cams = [rng.random((k, h, w)).astype(np.float32) for k, h, w in [(1, 6, 8), (3, 7, 9), (2, 5, 5)]]
+    labels = [[4], [1, 2, 7], [3, 5]]
+    sizes = [(24, 32), (28, 37), (19, 21)]
+    cfg = SeedConfig(use_crf=False)
+    got = seed_masks([torch.from_numpy(c) for c in cams], labels, sizes, cfg)
+    for g, c, lab, size in zip(got, cams, labels, sizes):
+        np.testing.assert_array_equal(g.numpy(), oracle.seed(c, lab, size, cfg.bg_power, cfg.confidence))
+
+
+def test_seeds_overwrite_initial_masks_only_where_a_class_wins():
+    cams = torch.zeros(1, 4, 4)
+    cams[0, :2] = 1.0
+    base = torch.full((8, 8), 9, dtype=torch.long)
+    mask = seed_masks([cams], [[2]], [(8, 8)], SeedConfig(use_crf=False), base=[base])[0]
+    assert (mask[:2] == 2).all() and (mask[-2:] == 9).all()
+
+
+# ---- the commands, end to end, on stores ----------------------------------------------------
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("synth") / "data", n_images=8, seed=3)
+
+
+def _cli(args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_commands_match_the_oracle_with_float16_stores(synth, tmp_path):
+    _cli(["seed", "--cams", synth / "cams.h5", "--data", synth, "--out", tmp_path / "s.h5", "--no-crf", "-q"])
+    _cli(["propagate", "--seeds", tmp_path / "s.h5", "--data", synth, "--uss", synth / "uss.h5", "--wss", synth / "wss.h5",
+          "--out", tmp_path / "m.h5", "--no-crf", "--ot-marginals", "uniform", "--no-recover", "--batch-size", "3", "-q"])
+    with open_store(tmp_path / "m.h5") as masks, open_store(tmp_path / "s.h5") as seeds, \
+         open_store(synth / "uss.h5") as uss, open_store(synth / "wss.h5") as wss, open_store(synth / "cams.h5") as cams:  # fmt: skip
+        assert masks.ids == uss.ids and uss.read(uss.ids[0]).arrays["features"].dtype == np.float16
+        for item_id in masks.ids:
+            labels = cams.read(item_id).labels.tolist()
+            expected = oracle.propagate(seeds.read(item_id).mask, uss.read(item_id).features,
+                                        [wss.read(item_id).features], labels, recover=False)
+            np.testing.assert_array_equal(masks.read(item_id).mask, expected)
+            assert masks.read(item_id).mask.max() < 255
+
+
+def test_propagate_missing_ids_fail_or_skip(synth, tmp_path):
+    with open_store(synth / "uss.h5") as uss, create_store(tmp_path / "u.h5", "features", uss.classes, provenance={}) as w:
+        for item_id in uss.ids[:-2]:
+            item = uss.read(item_id)
+            w.write(item_id, item.arrays, item.attrs)
+    _cli(["seed", "--cams", synth / "cams.h5", "--data", synth, "--out", tmp_path / "s.h5", "--no-crf", "-q"])
+    args = ["propagate", "--seeds", tmp_path / "s.h5", "--data", synth, "--uss", tmp_path / "u.h5", "--wss", synth / "wss.h5",
+            "--no-crf", "-q"]
+    result = runner.invoke(app, [str(a) for a in args + ["--out", tmp_path / "m.h5"]])
+    assert result.exit_code == 1 and "2 of 8 images" in result.output and "--missing skip" in result.output
+    assert not (tmp_path / "m.h5").exists() and not (tmp_path / "m.h5.partial").exists()
+    _cli(args + ["--out", tmp_path / "m.h5", "--missing", "skip"])
+    with open_store(tmp_path / "m.h5") as s:
+        assert len(s) == 6
+
+
+def test_bad_inputs(synth, tmp_path):
+    _cli(["seed", "--cams", synth / "cams.h5", "--data", synth, "--out", tmp_path / "s.h5", "--no-crf", "-q"])
+    # Mismatched class lists between stores.
+    with open_store(synth / "uss.h5") as uss, create_store(tmp_path / "u.h5", "features", ["background", "x"], provenance={}) as w:
+        item = uss.read(uss.ids[0])
+        w.write(uss.ids[0], item.arrays, item.attrs)
+    result = runner.invoke(app, [str(a) for a in ["propagate", "--seeds", tmp_path / "s.h5", "--data", synth, "--uss",
+                                                  tmp_path / "u.h5", "--wss", synth / "wss.h5", "--out", tmp_path / "m.h5", "--no-crf"]])
+    assert result.exit_code == 1 and "differ from the dataset's" in result.output
+    # Non-finite features.
+    with open_store(synth / "uss.h5") as uss, create_store(tmp_path / "nan.h5", "features", uss.classes, provenance={}) as w:
+        for item_id in uss.ids:
+            item = uss.read(item_id)
+            w.write(item_id, item.arrays, item.attrs)
+    import h5py
+
+    with h5py.File(tmp_path / "nan.h5", "a") as f:
+        first = sorted(f["items"])[0]
+        data = f[f"items/{first}/features"][()]
+        data[0, 0, 0] = np.nan
+        del f[f"items/{first}/features"]
+        f[f"items/{first}"].create_dataset("features", data=data).attrs["image_size"] = [120, 160]
+    result = runner.invoke(app, [str(a) for a in ["propagate", "--seeds", tmp_path / "s.h5", "--data", synth, "--uss",
+                                                  tmp_path / "nan.h5", "--wss", synth / "wss.h5", "--out", tmp_path / "m.h5", "--no-crf"]])
+    assert result.exit_code == 1 and "NaN" in result.output and first in result.output
+    assert not (tmp_path / "m.h5").exists()
+    # CAM labels that are not among the image's labels.
+    with open_store(synth / "cams.h5") as cams, create_store(tmp_path / "c.h5", "cams", cams.classes, provenance={}) as w:
+        for item_id in cams.ids:
+            item = cams.read(item_id)
+            attrs = {"cams": {**item.attrs["cams"], "labels": [5] * len(item.labels)}}
+            w.write(item_id, item.arrays, attrs)
+    result = runner.invoke(app, [str(a) for a in ["seed", "--cams", tmp_path / "c.h5", "--data", synth, "--out", tmp_path / "s2.h5", "--no-crf"]])
+    assert result.exit_code == 1 and "not among the image's labels" in result.output

@@ -1,0 +1,109 @@
+"""f_OT: the batched Sinkhorn against POT, against a per-problem loop, and its invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from dhr_cli.config import SinkhornConfig
+from dhr_cli.kernels.sinkhorn import f_ot, minmax_columns, sinkhorn, sinkhorn_pot
+from tests import oracle
+
+
+def _problems(seed=0, shapes=((50, 3), (17, 2), (33, 5), (8, 1))):
+    rng = np.random.default_rng(seed)
+    return [rng.random(s) for s in shapes]
+
+
+def _pad(problems, dtype=torch.float64):
+    m = max(p.shape[0] for p in problems)
+    n = max(p.shape[1] for p in problems)
+    sim = torch.zeros(len(problems), m, n, dtype=dtype)
+    pv = torch.zeros(len(problems), m, dtype=torch.bool)
+    cv = torch.zeros(len(problems), n, dtype=torch.bool)
+    for i, p in enumerate(problems):
+        sim[i, : p.shape[0], : p.shape[1]] = torch.from_numpy(p)
+        pv[i, : p.shape[0]] = True
+        cv[i, : p.shape[1]] = True
+    return sim, pv, cv
+
+
+def test_converged_plan_equals_pot():
+    for p in _problems():
+        cost = 1.0 - p
+        a, b = np.full(p.shape[0], 1 / p.shape[0]), np.full(p.shape[1], 1 / p.shape[1])
+        ref = ot.sinkhorn(a, b, cost, 0.1, numItermax=10000, stopThr=1e-14)
+        ours = sinkhorn(torch.from_numpy(p)[None], eps=0.1, max_iter=10000, tol=1e-14).plan[0].numpy()
+        np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-12)
+        pot = sinkhorn_pot(torch.from_numpy(p)[None], eps=0.1).plan[0].numpy()
+        np.testing.assert_allclose(pot, ref, rtol=1e-5, atol=1e-10)
+
+
+def test_padded_batch_stops_each_problem_on_its_own_rule():
+    problems = _problems(1)
+    sim, pv, cv = _pad(problems)
+    batched = sinkhorn(sim, pixel_valid=pv, class_valid=cv)
+    for i, p in enumerate(problems):
+        single = sinkhorn(torch.from_numpy(p)[None])
+        assert int(batched.n_iter[i]) == int(single.n_iter[0])
+        np.testing.assert_allclose(batched.plan[i, : p.shape[0], : p.shape[1]].numpy(), single.plan[0].numpy(), rtol=1e-12)
+        assert batched.plan[i, p.shape[0]:].abs().sum() == 0 and batched.plan[i, :, p.shape[1]:].abs().sum() == 0
+    assert len(set(batched.n_iter.tolist())) > 1  # the problems really stopped at different iterations
+
+
+def test_authors_stopping_rule_matches_a_plain_loop():
+    rng = np.random.default_rng(2)
+    for m in (30, 1000):
+        p = rng.random((m, 3))
+        expected = oracle.f_ot(p)
+        got = f_ot(torch.from_numpy(p)[None])[0].numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+    # About 1000 pixels stop after two iterations, as METHOD.md says.
+    assert int(sinkhorn(torch.from_numpy(rng.random((1000, 3)))[None]).n_iter[0]) == 2
+
+
+def test_marginals_hold_after_convergence():
+    p = _problems(3)[2]
+    b = np.array([0.5, 0.2, 0.1, 0.1, 0.1])
+    plan = sinkhorn(torch.from_numpy(p)[None], class_marginal=torch.from_numpy(b)[None], max_iter=5000, tol=1e-15).plan[0]
+    np.testing.assert_allclose(plan.sum(1).numpy(), 1 / p.shape[0], rtol=1e-6)
+    np.testing.assert_allclose(plan.sum(0).numpy(), b, rtol=1e-6)
+
+
+def test_cosine_costs_do_not_underflow():
+    sim = -torch.ones(1, 2000, 3, dtype=torch.float32)  # cost 2: K = e^-20
+    sim[0, :10] = 1.0
+    out = f_ot(sim)
+    assert torch.isfinite(out).all() and out.dtype == torch.float32
+
+
+def test_f_ot_range_padding_and_solver_choice():
+    sim, pv, cv = _pad(_problems(4), torch.float32)
+    out = f_ot(sim, pixel_valid=pv, class_valid=cv)
+    assert out.min() >= 0 and out.max() <= 1 + 1e-6
+    assert (out[~pv] == 0).all() and (out.transpose(1, 2)[~cv] == 0).all()
+    pot = f_ot(sim, SinkhornConfig(solver="pot"), pixel_valid=pv, class_valid=cv)
+    assert pot.shape == out.shape and (pot[~pv] == 0).all()
+
+
+def test_f_ot_follows_device_and_dtype(device):
+    for dtype in (torch.float32, torch.float64):
+        sim = torch.rand(2, 40, 3, dtype=dtype, device=device)
+        out = f_ot(sim)
+        assert out.device == sim.device and out.dtype == dtype
+
+
+def test_minmax_columns_guard():
+    x = torch.ones(1, 5, 2)
+    assert torch.equal(minmax_columns(x), torch.zeros(1, 5, 2))  # constant columns: no NaN
+    y = torch.tensor([[[0.0], [2.0], [1.0]]])
+    assert minmax_columns(y)[0, :, 0].tolist() == [0.0, 1.0, 0.5]
+
+
+def test_bad_shape():
+    from dhr_cli.errors import ShapeError
+
+    with pytest.raises(ShapeError, match=r"expected \(B, M, N\), got \(3, 2\)"):
+        sinkhorn(torch.rand(3, 2))
