@@ -36,7 +36,7 @@ _COLOURS = {1: (200, 150, 120), 2: (150, 110, 60), 3: (110, 80, 50), 4: (180, 30
 class SceneSpec:
     height: int = 120
     width: int = 160
-    cam_stride: int = 4
+    cam_stride: int = 16  # ResNet CAMs: small objects cover a cell or two
     uss_stride: int = 8
     wss_stride: int = 16
     uss_dim: int = 32
@@ -118,7 +118,7 @@ def simulate_cams(gt: np.ndarray, labels: list[int], rng, stride: int) -> np.nda
         cam = _blur(region, 0.15 * size) * (0.35 + 0.65 * peak)
         # Bleed into touching objects (what makes a large class swallow a small one).
         others = np.isin(gt, [o for o in labels if o != c]).astype(np.float32)
-        cam += 0.6 * _blur(region, 0.5 * size) * others
+        cam += 0.85 * _blur(region, 0.5 * size) * others
         cam += 0.08 * _smooth_noise(rng, h, w, 6)
         cams.append(cam)
     x = torch.from_numpy(np.stack(cams).astype(np.float32))[None]
