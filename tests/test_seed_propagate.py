@@ -86,16 +86,21 @@ def test_step3_changes_the_result_when_classes_share_a_group():
 
 def test_recovery_of_a_class_that_wins_no_cell():
     rng = np.random.default_rng(5)
-    seed = _scene(rng, 40, 40, [3], unsure=0)
-    uss = _features(rng, seed, (5, 5), 8, {3: "a"}, 0.1).astype(np.float32)
+    seed = np.zeros((40, 40), np.int64)
+    seed[20:36, 16:36] = 3
+    # Class 6 is in the image (its features and CAM say so) but the seed missed it.
+    truth = seed.copy()
+    truth[0:10, 0:10] = 6
+    uss = _features(rng, truth, (5, 5), 8, {3: "a", 6: "b"}, 0.1).astype(np.float32)
     cams = np.zeros((2, 10, 10), np.float32)
-    cams[0, 0:2, 0:2] = 1.0  # class 6 has a CAM peak but no seed pixel
-    cams[1] = 0.5
+    cams[0, 0:2, 0:2] = 1.0
+    cams[1, 5:9, 4:9] = 1.0
     item = PropagateItem(seed=torch.from_numpy(seed), uss=torch.from_numpy(uss), wss=[], labels=[3, 6],
                          cams=torch.from_numpy(cams), cam_labels=[6, 3])
     on = propagate_items([item], PropagateConfig(use_crf=False))[0]
     off = propagate_items([item], PropagateConfig(use_crf=False, recover_missing=False))[0]
     assert (on == 6).any() and not (off == 6).any()
+    assert (on[:8, :8] == 6).float().mean() > 0.9
     expected = oracle.propagate(seed, uss, [], [3, 6], marginals="seeded", cams=cams, cam_labels=[6, 3])
     np.testing.assert_array_equal(on.numpy(), expected)
 
