@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dhr demo --out demo_out --overwrite
+	$(BIN)/dhr demo --out demo_out --overwrite --readme README.md
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
