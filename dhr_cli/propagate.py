@@ -43,14 +43,31 @@ logger = logging.getLogger(__name__)
 
 
 def _source_path(value: str | Path, role: str) -> Path:
-    """A USS/WSS source given as a store path; method names need `dhr cams` first."""
+    """A USS/WSS source: a path to a features (or cams) store, or a method name.
+
+    Method names go to `dhr_cli.models.registry.resolve_source(name)` (which returns the path of
+    a features store) when the models are built in; otherwise they are an InputError.
+    """
     path = Path(value)
-    if path.exists():
+    if path.is_file():
         return path
+    if path.exists():
+        raise InputError(f"{path}: is a folder, not a features store (--{role})")
     if path.suffix.lower() in (".h5", ".hdf5") or "/" in str(value):
-        raise InputError(f"{path}: no such file (--{role})")
-    raise InputError(f"--{role} {value}: method names are computed by `dhr cams --{role} {value} ... --out "
-                     f"{role.upper()}.h5`; then pass that store to --{role}")
+        raise InputError(f"{path}: no such store file (--{role})")
+    import importlib
+
+    try:
+        registry = importlib.import_module("dhr_cli.models.registry")
+    except ModuleNotFoundError as e:  # the models are not built in; other import errors surface
+        if e.name not in ("dhr_cli.models.registry", "dhr_cli.models"):
+            raise
+        registry = None
+    resolve_source = getattr(registry, "resolve_source", None)
+    if resolve_source is None:
+        raise InputError(f"unknown feature source {value}: give a path to a features store "
+                         f"(method names need `dhr cams`)")
+    return Path(resolve_source(str(value)))
 
 
 def _features(store: Store, item_id: str) -> np.ndarray:
@@ -112,10 +129,16 @@ def _read_item(opened: dict[str, Store], dataset, cfg: PropagateConfig, device, 
         cam_item = opened["cams"].read(item_id)
         cams, cam_labels = cam_item.cams, cam_item.labels.tolist()
         check_cam_labels(opened["cams"].path, item_id, cam_labels, labels)
-    wss = [to_tensor(_features(opened[k], item_id), device) for k in sorted(opened) if k.startswith("wss")]
-    return PropagateItem(seed=to_tensor(seed, device).long(), uss=to_tensor(_features(opened["uss"], item_id), device),
+    # WSS maps are read only for the images whose Step 3 runs (classes sharing a USS group).
+    wss = functools.partial(_read_wss, opened, item_id, device)
+    return PropagateItem(seed=to_tensor(seed, device), uss=to_tensor(_features(opened["uss"], item_id), device),
                          wss=wss, labels=labels, cams=to_tensor(cams, device), cam_labels=cam_labels,
                          image=to_tensor(image, device))
+
+
+def _read_wss(opened: dict[str, Store], item_id: str, device) -> list[torch.Tensor]:
+    keys = sorted((k for k in opened if k.startswith("wss")), key=lambda k: int(k[3:]))
+    return [to_tensor(_features(opened[k], item_id), device) for k in keys]
 
 
 def _run_method(items: list[PropagateItem], cfg: PropagateConfig, background: int, crf) -> list[torch.Tensor]:

@@ -6,6 +6,9 @@ import os
 
 import pytest
 
+# OpenMP threads spin while waiting by default; on 2 cores that starves the other test workers
+# and torch ops slow down several-fold.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("COLUMNS", "120")  # stable rich tables in CLI output
 os.environ.setdefault("NO_COLOR", "1")
 

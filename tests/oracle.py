@@ -166,3 +166,21 @@ def rebalance_cams(cams: np.ndarray) -> np.ndarray:
         k, h, w = a.shape
         a = a * f_ot(a.reshape(k, -1).T).T.reshape(k, h, w)
     return a
+
+
+def seed(cams: np.ndarray, labels: list[int], size: tuple[int, int], bg_power: float, confidence: float,
+         background: int = 0) -> np.ndarray:
+    """Step 1 without CRF and without M0: (H, W) uint8 seed mask, 255 = unsure.
+
+    Background competes with score (1 - max_k A_k) ** bg_power; pixels whose winning share
+    (score / sum of scores) is below `confidence` are unsure.
+    """
+    a = np.clip(resize_bilinear(rebalance_cams(cams), size), 0, 1)
+    bg = np.maximum(1 - a.max(0, initial=0), 0) ** bg_power
+    scores = np.concatenate([bg[None], a], 0)
+    probs = scores / np.maximum(scores.sum(0, keepdims=True), 1e-12)
+    idx = np.argmax(probs, axis=0)
+    values = np.asarray([background, *labels])
+    out = values[idx]
+    out[probs.max(0) < confidence] = IGNORE
+    return out.astype(np.uint8)

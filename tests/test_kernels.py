@@ -75,3 +75,52 @@ def test_batched_equals_one_by_one_and_follows_device(device):
         assert out.device == item.seed.device and out.shape == item.seed.shape
         assert torch.equal(out, propagate_items([item], cfg)[0])
         assert set(out.unique().tolist()) <= {0, 2, 4}
+
+
+def test_resize_layouts_give_torch_bilinear_values(device):
+    """`resize` picks the fast memory layout per channel count; `resize_cells` returns (cells, C)."""
+    import torch.nn.functional as F
+
+    from dhr_cli.kernels.dhr import resize, resize_cells
+
+    g = torch.Generator().manual_seed(0)
+    for shape, size in [((256, 24, 32), (27, 36)), ((4, 27, 36), (75, 100)), ((40, 7, 9), (5, 4)), ((3, 6, 6), (6, 6))]:
+        x = torch.randn(*shape, generator=g).to(device)
+        ref = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+        out = resize(x, size)
+        assert out.shape == ref.shape and out.is_contiguous() and out.device == x.device
+        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+        cells = resize_cells(x.half(), size)
+        assert cells.shape == (size[0] * size[1], shape[0]) and cells.dtype == torch.float32
+        ref16 = F.interpolate(x.half().float()[None], size=size, mode="bilinear", align_corners=False)[0]
+        torch.testing.assert_close(cells, ref16.flatten(1).T, rtol=1e-6, atol=1e-6)
+
+
+def test_labels_from_probs_ties_and_values():
+    from dhr_cli.kernels.dhr import labels_from_probs
+
+    probs = torch.tensor([[[0.5, 0.2]], [[0.5, 0.7]], [[0.1, 0.7]]])  # (3, 1, 2): ties to the lowest channel
+    assert labels_from_probs(probs, torch.tensor([0, 4, 9])).tolist() == [[0, 4]]
+
+
+def test_upsample_argmax_equals_resize_then_argmax(device):
+    from dhr_cli.kernels.dhr import labels_from_probs, resize, upsample_argmax
+
+    g = torch.Generator().manual_seed(1)
+    for n in (1, 2, 3, 5):
+        maps = torch.rand(n, 6, 7, generator=g, dtype=torch.float64).to(device)
+        classes = torch.tensor([0, 3, 8, 9, 12][:n], device=device)
+        out = upsample_argmax(maps, (37, 45), classes)
+        ref = labels_from_probs(resize(maps.float(), (37, 45)), classes)
+        assert out.dtype == torch.int64 and out.device == maps.device and out.shape == (37, 45)
+        assert torch.equal(out, ref)
+    tie = torch.stack([torch.ones(3, 3), torch.ones(3, 3)]).double()  # equal maps: channel 0 wins
+    assert (upsample_argmax(tie, (5, 5), torch.tensor([4, 7])) == 4).all()
+
+
+def test_majority_pool_same_for_uint8_and_int64_masks(device):
+    rng = np.random.default_rng(3)
+    mask = rng.choice([0, 1, 7, 255], size=(45, 61), p=[0.4, 0.3, 0.2, 0.1]).astype(np.uint8)
+    as_u8 = majority_pool(torch.from_numpy(mask).to(device), (7, 9))
+    as_i64 = majority_pool(torch.from_numpy(mask).long().to(device), (7, 9))
+    assert as_u8.dtype == torch.int64 and torch.equal(as_u8, as_i64)

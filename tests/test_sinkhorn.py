@@ -107,3 +107,30 @@ def test_bad_shape():
 
     with pytest.raises(ShapeError, match=r"expected \(B, M, N\), got \(3, 2\)"):
         sinkhorn(torch.rand(3, 2))
+
+
+def test_log_domain_updates_equal_the_linear_ones():
+    from dhr_cli.kernels.sinkhorn import _scale_linear, _scale_log
+
+    sim, pv, cv = _pad(_problems(5))
+    log_k = torch.where(pv[:, :, None] & cv[:, None, :], -(1 - sim) / 0.1, torch.full_like(sim, -torch.inf))
+    a = pv.double() / pv.sum(1, keepdim=True)
+    b = cv.double() / cv.sum(1, keepdim=True)
+    r, c, (n_lin, _, _) = _scale_linear(log_k.exp(), a, b, pv, cv, 100, 1e-2)
+    lr, lc, (n_log, _, _) = _scale_log(log_k, a, b, pv, cv, 100, 1e-2)
+    assert torch.equal(n_lin, n_log)
+    np.testing.assert_allclose(lr.exp().numpy(), r.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(lc.exp().numpy(), c.numpy(), rtol=1e-10)
+
+
+def test_tiny_eps_runs_in_the_log_domain_and_matches_pot():
+    p = np.random.default_rng(6).random((20, 3))
+    eps = 1e-3  # K = exp(-C / eps) reaches e^-1000: zero in float64
+    with pytest.warns(RuntimeWarning, match="sinkhorn-max-iter"):
+        sinkhorn(torch.from_numpy(p)[None], eps=eps, max_iter=3, tol=1e-12)  # capped: says which knob to turn
+    ours = sinkhorn(torch.from_numpy(p)[None], eps=eps, max_iter=20000, tol=1e-13).plan[0].numpy()
+    assert np.isfinite(ours).all()
+    ref = ot.sinkhorn(np.full(20, 1 / 20), np.full(3, 1 / 3), 1 - p, eps, method="sinkhorn_log", numItermax=20000,
+                      stopThr=1e-13)
+    np.testing.assert_allclose(ours, ref, atol=1e-8)
+    np.testing.assert_allclose(ours.sum(0), 1 / 3, rtol=1e-6)

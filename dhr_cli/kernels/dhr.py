@@ -18,17 +18,19 @@ argmax ties to the lowest channel; bilinear resizing with align_corners=False.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from dhr_cli.config import IGNORE_INDEX, PropagateConfig, SeedConfig, SinkhornConfig
+from dhr_cli.errors import ShapeError
 from dhr_cli.kernels.checks import check_shape
 from dhr_cli.kernels.sinkhorn import f_ot, minmax_columns
 
 __all__ = [
-    "pad_stack", "resize", "majority_pool", "class_prototypes", "cosine_heatmap", "correlation_groups",
-    "seeded_marginals", "rebalance", "normalize_cams", "seed_probabilities", "labels_from_probs",
+    "pad_stack", "resize", "resize_cells", "majority_pool", "class_prototypes", "cosine_heatmap", "correlation_groups",
+    "seeded_marginals", "rebalance", "normalize_cams", "seed_probabilities", "labels_from_probs", "upsample_argmax",
 ]  # fmt: skip
 
 
@@ -48,7 +50,25 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(C, h, w) -> (C, H, W), bilinear, align_corners=False (a no-op when the size matches)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x[None].float(), size=size, mode="bilinear", align_corners=False)[0].to(x.dtype)
+    # Memory layout picks the CPU kernel: channels-last is ~10x faster for feature maps (many
+    # channels), several times slower for a few heat-maps. Values are the same up to rounding.
+    fmt = torch.channels_last if x.shape[0] >= 16 else torch.contiguous_format
+    x4 = x[None].float().contiguous(memory_format=fmt)
+    out = F.interpolate(x4, size=size, mode="bilinear", align_corners=False)[0]
+    return out.contiguous().to(x.dtype)
+
+
+def resize_cells(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(C, h, w) feature map -> (hu * wu, C) float32 cell features on `grid` (bilinear, align_corners=False).
+
+    The same values as `resize(x, grid).flatten(1).T`, without the layout copies: the
+    channels-last result already is the (cells, channels) matrix.
+    """
+    x4 = x[None].float().contiguous(memory_format=torch.channels_last)
+    if tuple(x.shape[-2:]) != tuple(grid):
+        x4 = F.interpolate(x4, size=grid, mode="bilinear", align_corners=False)
+    out = x4[0].permute(1, 2, 0)
+    return out.reshape(-1, x.shape[0])
 
 
 def _bin_areas(size: int, cells: int, device) -> torch.Tensor:
@@ -69,12 +89,13 @@ def majority_pool(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     [[1, 2]]
     """
     check_shape(mask, "H W", "mask")
-    labels = torch.unique(mask.long())  # ascending: 255 last
-    onehot = (mask.long()[None] == labels[:, None, None]).float()
+    flat = mask if mask.dtype == torch.uint8 else mask.long()  # uint8 stores: compare bytes, not int64
+    labels = torch.bincount(flat.flatten(), minlength=IGNORE_INDEX + 1).nonzero()[:, 0]  # ascending: 255 last
+    onehot = (flat[None] == labels.to(flat.dtype)[:, None, None]).float()
     frac = F.adaptive_avg_pool2d(onehot[None], grid)[0]
     area = _bin_areas(mask.shape[0], grid[0], mask.device)[:, None] * _bin_areas(mask.shape[1], grid[1], mask.device)[None]
     counts = torch.round(frac * area)  # exact integers: ties are exact
-    return labels[counts.argmax(0)]
+    return labels[counts.max(0).indices]  # first maximum: the lowest label (argmax(0) is slow on the CPU)
 
 
 def class_prototypes(feats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -139,7 +160,10 @@ def rebalance(heat_us: torch.Tensor, heat_ws: torch.Tensor | None, groups: torch
 
 def labels_from_probs(probs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """Argmax over channels (ties to the lowest), mapped to label values: (L, H, W), (L,) -> (H, W)."""
-    return classes[probs.argmax(0)]
+    # max(0).indices is the first maximum, like argmax(0), and several times faster on the CPU;
+    # so is index_select against advanced indexing.
+    idx = probs.max(0).indices
+    return classes.index_select(0, idx.flatten()).view(idx.shape)
 
 
 # ---- step 1: seeds --------------------------------------------------------------------------
@@ -242,11 +266,20 @@ class PropagateItem:
 
     seed: torch.Tensor  # (H, W) seed mask, 255 = unsure
     uss: torch.Tensor  # (D, hu, wu)
-    wss: list[torch.Tensor]  # [(D_l, h_l, w_l)]
+    # [(D_l, h_l, w_l)], or a loader returning them (at least one map), called only for the
+    # images that Step 3 needs: a grouping of several classes is rarer than a WSS read is cheap.
+    wss: list[torch.Tensor] | Callable[[], list[torch.Tensor]]
     labels: list[int]  # image-level foreground label values
     cams: torch.Tensor | None = None  # (K, h, w) for recovering classes that win no cell
     cam_labels: list[int] | None = None
     image: torch.Tensor | None = None  # (3, H, W) 0..255, for the CRF
+
+
+def _wss_maps(item: PropagateItem) -> list[torch.Tensor]:
+    """The item's WSS maps, loading them (once) when they were given as a loader."""
+    if callable(item.wss):
+        item.wss = list(item.wss())
+    return item.wss
 
 
 def _recovery_weights(item: PropagateItem, label: int, grid: tuple[int, int]) -> torch.Tensor | None:
@@ -295,26 +328,53 @@ def propagate_items(items: list[PropagateItem], cfg: PropagateConfig, *, backgro
     heat_us = cosine_heatmap(feats, protos, cell_valid, class_valid)
     groups = correlation_groups(protos, class_valid, cfg.tau)
     heat_ws = None
-    if bool((groups.sum(2) > 1).any()) and items[0].wss:
-        heat_ws = _wss_heatmap(items, grids, weights, cell_valid, class_valid)
+    has_wss = [callable(it.wss) or bool(it.wss) for it in items]
+    groups = groups & torch.tensor(has_wss, device=dev)[:, None, None]  # no WSS: no Step 3
+    need = (groups.sum(2) > 1).any(1).nonzero()[:, 0]
+    if len(need):  # Step 3 only for the images with a USS group of several classes
+        heat_ws = heat_us.new_zeros(heat_us.shape)
+        idx = need.tolist()
+        heat_ws[need] = _wss_heatmap([items[i] for i in idx], [grids[i] for i in idx], weights[need],
+                                     cell_valid[need], class_valid[need])
     marginals = None
     if cfg.marginals == "seeded":
         marginals = seeded_marginals(cell_labels, cell_valid, classes, cfg.min_marginal)
     heat = rebalance(heat_us, heat_ws, groups, cell_valid, class_valid, cfg.sinkhorn, marginals)
-    maps = []
-    for i, (it, grid) in enumerate(zip(items, grids)):
+    grid_maps = []
+    for i, grid in enumerate(grids):
         n = len(classes_list[i])
-        g = grid[0] * grid[1]
-        maps.append(resize(heat[i, :g, :n].T.reshape(n, *grid).float(), tuple(it.seed.shape)))
+        grid_maps.append(heat[i, : grid[0] * grid[1], :n].T.reshape(n, *grid))
     if crf is not None and all(it.image is not None for it in items):
+        maps = [resize(m.float(), tuple(it.seed.shape)) for m, it in zip(grid_maps, items)]
         probs = [m / m.sum(0, keepdim=True).clamp_min(1e-12) for m in maps]
         maps = _crf_padded(crf, [it.image for it in items], [p.clamp_min(1e-6) for p in probs])
-    return [labels_from_probs(m, classes_list[i]) for i, m in enumerate(maps)]
+        return [labels_from_probs(m, classes_list[i]) for i, m in enumerate(maps)]
+    return [upsample_argmax(m, tuple(it.seed.shape), c) for m, it, c in zip(grid_maps, items, classes_list)]
 
 
-def _pad_cells(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[(G_i, D)] -> (B, G, D) and cell_valid (B, G)."""
-    g = max(f.shape[0] for f in feats)
+def upsample_argmax(maps: torch.Tensor, size: tuple[int, int], classes: torch.Tensor) -> torch.Tensor:
+    """Label values of the argmax of bilinearly upsampled maps: (N, h, w), (N,) -> (H, W) int64.
+
+    The same as `labels_from_probs(resize(maps, size), classes)` up to float rounding, cheaper
+    for the common cases: one channel is a constant map, and with two channels bilinear
+    resizing is linear, so channel 1 wins exactly where the resized difference is > 0 (a tie
+    goes to channel 0, the lowest).
+    """
+    check_shape(maps, "N h w", "maps")
+    if maps.shape[0] == 1:
+        return classes[:1].view(1, 1).expand(size).clone()
+    if maps.shape[0] == 2:
+        diff = resize((maps[1] - maps[0])[None].float(), size)[0]
+        return torch.where(diff > 0, classes[1], classes[0])
+    return labels_from_probs(resize(maps.float(), size), classes)
+
+
+def _pad_cells(feats: list[torch.Tensor], cells: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(G_i, D)] -> (B, G, D) and cell_valid (B, G), G = max(G_i, cells)."""
+    g = max(max(f.shape[0] for f in feats), cells)
+    if all(f.shape == (g, feats[0].shape[1]) for f in feats):  # one grid for the whole batch: no padding
+        valid = torch.ones(len(feats), g, dtype=torch.bool, device=feats[0].device)
+        return torch.stack(feats), valid
     out = feats[0].new_zeros(len(feats), g, feats[0].shape[1])
     valid = torch.zeros(len(feats), g, dtype=torch.bool, device=feats[0].device)
     for i, f in enumerate(feats):
@@ -332,10 +392,13 @@ def _pad_weights(weights: list[torch.Tensor], g: int, n: int) -> torch.Tensor:
 
 def _wss_heatmap(items, grids, weights, cell_valid, class_valid) -> torch.Tensor:
     """H_ws: per WSS map, resized to the USS grid, pooled with the same cells; min-max of the mean."""
-    n_maps = len(items[0].wss)
+    maps = [_wss_maps(it) for it in items]
+    n_maps = len(maps[0])
+    if any(len(m) != n_maps for m in maps):
+        raise ShapeError(f"images of one batch have different numbers of WSS maps: {[len(m) for m in maps]}")
     total = None
     for level in range(n_maps):
-        feats, _ = _pad_cells([resize(it.wss[level].float(), grid).double().flatten(1).T for it, grid in zip(items, grids)])
+        feats, _ = _pad_cells([resize_cells(m[level], grid).double() for m, grid in zip(maps, grids)], cell_valid.shape[1])
         heat = cosine_heatmap(feats, class_prototypes(feats, weights), cell_valid, class_valid)
         total = heat if total is None else total + heat
     heat = minmax_columns(total / n_maps, cell_valid)

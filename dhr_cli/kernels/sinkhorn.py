@@ -58,20 +58,46 @@ def sinkhorn(sim: torch.Tensor, *, pixel_valid: torch.Tensor | None = None, clas
     pv, cv = _masks(sim, pixel_valid, class_valid)
     s = sim.to(torch.float64)
     valid = pv[:, :, None] & cv[:, None, :]
-    kernel = torch.where(valid, torch.exp(-(1.0 - s) / eps), torch.zeros((), dtype=s.dtype, device=s.device))
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    log_kernel = torch.where(valid, -(1.0 - s) / eps, torch.full_like(s, -torch.inf))
     n_pix = pv.sum(1, keepdim=True).clamp_min(1).to(s.dtype)
     a = pv.to(s.dtype) / n_pix
     if class_marginal is None:
         b = cv.to(s.dtype) / cv.sum(1, keepdim=True).clamp_min(1).to(s.dtype)
     else:
-        b = torch.where(cv, class_marginal.to(s.dtype).clamp_min(0), torch.zeros((), dtype=s.dtype, device=s.device))
+        b = torch.where(cv, class_marginal.to(s.dtype).clamp_min(0), zero)
         b = b / b.sum(1, keepdim=True).clamp_min(1e-300)
-    r = pv.to(s.dtype)
-    c = cv.to(s.dtype)
+    # float64 holds K = exp(-C/eps) down to e^-700; below that (tiny eps, or costs far above 1)
+    # the scalings run in the log domain, with the same updates and the same stopping rule.
+    log_domain = bool(valid.any()) and float(log_kernel[valid].min()) < -700.0
+    if log_domain:
+        r_scale, c_scale, plan = _scale_log(log_kernel, a, b, pv, cv, max_iter, tol)
+    else:
+        r_scale, c_scale, plan = _scale_linear(log_kernel.exp(), a, b, pv, cv, max_iter, tol)
+    n_iter, err, active = plan
+    if bool(active.any()):
+        warnings.warn(f"Sinkhorn stopped at the iteration cap ({max_iter}) before mean |r - r_prev| < {tol} on "
+                      f"{int(active.sum())} of {len(active)} problems; raise --sinkhorn-max-iter or --sinkhorn-tol",
+                      RuntimeWarning, stacklevel=2)
+    if log_domain:
+        plan = torch.where(valid, (r_scale[:, :, None] + log_kernel + c_scale[:, None, :]).exp(), zero)
+    else:
+        if not torch.isfinite(r_scale).all() or not torch.isfinite(c_scale).all():
+            warnings.warn("Sinkhorn produced non-finite scalings; raise --sinkhorn-eps or check the inputs",
+                          RuntimeWarning, stacklevel=2)
+        plan = r_scale[:, :, None] * log_kernel.exp() * c_scale[:, None, :]
+    out_dtype = sim.dtype if sim.dtype in (torch.float32, torch.float64) else torch.float32  # fp16 plans underflow
+    return SinkhornResult(plan.to(out_dtype), n_iter, err.to(out_dtype))
+
+
+def _scale_linear(kernel, a, b, pv, cv, max_iter: int, tol: float):
+    """The authors' updates r = a / (K c), c = b / (K^T r); each problem stops on its own rule."""
+    zero = kernel.new_zeros(())
+    r, c = pv.to(kernel.dtype), cv.to(kernel.dtype)
+    n_pix = pv.sum(1).clamp_min(1).to(kernel.dtype)
     active = pv.any(1) & cv.any(1)
-    n_iter = torch.zeros(sim.shape[0], dtype=torch.long, device=sim.device)
-    err = torch.zeros(sim.shape[0], dtype=s.dtype, device=sim.device)
-    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    n_iter = torch.zeros(len(active), dtype=torch.long, device=kernel.device)
+    err = kernel.new_zeros(len(active))
     for _ in range(max_iter):
         if not bool(active.any()):
             break
@@ -83,16 +109,40 @@ def sinkhorn(sim: torch.Tensor, *, pixel_valid: torch.Tensor | None = None, clas
         act = active[:, None]
         r = torch.where(act, r_new, r)
         c = torch.where(act, c_new, c)
-        e = ((r - r_prev).abs() * pv).sum(1) / n_pix[:, 0]
+        e = ((r - r_prev).abs() * pv).sum(1) / n_pix
         err = torch.where(active, e, err)
         n_iter = n_iter + active.long()
         active = active & (e >= tol)
-    if not torch.isfinite(r).all() or not torch.isfinite(c).all():
-        warnings.warn("Sinkhorn produced non-finite scalings; raise --sinkhorn-eps or check the inputs", RuntimeWarning,
-                      stacklevel=2)
-    plan = r[:, :, None] * kernel * c[:, None, :]
-    out_dtype = sim.dtype if sim.dtype in (torch.float32, torch.float64) else torch.float32  # fp16 plans underflow
-    return SinkhornResult(plan.to(out_dtype), n_iter, err.to(out_dtype))
+    return r, c, (n_iter, err, active)
+
+
+def _scale_log(log_kernel, a, b, pv, cv, max_iter: int, tol: float):
+    """The same updates on log r, log c (log-sum-exp); the rule still reads mean |r - r_prev|."""
+    ninf = log_kernel.new_full((), -torch.inf)
+    log_a = torch.where(pv, a.clamp_min(1e-300).log(), ninf)
+    log_b = torch.where(cv, b.clamp_min(1e-300).log(), ninf)
+    lr = torch.where(pv, log_kernel.new_zeros(()), ninf)
+    lc = torch.where(cv, log_kernel.new_zeros(()), ninf)
+    n_pix = pv.sum(1).clamp_min(1).to(log_kernel.dtype)
+    active = pv.any(1) & cv.any(1)
+    n_iter = torch.zeros(len(active), dtype=torch.long, device=log_kernel.device)
+    err = log_kernel.new_zeros(len(active))
+    for _ in range(max_iter):
+        if not bool(active.any()):
+            break
+        lr_prev = lr
+        lr_new = torch.where(pv, log_a - torch.logsumexp(log_kernel + lc[:, None, :], dim=2), ninf)
+        lc_new = torch.where(cv, log_b - torch.logsumexp(log_kernel + lr_new[:, :, None], dim=1), ninf)
+        act = active[:, None]
+        lr = torch.where(act, lr_new, lr)
+        lc = torch.where(act, lc_new, lc)
+        diff = torch.where(pv, (lr.exp() - lr_prev.exp()).abs(), log_kernel.new_zeros(()))
+        e = diff.sum(1) / n_pix
+        e = torch.where(torch.isfinite(e), e, torch.full_like(e, torch.inf))  # r beyond float range: go on
+        err = torch.where(active, e, err)
+        n_iter = n_iter + active.long()
+        active = active & (e >= tol)
+    return lr, lc, (n_iter, err, active)
 
 
 def sinkhorn_pot(sim: torch.Tensor, *, pixel_valid=None, class_valid=None, class_marginal=None, eps: float = 0.1,
