@@ -130,11 +130,31 @@ class EvalConfig:
 class CamsConfig:
     """`dhr cams`: CAMs and features from a network, multi-scale with flips (authors' scales)."""
 
-    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)  # CAM scales (IRN make_cam.py); grid of scale 1.0
+    uss_scales: tuple[float, ...] = (2.0, 1.0, 1.5, 0.5)  # USS feature scales (DHR core/uss); grid of the first
     flip: bool = True
+    # Longer image side at scale 1.0: None = the network's default (native size for the ViTs,
+    # as DHR; 224 for lite0); a number caps the cost on big images.
+    side: int | None = None
     batch_size: int = 4
     store_dtype: Literal["float16", "float32"] = "float16"
+    amp: bool = True  # float16 autocast on CUDA (the authors' inference runs under autocast)
     device: str = "auto"
+    # lite0 CAM head fitted on the split's image labels (--train-head): full-batch Adam steps on
+    # cached pooled features of images (and flips) resized to head_side on the longer side.
+    head_steps: int = 300
+    head_lr: float = 0.01
+    head_side: int = 224
+    head_last_stage: bool = False  # also fine-tune blocks.6 (slower)
+
+    def __post_init__(self) -> None:
+        _check(len(self.scales) >= 1 and all(s > 0 for s in self.scales), f"scales must be > 0, got {self.scales}")
+        _check(len(self.uss_scales) >= 1 and all(s > 0 for s in self.uss_scales), f"uss_scales must be > 0, got {self.uss_scales}")
+        _check(self.side is None or self.side >= 16, f"side must be >= 16, got {self.side}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.store_dtype in ("float16", "float32"), f"store_dtype must be float16 or float32, got {self.store_dtype!r}")
+        _check(self.head_steps >= 1, f"head_steps must be >= 1, got {self.head_steps}")
+        _check(self.head_side >= 32, f"head_side must be >= 32, got {self.head_side}")
 
 
 def as_dict(cfg) -> dict:
