@@ -153,19 +153,31 @@ def features_store_for(spec: str | Path, dataset, *, role: str = "uss", weights=
     """A store path for a `--uss` / `--wss` value.
 
     `spec` an existing file: returned as is. A network name (stego, cause, dino, mctformer, resnet,
-    lite0, ...): its store is computed once into `cache` (default: `<name>-<role>.h5` in the
-    working directory) with `weights` and reused (resumed) on later calls.
+    lite0, ...): its store is computed once into `cache` (default: `<name>-<role>-<split>.h5` in
+    the working directory) with `weights` and reused on later calls, after checking that it was
+    computed by the same network for the same dataset and split; an interrupted computation
+    resumes. `source_kw` go to `resolve_source` (backbone_weights, trust, head).
     """
     from dhr_cli.models import canonical, resolve_source
+    from dhr_cli.store import make_provenance, open_store
 
     path = Path(spec)
     if path.is_file():
         return path
     if path.suffix in (".h5", ".hdf5") or path.parent != Path("."):
-        raise InputError(f"--{role} {spec}: no such store")
+        raise InputError(f"{path}: no such store (--{role})")
     name = canonical(str(spec))
-    cache = Path(cache) if cache else Path(f"{name}-{role}.h5")
+    cache = Path(cache) if cache else Path(f"{name}-{role}-{dataset.split or 'all'}.h5")
+    inputs = {"data": Path(dataset.root).resolve(), "split": dataset.split or "",
+              "weights": Path(weights).resolve() if weights else ""}
     if cache.is_file():
+        with open_store(cache) as store:
+            made, network = store.provenance.get("inputs", {}), store.provenance.get("network")
+        wanted = {k: str(v) for k, v in inputs.items()}
+        if network != name or any(made.get(k, "") != v for k, v in wanted.items()):
+            raise InputError(f"{cache}: holds {network} features of {made.get('data')} split {made.get('split') or '(all)'}"
+                             f", not {name} of {wanted['data']} split {wanted['split'] or '(all)'}; remove it or "
+                             f"choose another --features-dir")
         logger.info("--%s %s: reusing %s", role, spec, cache)
         return cache
     classes = [c for i, c in enumerate(dataset.classes) if not (i == 0 and dataset.has_background)]
@@ -178,6 +190,9 @@ def features_store_for(spec: str | Path, dataset, *, role: str = "uss", weights=
                                 train_last_stage=cfg.head_last_stage, quiet=quiet)
     else:
         source = resolve_source(name, weights, device, kind=kind, classes=classes, **source_kw)
-    run_cams(dataset, source, cache, cfg, device=device, resume=cache.with_name(cache.name + ".partial").exists(),
-             quiet=quiet)
+    provenance = make_provenance("cams", cfg, inputs=inputs)
+    provenance.update({"network": name, "network_kind": source.kind})
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    run_cams(dataset, source, cache, cfg, device=device, provenance=provenance,
+             resume=cache.with_name(cache.name + ".partial").exists(), quiet=quiet)
     return cache

@@ -39,7 +39,7 @@ def _run(args: list[str]) -> None:
 
     from dhr_cli.cli import app
 
-    logger.info("dhr %s", " ".join(args))
+    logger.info("dhr %s", " ".join(map(str, args)))
     command = typer.main.get_command(app)
     try:
         command.main(args=[str(a) for a in args], prog_name="dhr", standalone_mode=False)

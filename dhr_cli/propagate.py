@@ -43,11 +43,8 @@ logger = logging.getLogger(__name__)
 
 
 def _source_path(value: str | Path, role: str) -> Path:
-    """A USS/WSS source: a path to a features (or cams) store, or a method name.
-
-    Method names go to `dhr_cli.models.registry.resolve_source(name)` (which returns the path of
-    a features store) when the models are built in; otherwise they are an InputError.
-    """
+    """A USS/WSS source given as a store path (the CLI turns method names into stores first,
+    with `dhr_cli.cams.features_store_for`)."""
     path = Path(value)
     if path.is_file():
         return path
@@ -55,19 +52,8 @@ def _source_path(value: str | Path, role: str) -> Path:
         raise InputError(f"{path}: is a folder, not a features store (--{role})")
     if path.suffix.lower() in (".h5", ".hdf5") or "/" in str(value):
         raise InputError(f"{path}: no such store file (--{role})")
-    import importlib
-
-    try:
-        registry = importlib.import_module("dhr_cli.models.registry")
-    except ModuleNotFoundError as e:  # the models are not built in; other import errors surface
-        if e.name not in ("dhr_cli.models.registry", "dhr_cli.models"):
-            raise
-        registry = None
-    resolve_source = getattr(registry, "resolve_source", None)
-    if resolve_source is None:
-        raise InputError(f"unknown feature source {value}: give a path to a features store "
-                         f"(method names need `dhr cams`)")
-    return Path(resolve_source(str(value)))
+    raise InputError(f"--{role} {value}: not a store file; compute a network's features with "
+                     f"`dhr cams --{role} {value} ... --out {role.upper()}.h5` (or `dhr propagate --{role} {value}`)")
 
 
 def _features(store: Store, item_id: str) -> np.ndarray:

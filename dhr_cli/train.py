@@ -105,11 +105,8 @@ class FeatureSource:
     def __init__(self, spec: str | os.PathLike, ids: list[str], option: str = "--uss"):
         path = Path(spec)
         if not path.is_file():
-            resolved = _resolve_named_source(str(spec))
-            if resolved is None:
-                raise InputError(f"{option} {spec}: no such store; training needs precomputed features "
-                                 f"(write them with `dhr cams` or pass a features store)")
-            path = resolved
+            raise InputError(f"{option} {spec}: no such store; give a features store, or a network name on the "
+                             f"command line (`dhr train --uss stego --uss-weights ...`)")
         self.path = path
         self._store = _LazyStore(path, ("features", "cams"))
         missing = [i for i in ids if i not in self._store.ids]
@@ -118,19 +115,6 @@ class FeatureSource:
 
     def read(self, item_id: str) -> np.ndarray:
         return self._store.read(item_id).features
-
-
-def _resolve_named_source(name: str) -> Path | None:
-    """A method name (stego, cause, ...) resolved by the models package to a features store, if it can."""
-    try:
-        from dhr_cli.models import resolve_source  # provided by the models package
-    except ImportError:
-        return None
-    try:
-        out = resolve_source(name)
-    except Exception:  # the models package words its own errors; here we only ask if it knows the name
-        return None
-    return Path(out) if isinstance(out, (str, os.PathLike)) and Path(out).is_file() else None
 
 
 def cam_index(dataset: Dataset) -> tuple[int, int]:

@@ -12,6 +12,7 @@ from dhr_cli.cli.options import app
 # Importing a command module registers its command on `app`; the order is the help order.
 from dhr_cli.cli import (  # noqa: E402,F401
     cmd_cams,
+    cmd_import,
     cmd_seed,
     cmd_propagate,
     cmd_train,

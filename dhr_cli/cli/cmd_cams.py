@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dhr_cli.cli.options import (BatchSize, DataRoot, Device, OutStore, Overwrite, Quiet, Resume, Split, app, err,
+from dhr_cli.cli.options import (BatchSize, DataRoot, Device, OutStore, Overwrite, Quiet, Resume, Split, TrustCheckpoint, app, err,
                                  out, user_errors)
 from dhr_cli.config import CamsConfig
 
@@ -37,10 +37,7 @@ def cams_cmd(
     head: Annotated[Optional[Path], typer.Option("--head", help="lite0 WSS: reuse a head saved with --save-head.")] = None,
     save_head: Annotated[Optional[Path], typer.Option("--save-head", help="lite0 WSS: write the fitted head to this .pt file.")] = None,
     head_steps: Annotated[int, typer.Option("--head-steps", min=1, help="Optimisation steps of --train-head.")] = _D.head_steps,
-    trust_checkpoint: Annotated[bool, typer.Option("--trust-checkpoint", help=(
-        "Fully unpickle the weights files you name (torch.load weights_only=False): this runs code from "
-        "the file, so only for files you trust. Without it, tensors are read with weights_only=True and "
-        "other pickled objects (Lightning / OmegaConf hyper-parameters) are left inert."))] = False,
+    trust_checkpoint: TrustCheckpoint = False,
     scales: Annotated[Optional[str], typer.Option("--scales", help=(
         "Comma-separated input scales (default: " + ",".join(map(str, _D.scales)) + " for CAMs, as IRN; "
         + ",".join(map(str, _D.uss_scales)) + " for USS features, as DHR)."))] = None,

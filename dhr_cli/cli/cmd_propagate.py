@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from dhr_cli.cli.options import (
-    BatchSize, Crf, DataRoot, Device, MissingItems, OTSolverOpt, OutStore, Overwrite, Quiet, Resume, SinkhornEps,
-    SinkhornMaxIter, SinkhornTol, Split, app, check_choice, err, sinkhorn_config, user_errors,
+    BatchSize, Crf, DataRoot, Device, FeaturesDir, MissingItems, OTSolverOpt, OutStore, Overwrite, Quiet, Resume,
+    SinkhornEps, SinkhornMaxIter, SinkhornTol, Split, TrustCheckpoint, app, check_choice, err, network_store,
+    sinkhorn_config, user_errors,
 )
 from dhr_cli.config import PropagateConfig, RandomWalkConfig, SinkhornConfig
 
@@ -23,9 +24,18 @@ _P, _D, _R = PropagateConfig(), SinkhornConfig(), RandomWalkConfig()
 def propagate_cmd(
     seeds: Annotated[Path, typer.Option("--seeds", help="Seeds store from `dhr seed` (or any masks store).")],
     data: DataRoot,
-    uss: Annotated[str, typer.Option("--uss", help="USS features: a features store (or cams store with features).")],
+    uss: Annotated[str, typer.Option("--uss", help=(
+        "USS features: a features store, or a network (stego, cause, dino_vits8, dinov2_vitb14, lite0, ...; "
+        "see `dhr cams --help`) computed once with --uss-weights."))],
     out: OutStore,
-    wss: Annotated[Optional[list[str]], typer.Option("--wss", help="WSS features (store); repeat for several maps.")] = None,
+    wss: Annotated[Optional[list[str]], typer.Option("--wss", help=(
+        "WSS features: a cams/features store, or a network (mctformer, resnet50, resnet101, dhr, lite0) computed "
+        "once with --wss-weights; repeat for several maps."))] = None,
+    uss_weights: Annotated[Optional[Path], typer.Option("--uss-weights", help="Weights file of a USS network named by --uss.")] = None,
+    wss_weights: Annotated[Optional[list[Path]], typer.Option("--wss-weights", help="Weights file of each WSS network named by --wss, in order.")] = None,
+    backbone_weights: Annotated[Optional[Path], typer.Option("--backbone-weights", help="DINO / DINOv2 backbone of a packed STEGO or CAUSE head file.")] = None,
+    trust_checkpoint: TrustCheckpoint = False,
+    features_dir: FeaturesDir = None,
     cams: Annotated[Optional[Path], typer.Option("--cams", help="CAMs store: recovers labelled classes that win no grid cell; needed by --method cam|rw.")] = None,
     split: Split = None,
     tau: Annotated[float, typer.Option("--tau", help="Prototype cosine above which classes share a USS group (Step 3).")] = _P.tau,
@@ -59,7 +69,16 @@ def propagate_cmd(
             rw=RandomWalkConfig(beta=rw_beta, logt=rw_logt, bg=rw_bg), batch_size=batch_size, device=device)
     except ValueError as e:
         raise InputError(str(e)) from None
-    summary = run_propagate(cfg, seeds=seeds, data=data, uss=uss, wss=list(wss or []), out=out, cams=cams, split=split,
+    wss, wss_weights = list(wss or []), list(wss_weights or [])
+    named_wss = [w for w in wss if not Path(w).is_file()]
+    if len(wss_weights) > len(named_wss):
+        raise InputError(f"{len(wss_weights)} --wss-weights for {len(named_wss)} networks named by --wss")
+    weights_of = dict(zip(named_wss, wss_weights))
+    where = dict(data=data, split=split, features_dir=features_dir or out.parent, device=device, quiet=quiet,
+                 trust=trust_checkpoint, backbone_weights=backbone_weights)
+    uss = str(network_store(uss, "uss", weights=uss_weights, **where))
+    wss = [str(network_store(w, "wss", weights=weights_of.get(w), **where)) for w in wss]
+    summary = run_propagate(cfg, seeds=seeds, data=data, uss=uss, wss=wss, out=out, cams=cams, split=split,
                             missing=check_choice("--missing", missing, ("fail", "skip")), overwrite=overwrite,
                             resume=resume, quiet=quiet)
     err.print(f"masks: {summary['written']} images written, {summary['items']} in {out}")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dhr_cli.cli.options import DataRoot, Device, Quiet, Split, app, out, user_errors
+from dhr_cli.cli.options import DataRoot, Device, Quiet, Split, TrustCheckpoint, app, network_store, out, user_errors
 from dhr_cli.config import TrainConfig
 
 _D = TrainConfig()
@@ -25,7 +25,12 @@ def train_cmd(
     data: DataRoot,
     masks: Annotated[Path, typer.Option("--masks", help="Initial pseudo-masks: a masks/seeds store (.h5) or a folder of <id>.png.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Run folder (config, checkpoints, logs, model.pt).")],
-    uss: Annotated[Optional[str], typer.Option("--uss", help="USS features: a features store (.h5) or a method name.")] = None,
+    uss: Annotated[Optional[str], typer.Option("--uss", help=(
+        "USS features: a features store (.h5), or a network (stego, cause, dino_vits8, lite0, ...) computed once "
+        "with --uss-weights into the folder of --out."))] = None,
+    uss_weights: Annotated[Optional[Path], typer.Option("--uss-weights", help="Weights file of a USS network named by --uss.")] = None,
+    uss_backbone_weights: Annotated[Optional[Path], typer.Option("--uss-backbone-weights", help="DINO / DINOv2 backbone of a packed STEGO or CAUSE head file.")] = None,
+    trust_checkpoint: TrustCheckpoint = False,
     split: Split = None,
     dhr: Annotated[bool, typer.Option("--dhr/--no-dhr", help="Regenerate the pseudo-masks online (DHR), or train plainly on --masks.")] = _D.dhr,
     backbone: Annotated[str, typer.Option("--backbone", help="resnet18, resnet34, resnet50 or resnet101.")] = _D.backbone,
@@ -73,6 +78,9 @@ def train_cmd(
         )
     except ValueError as e:
         raise InputError(str(e)) from None
+    if uss is not None and cfg.dhr:
+        uss = str(network_store(uss, "uss", data=data, split=split, weights=uss_weights, features_dir=out_dir.parent,
+                                device=device, quiet=quiet, trust=trust_checkpoint, backbone_weights=uss_backbone_weights))
     result = run_train(cfg, data, masks, out_dir, uss=uss, split=split, backbone_weights=backbone_weights,
                        resume=resume, overwrite=overwrite, quiet=quiet, max_steps=max_steps)
     if result.history:

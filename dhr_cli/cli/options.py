@@ -103,3 +103,33 @@ def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise InputError(f"{option} {value!r}: expected {' or '.join(choices)}")
     return value
+
+
+# ---- networks named where a features store is expected (propagate, train) --------------------
+TrustCheckpoint = Annotated[bool, typer.Option("--trust-checkpoint", help=(
+    "Fully unpickle the weights files you name (torch.load weights_only=False): this runs code from "
+    "the file, so only for files you trust. Without it, tensors are read with weights_only=True and "
+    "other pickled objects (Lightning / OmegaConf hyper-parameters) are left inert."))]
+FeaturesDir = Annotated[Optional[Path], typer.Option("--features-dir", help=(
+    "Where the stores of networks named by --uss / --wss are computed and reused "
+    "(<name>-<role>-<split>.h5; default: the folder of --out)."))]
+
+
+def network_store(spec: str, role: str, *, data: Path, split: str | None, weights: Path | None, features_dir: Path,
+                  device: str, quiet: bool, **source_kw) -> Path:
+    """`spec` if it is a store file; for a network name, its store computed once into features_dir."""
+    if Path(spec).is_file():
+        return Path(spec)
+    from dhr_cli.cams import features_store_for
+    from dhr_cli.data import open_dataset
+    from dhr_cli.models import canonical
+    from dhr_cli.runtime import resolve_device
+
+    dataset = open_dataset(data, split)
+    name = canonical(spec) if Path(spec).suffix == "" and "/" not in spec else spec
+    cache = features_dir / f"{name}-{role}-{split or 'all'}.h5"
+    if not cache.is_file():
+        err.print(f"--{role} {spec}: computing its {'CAMs and features' if role == 'wss' else 'features'} "
+                  f"into {cache} (reused by later runs)", markup=False, soft_wrap=True)
+    return features_store_for(spec, dataset, role=role, weights=weights, cache=cache,
+                              device=resolve_device(device), quiet=quiet, **source_kw)
