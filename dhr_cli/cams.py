@@ -164,6 +164,8 @@ def features_store_for(spec: str | Path, dataset, *, role: str = "uss", weights=
     path = Path(spec)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a features store (--{role})")
     if path.suffix in (".h5", ".hdf5") or path.parent != Path("."):
         raise InputError(f"{path}: no such store (--{role})")
     name = canonical(str(spec))

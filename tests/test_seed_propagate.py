@@ -218,25 +218,17 @@ def test_mixed_batch_with_and_without_step3_equals_the_oracle():
         np.testing.assert_array_equal(g.numpy(), e)
 
 
-def test_feature_sources_paths_names_and_the_registry_hook(synth, tmp_path, monkeypatch):
-    import sys
-    import types
-
+def test_feature_sources_paths_and_names(synth, tmp_path):
     _cli(["seed", "--cams", synth / "cams.h5", "--data", synth, "--out", tmp_path / "s.h5", "--no-crf", "-q"])
     base = ["propagate", "--seeds", tmp_path / "s.h5", "--data", synth, "--wss", synth / "wss.h5", "--no-crf", "-q",
             "--out", tmp_path / "m.h5"]
-    result = runner.invoke(app, [str(a) for a in base + ["--uss", "stego"]])
-    assert result.exit_code == 1 and "unknown feature source stego" in result.output and "dhr cams" in result.output
+    result = runner.invoke(app, [str(a) for a in base + ["--uss", "stego"]])  # a network without its weights
+    assert result.exit_code == 1 and "stego" in result.output and "needs its weights file" in result.output
     result = runner.invoke(app, [str(a) for a in base + ["--uss", tmp_path / "absent.h5"]])
-    assert result.exit_code == 1 and "absent.h5: no such store file" in result.output
+    assert result.exit_code == 1 and "absent.h5: no such store" in result.output
+    result = runner.invoke(app, [str(a) for a in base + ["--uss", tmp_path]])
+    assert result.exit_code == 1 and "not a features store" in result.output
     assert not (tmp_path / "m.h5").exists()
-    # Once the models issue provides the registry, a method name resolves to a features store.
-    asked = []
-    registry = types.ModuleType("dhr_cli.models.registry")
-    registry.resolve_source = lambda name: asked.append(name) or synth / "uss.h5"
-    monkeypatch.setitem(sys.modules, "dhr_cli.models.registry", registry)
-    _cli(base + ["--uss", "stego"])
-    assert asked == ["stego"] and (tmp_path / "m.h5").exists()
 
 
 def test_wss_loaders_are_called_only_where_step3_runs():
