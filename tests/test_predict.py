@@ -103,3 +103,24 @@ def test_cli_predict_and_bad_model(trained, tmp_path):
     res = runner.invoke(app, ["predict", "--model", str(tmp_path), "--data", str(data), "--out", str(tmp_path / "x.h5")])
     assert res.exit_code == 1
     assert "is it a `dhr train` run folder" in res.output
+
+
+def test_cams_from_a_trained_run_closes_the_loop(trained, tmp_path):
+    """`dhr cams --wss RUN_DIR`: the trained network's CAMs (labelled classes) and C4/C5 features."""
+    from typer.testing import CliRunner
+
+    from dhr_cli.cli import app
+    from dhr_cli.data import open_dataset
+    from dhr_cli.store import open_store
+
+    data, run = trained
+    out = tmp_path / "cams.h5"
+    res = CliRunner().invoke(app, ["cams", "--data", str(data), "--split", "train", "--wss", str(run), "--scales", "1.0",
+                                   "--device", "cpu", "--out", str(out), "--quiet"])
+    assert res.exit_code == 0, res.output
+    ds = open_dataset(data, "train")
+    with open_store(out, expect="cams") as s:
+        assert s.attrs["source"] == "dhr" and s.ids == sorted(i for i in ds.ids if ds.labels(i))
+        item = s.read(s.ids[0])
+        assert item.labels.tolist() == ds.labels(s.ids[0]) and item.cams.shape[0] == len(item.labels)
+        assert item.features.shape[0] > 0

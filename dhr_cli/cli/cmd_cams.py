@@ -28,7 +28,7 @@ def cams_cmd(
     data: DataRoot,
     out_path: OutStore,
     split: Split = None,
-    wss: Annotated[Optional[str], typer.Option("--wss", help="WSS network giving CAMs: " + _WSS + ".")] = None,
+    wss: Annotated[Optional[str], typer.Option("--wss", help="WSS network giving CAMs: " + _WSS + "; or a `dhr train` run folder.")] = None,
     uss: Annotated[Optional[str], typer.Option("--uss", help="USS network giving features: " + _USS + ".")] = None,
     wss_weights: Annotated[Optional[Path], typer.Option("--wss-weights", help="Weights file of the WSS network.")] = None,
     uss_weights: Annotated[Optional[Path], typer.Option("--uss-weights", help="Weights file of the USS network (STEGO / CAUSE head file).")] = None,
@@ -79,6 +79,8 @@ def cams_cmd(
     name = wss or uss
     kind = "wss" if wss else "uss"
     weights = wss_weights if wss else uss_weights
+    if wss and Path(wss).is_dir():  # a `dhr train` run folder: its network is the WSS source (closing the loop)
+        name, weights = "dhr", weights or Path(wss)
     if (train_head or head or save_head) and not (wss and wss.lower() == "lite0"):
         raise InputError("--train-head / --head / --save-head apply to --wss lite0 only")
     if wss and wss.lower() == "lite0" and not (train_head or head):
