@@ -56,11 +56,18 @@ def run_cams(dataset, source, out: str | Path, cfg: CamsConfig = CamsConfig(), *
     (D, h, w) at scale 1.0. USS items: `features` (D, h, w) averaged over cfg.uss_scales and flips;
     the root attribute `source` names the network. Images of the same size are batched
     (cfg.batch_size). Returns a summary dict (items written, skipped, feature grid of the last item).
-    """
-    from dhr_cli.progress import progress_bar
-    from dhr_cli.store import create_store, make_provenance
 
-    device = torch.device(device)
+    Under torchrun (WORLD_SIZE > 1) this process takes its shard of the sorted ids
+    (`dhr_cli.distributed.shard`), writes them to its own store `OUT.rank<r>-of-<w>.h5`, and rank 0
+    merges the shards into `out` once every rank is done; `device` "cuda" means this rank's GPU.
+    The summary then counts this rank's items.
+    """
+    from dhr_cli.distributed import current_rank, device_for_rank, output_store, shard
+    from dhr_cli.progress import progress_bar
+    from dhr_cli.store import make_provenance
+
+    rank = current_rank()
+    device = torch.device(device_for_rank(str(device), rank))
     dtype = np.float16 if cfg.store_dtype == "float16" else np.float32
     wss = source.kind == "wss"
     kind = "cams" if wss else "features"
@@ -76,10 +83,11 @@ def run_cams(dataset, source, out: str | Path, cfg: CamsConfig = CamsConfig(), *
     amp = cfg.amp and device.type == "cuda"
     grid = None
     source = source.to(device).eval()
-    with create_store(out, kind, dataset.classes, provenance=provenance, overwrite=overwrite, resume=resume,
+    ids = list(dataset.ids) if rank.world == 1 else shard(dataset.ids, rank)
+    with output_store(Path(out), kind, dataset.classes, provenance=provenance, overwrite=overwrite, resume=resume,
                       root_attrs=root_attrs) as w:
-        todo = [i for i in dataset.ids if i not in w.done]
-        skipped = len(dataset.ids) - len(todo)
+        todo = [i for i in ids if i not in w]
+        skipped = len(ids) - len(todo)
         unlabelled = [i for i in todo if not dataset.labels(i)] if wss else []
         if unlabelled:  # no foreground class: nothing to write a CAM for
             logger.warning("%d images have no foreground label and get no CAMs, e.g. %s", len(unlabelled),
@@ -195,6 +203,7 @@ def features_store_for(spec: str | Path, dataset, *, role: str = "uss", weights=
     provenance = make_provenance("cams", cfg, inputs=inputs)
     provenance.update({"network": name, "network_kind": source.kind})
     cache.parent.mkdir(parents=True, exist_ok=True)
-    run_cams(dataset, source, cache, cfg, device=device, provenance=provenance,
-             resume=cache.with_name(cache.name + ".partial").exists(), quiet=quiet)
+    from dhr_cli.distributed import interrupted  # this rank's own .partial under torchrun
+
+    run_cams(dataset, source, cache, cfg, device=device, provenance=provenance, resume=interrupted(cache), quiet=quiet)
     return cache

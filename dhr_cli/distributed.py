@@ -78,10 +78,23 @@ def _barrier(rank: Rank) -> None:
     dist.barrier()
 
 
+def interrupted(out: Path, rank: Rank | None = None) -> bool:
+    """Whether this rank's store for OUT was left half-written (so a rerun should resume it)."""
+    rank = rank or current_rank()
+    out = Path(out)
+    path = out if rank.world == 1 else shard_path(out, rank)
+    return path.with_name(path.name + ".partial").exists()
+
+
 @contextlib.contextmanager
 def output_store(out: Path, kind: str, classes: list[str], *, provenance: dict, overwrite: bool = False,
                  resume: bool = False, root_attrs: dict | None = None) -> Iterator[StoreWriter]:
-    """`create_store` for this rank; under torchrun, rank 0 merges every rank's shard into OUT at the end."""
+    """`create_store` for this rank; under torchrun, rank 0 merges every rank's shard into OUT at the end.
+
+    Resuming under torchrun (same number of processes): each rank resumes its own shard (a
+    complete one is kept, a `.partial` one is completed, a missing one is redone), and the items
+    of an OUT already merged by an earlier run count as done; they are merged back into OUT.
+    """
     rank = current_rank()
     out = Path(out)
     if rank.world == 1:
@@ -91,21 +104,36 @@ def output_store(out: Path, kind: str, classes: list[str], *, provenance: dict, 
         return
     if out.exists() and not (overwrite or resume):
         raise StoreError(f"{out}: already exists; pass --overwrite to replace it or --resume to complete it")
+    merged_before: set[str] = set()
+    if resume and out.exists():
+        with open_store(out) as previous:
+            if previous.kind != kind or previous.classes != classes:
+                raise StoreError(f"{out}: holds {previous.kind!r} with classes {previous.classes}, which does not "
+                                 "match this run; use --overwrite")
+            merged_before = set(previous.ids)
     provenance = {**provenance, "rank": rank.rank, "world_size": rank.world}
     with create_store(shard_path(out, rank), kind, classes, provenance=provenance, overwrite=overwrite,
                       resume=resume, root_attrs=root_attrs) as writer:
+        # Items already in OUT are done: `id in writer` holds for them; they stay out of the shard.
+        writer.done.update(merged_before - writer.done)
         yield writer
     _barrier(rank)
     if rank.is_main:
         shards = [shard_path(out, Rank(r, rank.world)) for r in range(rank.world)]
-        merge_stores(shards, out, overwrite=True)
+        keep = [out] if merged_before else []  # after the shards: an item in both is taken from its shard
+        merge_stores(shards + keep, out, overwrite=True, skip_duplicates=bool(keep))
         for path in shards:
             path.unlink()
     _barrier(rank)
 
 
-def merge_stores(inputs: Sequence[Path], out: Path, *, overwrite: bool = False, quiet: bool = True) -> int:
-    """Copy every item of stores of one kind and class list into one store; returns the item count."""
+def merge_stores(inputs: Sequence[Path], out: Path, *, overwrite: bool = False, quiet: bool = True,
+                 skip_duplicates: bool = False) -> int:
+    """Copy every item of stores of one kind and class list into one store; returns the item count.
+
+    An item id in two inputs is an error, unless `skip_duplicates` (then the first input's copy is
+    kept). `out` may be one of the inputs when `overwrite` (the merge is written aside, then renamed).
+    """
     if not inputs:
         raise StoreError("merge needs at least one input store")
     stores = [open_store(p) for p in inputs]
@@ -116,11 +144,17 @@ def merge_stores(inputs: Sequence[Path], out: Path, *, overwrite: bool = False, 
                 raise StoreError(f"{s.path}: holds {s.kind!r} with {len(s.classes)} classes, "
                                  f"but {first.path} holds {first.kind!r} with {len(first.classes)}; cannot merge")
         seen: dict[str, Path] = {}
+        plan: list[tuple[object, list[str]]] = []
         for s in stores:
+            take = []
             for item_id in s.ids:
                 if item_id in seen:
+                    if skip_duplicates:
+                        continue
                     raise StoreError(f"{s.path}: item {item_id!r} is also in {seen[item_id]}; cannot merge duplicates")
                 seen[item_id] = s.path
+                take.append(item_id)
+            plan.append((s, take))
         root_attrs = {k: v for k, v in first.attrs.items()
                       if k not in ("dhr_format", "dhr_version", "kind", "classes", "ignore_index", "provenance")}
         provenance = {**first.provenance, "merged_from": [str(s.path) for s in stores],
@@ -128,8 +162,8 @@ def merge_stores(inputs: Sequence[Path], out: Path, *, overwrite: bool = False, 
         provenance.pop("rank", None)
         with create_store(out, first.kind, first.classes, provenance=provenance, overwrite=overwrite,
                           root_attrs=_jsonable(root_attrs)) as writer:
-            for s in stores:
-                for item_id in s.ids:
+            for s, take in plan:
+                for item_id in take:
                     item = s.read(item_id)
                     writer.write(item_id, item.arrays, item.attrs)
         return len(seen)

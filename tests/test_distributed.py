@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dhr_cli.cli import app
-from dhr_cli.distributed import Rank, merge_stores, shard
+from dhr_cli.distributed import Rank, interrupted, merge_stores, shard, shard_path
 from dhr_cli.errors import StoreError
 from dhr_cli.store import create_store, open_store
 
@@ -81,3 +81,108 @@ def test_torchrun_two_ranks_write_one_store(tmp_path):
         assert s.ids == sorted(f"img{i}" for i in range(7))
         assert [int(s.read(i).mask[0, 0]) for i in s.ids] == [int(i[3:]) for i in s.ids]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.py", "out.h5"]  # shards removed
+
+
+def _torchrun(*args, nproc=2, timeout=300):
+    """`torchrun --standalone` (a free port) with one torch thread a process; returns the finished process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+                           *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env, cwd=os.getcwd())
+
+
+_JOB = """
+import sys
+import numpy as np
+from dhr_cli.distributed import output_store, shard
+out, resume = sys.argv[1], sys.argv[2] == "resume"
+ids = [f"img{i}" for i in range(7)]
+with output_store(out, "masks", ["background", "cat"], provenance={}, resume=resume) as w:
+    for i in shard(ids):
+        if i not in w:
+            w.write(i, {"mask": np.full((2, 2), int(i[3:]), np.uint8)})
+"""
+
+
+def test_torchrun_resume_completes_a_merged_store(tmp_path):
+    """--resume on an OUT merged by an earlier run (no shards left): only the items it lacks are computed."""
+    (tmp_path / "job.py").write_text(_JOB)
+    out = tmp_path / "out.h5"
+    with create_store(out, "masks", CLASSES, provenance={"command": "t"}) as w:
+        for i in range(5):  # img5 and img6 missing; 99 marks an item that must not be recomputed
+            w.write(f"img{i}", {"mask": np.full((2, 2), 99, np.uint8)})
+    proc = _torchrun(tmp_path / "job.py", out, "resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open_store(out) as s:
+        assert s.ids == [f"img{i}" for i in range(7)]
+        assert [int(s.read(i).mask[0, 0]) for i in s.ids] == [99] * 5 + [5, 6]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.py", "out.h5"]
+
+
+def test_interrupted_names_this_ranks_partial(tmp_path):
+    out = tmp_path / "o.h5"
+    assert not interrupted(out, Rank(1, 2))
+    shard_path(out, Rank(1, 2)).with_suffix(".h5.partial").write_bytes(b"")
+    assert interrupted(out, Rank(1, 2)) and not interrupted(out, Rank(0, 2)) and not interrupted(out, Rank(0, 1))
+
+
+def _features_equal(a, b):
+    with open_store(a) as x, open_store(b) as y:
+        assert x.ids == y.ids and x.kind == y.kind and x.classes == y.classes
+        assert x.attrs["source"] == y.attrs["source"] == "lite0"
+        for i in x.ids:
+            p, q = x.read(i), y.read(i)
+            assert sorted(p.arrays) == sorted(q.arrays)
+            for name in p.arrays:
+                assert p.arrays[name].dtype == q.arrays[name].dtype
+                np.testing.assert_array_equal(p.arrays[name], q.arrays[name])
+                assert list(p.attrs[name]["image_size"]) == list(q.attrs[name]["image_size"])
+
+
+@pytest.mark.slow
+def test_torchrun_cams_matches_one_process_and_resumes(tmp_path):
+    """`torchrun --nproc-per-node 2 -m dhr_cli cams --uss lite0` (gloo, CPU) writes the store one process
+    writes, bit for bit (both on one thread); after a crash of rank 1 (its shard half written) and
+    without the merged store, --resume computes only the missing items."""
+    from dhr_cli.synthetic import make_dataset
+
+    data = make_dataset(tmp_path / "d", n_images=5, stores=False)
+    args = ["cams", "--data", data, "--uss", "lite0", "--side", 64, "--scales", "1.0,0.5", "--device", "cpu", "--quiet"]
+    one = tmp_path / "one.h5"
+    proc = subprocess.run([sys.executable, "-m", "dhr_cli", *map(str, args), "--out", str(one)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = tmp_path / "two.h5"
+    proc = _torchrun("-m", "dhr_cli", *args, "--out", two)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "one.h5", "two.h5"]  # shards merged, removed
+    _features_equal(one, two)
+    with open_store(two) as s:
+        assert s.provenance["world_size"] == 2 and "rank" not in s.provenance
+
+    # Rank 0 finished its shard, rank 1 wrote one item and died; the merged store was never written.
+    with open_store(one) as s:
+        ids = s.ids
+        source_attrs = {"source": s.attrs["source"], "source_kind": s.attrs["source_kind"]}
+        classes = s.classes
+    kept = shard(ids, Rank(0, 2)) + shard(ids, Rank(1, 2))[:1]
+    w0 = create_store(shard_path(two, Rank(0, 2)), "features", classes, provenance={"command": "t"},
+                      root_attrs=source_attrs)
+    w1 = create_store(shard_path(two, Rank(1, 2)), "features", classes, provenance={"command": "t"},
+                      root_attrs=source_attrs)
+    for i in kept:  # 7.0 marks an item that must not be recomputed
+        (w0 if i in shard(ids, Rank(0, 2)) else w1).write(i, {"features": np.full((304, 3, 4), 7, np.float16)},
+                                                          {"features": {"image_size": [120, 160]}})
+    w0.close(complete=True)
+    w1.close(complete=False)  # leaves two.rank1-of-2.h5.partial
+    two.unlink()
+    proc = _torchrun("-m", "dhr_cli", *args, "--out", two, "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "0 images written, 3 already there" in proc.stdout and "1 images written, 1 already there" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "one.h5", "two.h5"]
+    with open_store(one) as ref, open_store(two) as s:
+        assert s.ids == ids
+        for i in ids:
+            if i in kept:
+                assert (s.read(i).features == 7).all()
+            else:
+                np.testing.assert_array_equal(s.read(i).arrays["features"], ref.read(i).arrays["features"])
