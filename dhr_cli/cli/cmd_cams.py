@@ -74,7 +74,9 @@ def cams_cmd(
         from dhr_cli.errors import StoreError
 
         raise StoreError(f"{out_path}: already exists; pass --overwrite to replace it or --resume to complete it")
-    dev = resolve_device(device)
+    from dhr_cli.distributed import device_for_rank
+
+    dev = resolve_device(device_for_rank(device))  # under torchrun: this rank's GPU
     ds = open_dataset(data, split)
     name = wss or uss
     kind = "wss" if wss else "uss"

@@ -195,20 +195,9 @@ def load_backbone_weights(net: DHRNet, path: str | os.PathLike) -> None:
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({e.__class__.__name__})") from None
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    own = net.backbone.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad_shape = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or bad_shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
-        if bad_shape:
-            parts.append(f"{len(bad_shape)} keys of another shape (e.g. {bad_shape[:3]})")
-        raise CheckpointError(f"{path}: not a torchvision {net.spec.backbone} state dict: {'; '.join(parts)}")
-    net.backbone.load_state_dict(state, strict=True)
+    from dhr_cli.models.checkpoints import load_strict
+
+    load_strict(net.backbone, state, f"{path} (torchvision {net.spec.backbone} backbone)")
     logger.info("backbone %s initialised from %s", net.spec.backbone, path)
 
 
