@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 
 from dhr_cli.data import VOC_CLASSES
-from dhr_cli.errors import CheckpointError
 from dhr_cli.store import open_store
 
 from tests.helpers import _xml, save_palette_png, write_plain_store
@@ -180,8 +179,6 @@ def irn_res50_cam_state_dict() -> dict:
     return Net().state_dict()
 
 
-@pytest.mark.xfail(strict=True, raises=CheckpointError, reason="dhr bug: resnet_cam.irn_to_torchvision maps stage2. -> layer2. but IRN's "
-                   "file has stage2.0.<block>.* (and duplicates under resnet50.*, backbone.*, newly_added.*)")
 def test_irn_res50_cam_file_as_irn_writes_it(tmp_path):
     from dhr_cli.models import resolve_source
 

@@ -180,8 +180,8 @@ def test_resnet_cam_strict_and_irn_names(tmp_path):
     net = ResNetCAM(18, 3).eval()
     irn = {}
     for k, v in net.state_dict().items():
-        for a, b in (("conv1.", "stage1.0."), ("bn1.", "stage1.1."), ("layer1.", "stage1.4."), ("layer2.", "stage2."),
-                     ("layer3.", "stage3."), ("layer4.", "stage4.")):
+        for a, b in (("conv1.", "stage1.0."), ("bn1.", "stage1.1."), ("layer1.", "stage1.4."), ("layer2.", "stage2.0."),
+                     ("layer3.", "stage3.0."), ("layer4.", "stage4.0.")):  # IRN's Sequential wrappers
             if k.startswith(a):
                 k = b + k[len(a):]
                 break

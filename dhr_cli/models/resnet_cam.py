@@ -12,14 +12,30 @@ from dhr_cli.errors import CheckpointError
 from dhr_cli.models.base import FeatureSource, check_images
 from dhr_cli.models.checkpoints import load_state_dict, load_strict
 
-_IRN = {"stage1.0.": "conv1.", "stage1.1.": "bn1.", "stage1.4.": "layer1.", "stage2.": "layer2.",
-        "stage3.": "layer3.", "stage4.": "layer4."}  # fmt: skip
+# IRN's resnet50_cam.Net wraps torchvision-style modules: stage1 = Sequential(conv1, bn1, relu,
+# maxpool, layer1), stage2..4 = Sequential(layerN); backbone / newly_added are ModuleLists of the
+# same modules. Its saved state dict therefore holds every tensor several times.
+_IRN = {"stage1.0.": "conv1.", "stage1.1.": "bn1.", "stage1.4.": "layer1.", "stage2.0.": "layer2.",
+        "stage3.0.": "layer3.", "stage4.0.": "layer4."}  # fmt: skip
 
 
 def irn_to_torchvision(sd: dict) -> dict:
-    """IRN's resnet50_cam key names -> torchvision names (other keys unchanged)."""
+    """IRN's res50_cam.pth (model.module.state_dict()) -> torchvision names + classifier.weight.
+
+    The file has the backbone under `resnet50.*` and again under `stage*` / `backbone.*`, the head
+    under `classifier.weight` and `newly_added.0.weight`: one copy of each is kept. Files that hold
+    only the `stage*` names are renamed; torchvision-named files pass through unchanged.
+    """
+    if any(k.startswith("resnet50.") for k in sd):
+        out = {k[len("resnet50."):]: v for k, v in sd.items() if k.startswith("resnet50.") and ".fc." not in f".{k}"}
+        out = {k: v for k, v in out.items() if not k.startswith("fc.")}
+        if "classifier.weight" in sd:
+            out["classifier.weight"] = sd["classifier.weight"]
+        return out
     out = {}
     for k, v in sd.items():
+        if k.startswith(("backbone.", "newly_added.")):
+            continue
         for a, b in _IRN.items():
             if k.startswith(a):
                 k = b + k[len(a):]
