@@ -130,3 +130,19 @@ def test_driver_on_real_photos_with_given_cams(tmp_path):
     res = json.loads((out / "results.json").read_text())
     for r in res["methods"]:
         assert r["status"] == "ok" and 0 <= r["miou"] <= 1 and 0 <= r["vanishing_rate"] <= 1
+
+
+@needs_packages
+def test_driver_computes_cams_with_lite0_and_tunes_the_crf_baseline(tmp_path):
+    """The default path: `dhr cams --wss lite0 --train-head` and `--uss lite0` on real composites."""
+    data = real_data.build_real_dataset(tmp_path / "data", n_images=2, seed=2, install=False, max_stamps_per_class=1)
+    out = tmp_path / "bench"
+    argv = ["--out", str(out), "--data", str(data), "--methods", "cam_crf_tuned", "dhr", "--no-report", "--device", "cpu",
+            "--cams-args", "--head-steps 10 --scales 1.0 --side 96 --no-flip", "--uss-args", "--scales 1.0 --side 96 --no-flip"]
+    assert real.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in res["methods"]] == ["cam_crf_tuned", "dhr"]
+    for r in res["methods"]:
+        assert r["status"] == "ok" and 0 <= r["miou"] <= 1
+    assert float(res["meta"]["notes"]["cam_crf_tuned_bg"].split()[0]) in real.BG_SWEEP
+    assert (out / "cams.h5").exists() and (out / "uss.h5").exists()
