@@ -1,8 +1,10 @@
-"""Parallel decoding: images (and ground truth) read in DataLoader workers while the kernels run.
+"""Parallel loading: per-item reading and decoding in DataLoader workers while the kernels run.
 
-Only picklable, file-based work goes to the workers (decoding PNG/JPEG files through a
-Dataset); HDF5 stores are read in the main process, one item at a time, so memory stays
-bounded whatever the number of items.
+Only picklable work goes to the workers: decoding PNG/JPEG files through a Dataset, and reading
+HDF5 stores by path. A loader that reads stores must open its own handles in each worker
+process (HDF5 handles must not cross a fork; see `dhr_cli.propagate._Reader`). Items come
+back in order, a few batches ahead at most (prefetch), so memory stays bounded whatever the
+number of items.
 """
 
 from __future__ import annotations

@@ -11,8 +11,11 @@ against a constant background score) and `method="rw"` (PSA/AffinityNet random w
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +36,11 @@ from dhr_cli.inputs import (
     select_ids,
     to_tensor,
 )
-from dhr_cli.kernels.dhr import PropagateItem, normalize_cams, propagate_items, resize
+from dhr_cli.kernels.dhr import PropagateItem, normalize_cams, pooled_cells, propagate_items, resize, step3_needed
 from dhr_cli.loading import iterate_batches
 from dhr_cli.progress import track
 from dhr_cli.runtime import resolve_device
-from dhr_cli.store import Store, make_provenance
+from dhr_cli.store import Store, make_provenance, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +60,22 @@ def _source_path(value: str | Path, role: str) -> Path:
 
 
 def _features(store: Store, item_id: str) -> np.ndarray:
+    """(D, h, w) features of an item, float16 or float32 as stored (the kernels convert; float16 is
+    exact in float32), checked like the store's `Item.features` (which copies to float32)."""
     item = store.read(item_id)
     if "features" not in item.arrays:
         raise StoreError(f"{store.path}: item {item_id!r} has no 'features' dataset (a {store.kind} store used as "
                          "a feature source needs the network's features)")
-    return item.features
+    x = item.arrays["features"]
+    if x.dtype in (np.float16, np.float32) and x.ndim == 3 and 0 not in x.shape and _all_finite(x):
+        return x
+    return item.features  # the store's checks and messages
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    if x.dtype == np.float16:  # exponent bits all set: inf or NaN (np.isfinite on float16 is ~10x slower)
+        return not ((x.view(np.uint16) & 0x7C00) == 0x7C00).any()
+    return bool(np.isfinite(x).all())
 
 
 def run_propagate(cfg: PropagateConfig, *, seeds: Path, data: Path, uss: str | Path, wss: list[str | Path],
@@ -89,37 +103,139 @@ def run_propagate(cfg: PropagateConfig, *, seeds: Path, data: Path, uss: str | P
         with output_store(out, "masks", dataset.classes, provenance=make_provenance("propagate", cfg, inputs),
                           overwrite=overwrite, resume=resume) as writer:
             todo = [i for i in ids if i not in writer]
-            load = functools.partial(image_and_labels, dataset, crf is not None)
-            batches = iterate_batches(todo, load, cfg.batch_size)
-            for batch in track(batches, f"propagate ({cfg.method})", total=-(-len(todo) // cfg.batch_size), quiet=quiet):
-                items = [_read_item(opened, dataset, cfg, device, entry) for entry in batch]
-                with torch.no_grad():
-                    masks = _run_method(items, cfg, background, crf)
-                for (item_id, *_), mask in zip(batch, masks):
-                    writer.write(item_id, {"mask": mask.to(torch.uint8).cpu().numpy()})
+            # Store reads (gzip decompression), Step 2.1's pooling of the seeds and the Step 3
+            # decision run in DataLoader workers, each with its own HDF5 handles; this process
+            # runs the kernels and writes the masks.
+            reader = _Reader({role: store.path for role, store in opened.items()})
+            reader.lend(opened)  # used as they are when loading runs in this process
+            load = functools.partial(_load_item, dataset, reader, cfg, crf is not None, background)
+            workers = _loader_workers(device)
+            batches = iterate_batches(todo, load, cfg.batch_size, workers=workers)
+            with _kernel_threads(device, workers if len(todo) > cfg.batch_size else 0):
+                for batch in track(batches, f"propagate ({cfg.method})", total=-(-len(todo) // cfg.batch_size),
+                                   quiet=quiet):
+                    items = [_to_item(opened, loaded, device) for loaded in batch]
+                    with torch.no_grad():
+                        masks = _run_method(items, cfg, background, crf)
+                    for loaded, mask in zip(batch, masks):
+                        writer.write(loaded.item_id, {"mask": mask.to(torch.uint8).cpu().numpy()})
         return {"written": len(todo), "items": len(ids)}
     finally:
         for store in opened.values():
             store.close()
 
 
-def _read_item(opened: dict[str, Store], dataset, cfg: PropagateConfig, device, entry) -> PropagateItem:
-    item_id, image, labels, size = entry
+def _loader_workers(device: torch.device) -> int:
+    """Loader processes: one per core, at most 4, none on a single core.
+
+    Reading a VOC-sized item (gzip decompression of seed, USS and, for Step 3, WSS maps) and
+    pooling its seed costs about twice the CPU of the kernels (measured on 2 cores: ~9 vs ~4.5
+    ms per item), so the loaders get most of the cores; the kernels keep the rest
+    (`_kernel_threads`), or run on the GPU.
+    """
+    cores = os.cpu_count() or 1
+    return 0 if cores < 2 else min(4, cores)
+
+
+@contextlib.contextmanager
+def _kernel_threads(device: torch.device, workers: int):
+    """Torch threads of this process while loader processes run beside it on the CPU.
+
+    An OpenMP thread pool waits for its slowest thread at every parallel operation; with the
+    loaders busy on the other cores those waits dominate (measured on 2 cores: several times
+    slower than one thread), so the kernels keep to the cores the loaders leave.
+    """
+    if device.type != "cpu" or workers == 0:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - workers)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Reader:
+    """The input stores, opened by path on first use in each process.
+
+    HDF5 handles must not cross a fork: a DataLoader worker opens its own handles (and keeps them
+    until it exits); the main process lends its already validated ones.
+    """
+
+    def __init__(self, paths: dict[str, Path]):
+        self.paths = dict(paths)
+        self._pid: int | None = None
+        self._stores: dict[str, Store] = {}
+
+    def lend(self, opened: dict[str, Store]) -> None:
+        self._pid, self._stores = os.getpid(), opened
+
+    def __getstate__(self) -> dict:  # spawned workers get the paths only
+        return {"paths": self.paths, "_pid": None, "_stores": {}}
+
+    def store(self, role: str) -> Store:
+        if self._pid != os.getpid():
+            self._pid, self._stores = os.getpid(), {}
+        if role not in self._stores:
+            self._stores[role] = open_store(self.paths[role])
+        return self._stores[role]
+
+    def wss_roles(self) -> list[str]:
+        return sorted((k for k in self.paths if k.startswith("wss")), key=lambda k: int(k[3:]))
+
+
+@dataclass
+class _Loaded:
+    """One item as a loader process hands it over (numpy arrays: pickled, not shared memory)."""
+
+    item_id: str
+    image: np.ndarray | None
+    labels: list[int]
+    seed: np.ndarray
+    uss: np.ndarray
+    cams: np.ndarray | None = None
+    cam_labels: list[int] | None = None
+    cells: np.ndarray | None = None  # Step 2.1's majority label per USS cell
+    wss: list[np.ndarray] | None = None  # read where Step 3 runs
+
+
+def _load_item(dataset, reader: _Reader, cfg: PropagateConfig, with_image: bool, background: int,
+               item_id: str) -> _Loaded:
+    """Loader work for one item: the image (for the CRF), labels, seed, USS features, CAMs; for
+    DHR also the seed's majority pooling (Step 2.1) and, where Step 3 runs, the WSS maps."""
+    item_id, image, labels, size = image_and_labels(dataset, with_image, item_id)
     check_labels(dataset, item_id, labels)
-    seed = opened["seeds"].read(item_id).mask
+    seed_store = reader.store("seeds")
+    seed = seed_store.read(item_id).mask
     if seed.shape != tuple(size):
-        raise StoreError(f"{opened['seeds'].path}: seed mask of {item_id} is {seed.shape[1]}x{seed.shape[0]}, "
+        raise StoreError(f"{seed_store.path}: seed mask of {item_id} is {seed.shape[1]}x{seed.shape[0]}, "
                          f"its image {size[1]}x{size[0]}")
-    cams = cam_labels = None
-    if "cams" in opened:
-        cam_item = opened["cams"].read(item_id)
-        cams, cam_labels = cam_item.cams, cam_item.labels.tolist()
-        check_cam_labels(opened["cams"].path, item_id, cam_labels, labels)
-    # WSS maps are read only for the images whose Step 3 runs (classes sharing a USS group).
-    wss = functools.partial(_read_wss, opened, item_id, device)
-    return PropagateItem(seed=to_tensor(seed, device), uss=to_tensor(_features(opened["uss"], item_id), device),
-                         wss=wss, labels=labels, cams=to_tensor(cams, device), cam_labels=cam_labels,
-                         image=to_tensor(image, device))
+    loaded = _Loaded(item_id, image, labels, seed, _features(reader.store("uss"), item_id))
+    if "cams" in reader.paths:
+        cam_item = reader.store("cams").read(item_id)
+        loaded.cams, loaded.cam_labels = cam_item.cams, cam_item.labels.tolist()
+        check_cam_labels(reader.paths["cams"], item_id, loaded.cam_labels, labels)
+    if cfg.method == "dhr" and reader.wss_roles():
+        item = PropagateItem(seed=torch.from_numpy(seed), uss=torch.from_numpy(loaded.uss), wss=[], labels=labels,
+                             cams=None if loaded.cams is None else torch.from_numpy(loaded.cams),
+                             cam_labels=loaded.cam_labels)
+        with torch.no_grad():
+            item.cells = pooled_cells(item)
+            if step3_needed(item, cfg, background=background):
+                loaded.wss = [_features(reader.store(role), item_id) for role in reader.wss_roles()]
+        loaded.cells = item.cells.numpy()
+    return loaded
+
+
+def _to_item(opened: dict[str, Store], loaded: _Loaded, device) -> PropagateItem:
+    if loaded.wss is not None:
+        wss = [to_tensor(w, device) for w in loaded.wss]
+    else:  # not foreseen by the loader (or another method): read here if Step 3 runs after all
+        wss = functools.partial(_read_wss, opened, loaded.item_id, device)
+    return PropagateItem(seed=to_tensor(loaded.seed, device), uss=to_tensor(loaded.uss, device), wss=wss,
+                         labels=loaded.labels, cams=to_tensor(loaded.cams, device), cam_labels=loaded.cam_labels,
+                         image=to_tensor(loaded.image, device), cells=to_tensor(loaded.cells, device))
 
 
 def _read_wss(opened: dict[str, Store], item_id: str, device) -> list[torch.Tensor]:

@@ -27,7 +27,7 @@ def test_majority_ties_go_to_the_lowest_label_and_255_is_highest():
 
 def test_majority_uses_adaptive_pooling_bins():
     rng = np.random.default_rng(0)
-    for h, w, gh, gw in [(37, 53, 11, 13), (20, 20, 7, 3), (9, 40, 9, 40)]:
+    for h, w, gh, gw in [(37, 53, 11, 13), (20, 20, 7, 3), (9, 40, 9, 40), (5, 7, 11, 13), (375, 500, 27, 36)]:
         mask = rng.choice([0, 3, 5, 255], size=(h, w))
         np.testing.assert_array_equal(majority_pool(torch.from_numpy(mask), (gh, gw)).numpy(), oracle.majority_cells(mask, (gh, gw)))
 
@@ -114,6 +114,10 @@ def test_upsample_argmax_equals_resize_then_argmax(device):
         ref = labels_from_probs(resize(maps.float(), (37, 45)), classes)
         assert out.dtype == torch.int64 and out.device == maps.device and out.shape == (37, 45)
         assert torch.equal(out, ref)
+        # METHOD.md's resize in float64 (the oracle's), also when shrinking or keeping the size
+        for size in [(37, 45), (4, 5), (6, 7), (1, 1)]:
+            expected = classes.cpu().numpy()[np.argmax(oracle.resize_bilinear(maps.cpu().numpy(), size), 0)]
+            np.testing.assert_array_equal(upsample_argmax(maps, size, classes).cpu().numpy(), expected)
     tie = torch.stack([torch.ones(3, 3), torch.ones(3, 3)]).double()  # equal maps: channel 0 wins
     assert (upsample_argmax(tie, (5, 5), torch.tensor([4, 7])) == 4).all()
 
@@ -124,3 +128,42 @@ def test_majority_pool_same_for_uint8_and_int64_masks(device):
     as_u8 = majority_pool(torch.from_numpy(mask).to(device), (7, 9))
     as_i64 = majority_pool(torch.from_numpy(mask).long().to(device), (7, 9))
     assert as_u8.dtype == torch.int64 and torch.equal(as_u8, as_i64)
+
+
+def test_upsample_argmax_batch_equals_one_by_one(device):
+    from dhr_cli.kernels.dhr import upsample_argmax, upsample_argmax_batch
+
+    g = torch.Generator().manual_seed(2)
+    maps = torch.rand(3, 4, 9, 11, generator=g, dtype=torch.float64).to(device)
+    classes = torch.tensor([[0, 2, 5, 7], [0, 1, 3, 9], [1, 2, 3, 4]], device=device)
+    out = upsample_argmax_batch(maps, (50, 61), classes)
+    for i in range(3):
+        assert torch.equal(out[i], upsample_argmax(maps[i], (50, 61), classes[i]))
+
+
+def test_first_argmax_ties_go_to_the_lowest_index():
+    from dhr_cli.kernels.dhr import first_argmax
+
+    x = torch.tensor([[1.0, 0.0, 2.0], [1.0, 3.0, 2.0], [0.5, 3.0, 2.0]])
+    assert first_argmax(x).tolist() == [0, 1, 0]
+    r = torch.rand(5, 7, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(first_argmax(r), r.argmax(0))
+    assert torch.equal(first_argmax(r.round()), r.round().max(0).indices)  # many ties: still the first maximum
+
+
+def test_cells_pooled_by_a_loader_give_the_same_masks():
+    """A loader process may pool the seed (Step 2.1) and hand the cells over with the item."""
+    from dhr_cli.kernels.dhr import pooled_cells
+
+    rng = np.random.default_rng(4)
+    items, given = [], []
+    for h, w, g in [(30, 40, (4, 5)), (25, 33, (6, 7))]:
+        seed = torch.from_numpy(rng.choice([0, 2, 4, 255], size=(h, w), p=[0.5, 0.2, 0.2, 0.1]).astype(np.uint8))
+        uss, wss = torch.randn(8, *g, dtype=torch.float64), [torch.randn(5, g[0] + 1, g[1], dtype=torch.float64)]
+        items.append(PropagateItem(seed=seed, uss=uss, wss=wss, labels=[2, 4]))
+        given.append(PropagateItem(seed=seed, uss=uss, wss=wss, labels=[2, 4]))
+        given[-1].cells = pooled_cells(items[-1])
+        assert torch.equal(given[-1].cells, majority_pool(seed, g).flatten())
+    cfg = PropagateConfig(use_crf=False, tau=-1.0)
+    for a, b in zip(propagate_items(items, cfg), propagate_items(given, cfg)):
+        assert torch.equal(a, b)

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from dhr_cli.cli import app
 from dhr_cli.config import PropagateConfig, SeedConfig
-from dhr_cli.kernels.dhr import PropagateItem, propagate_items, seed_masks
+from dhr_cli.kernels.dhr import PropagateItem, propagate_items, seed_masks, step3_needed
 from dhr_cli.store import create_store, open_store
 from dhr_cli.synthetic import make_dataset
 from tests import oracle
@@ -244,6 +244,36 @@ def test_wss_loaders_are_called_only_where_step3_runs():
     for a, b in zip(propagate_items(eager, cfg), propagate_items(lazy, cfg)):
         assert torch.equal(a, b)
     assert calls == [2]
+    # What a loader process asks before reading the WSS maps: the same decision, image by image.
+    assert [step3_needed(it, cfg) for it in eager] == [False, True]
+
+
+@pytest.mark.parametrize("foresee", [True, False])
+def test_propagate_loader_processes_equal_in_process_loading(synth, tmp_path, monkeypatch, foresee):
+    """Stores read in DataLoader workers (own HDF5 handles) or in this process: the same masks.
+
+    When the loader does not foresee Step 3 for an image, the WSS maps are read here instead.
+    """
+    import dhr_cli.propagate as prop
+    from dhr_cli.propagate import run_propagate
+
+    _cli(["seed", "--cams", synth / "cams.h5", "--data", synth, "--out", tmp_path / "s.h5", "--no-crf", "-q"])
+    if not foresee:
+        monkeypatch.setattr(prop, "step3_needed", lambda *a, **k: False)
+    cfg = PropagateConfig(use_crf=False, batch_size=2, device="cpu")
+    kw = dict(seeds=tmp_path / "s.h5", data=synth, uss=synth / "uss.h5", wss=[synth / "wss.h5"], cams=synth / "cams.h5",
+              quiet=True)
+    late_reads = []  # WSS reads by the kernels' process (the loader did not foresee Step 3)
+    read_wss = prop._read_wss
+    monkeypatch.setattr(prop, "_read_wss", lambda *a: late_reads.append(a[1]) or read_wss(*a))
+    for workers in (0, 2):
+        monkeypatch.setattr(prop, "_loader_workers", lambda device, n=workers: n)
+        assert run_propagate(cfg, out=tmp_path / f"m{workers}.h5", **kw)["written"] == 8
+    assert (late_reads == []) == foresee
+    with open_store(tmp_path / "m0.h5") as a, open_store(tmp_path / "m2.h5") as b:
+        assert a.ids == b.ids and len(a.ids) == 8
+        for item_id in a.ids:
+            np.testing.assert_array_equal(a.read(item_id).mask, b.read(item_id).mask)
 
 
 def test_step3_on_a_small_grid_inside_a_batch_of_larger_grids():

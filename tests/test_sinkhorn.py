@@ -134,3 +134,19 @@ def test_tiny_eps_runs_in_the_log_domain_and_matches_pot():
                       stopThr=1e-13)
     np.testing.assert_allclose(ours, ref, atol=1e-8)
     np.testing.assert_allclose(ours.sum(0), 1 / 3, rtol=1e-6)
+
+
+def test_classes_first_layout_equals_f_ot():
+    """f_ot_t runs on (B, N, M), the layout the propagation kernels keep; it is f_ot transposed."""
+    from dhr_cli.kernels.sinkhorn import f_ot_t, minmax_last
+
+    sim, pv, cv = _pad(_problems(7))
+    marginal = torch.rand(sim.shape[0], sim.shape[2], dtype=torch.float64)
+    masks = {"pixel_valid": pv, "class_valid": cv}
+    for kw in ({}, masks, {**masks, "class_marginal": marginal}):
+        ref = f_ot(sim, **kw)
+        out = f_ot_t(sim.transpose(1, 2).contiguous(), **kw)
+        np.testing.assert_allclose(out.transpose(1, 2).numpy(), ref.numpy(), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(minmax_last(sim.transpose(1, 2), pv).transpose(1, 2).numpy(),
+                               minmax_columns(sim, pv).numpy())
+    np.testing.assert_allclose(minmax_last(sim.transpose(1, 2)).transpose(1, 2).numpy(), minmax_columns(sim).numpy())

@@ -1,14 +1,21 @@
 """DHR's kernels (METHOD.md steps 1-3), batched over images of different sizes.
 
-Per-image work that depends on each image's own size (resizing, area pooling of the seed mask)
-is done image by image with whole-tensor operations; everything on the class level (prototypes,
-heat-maps, grouping, OT rebalancing) runs on padded batches with validity masks:
+Per-image work that depends on each image's own size (majority pooling of the seed mask, the
+final upsampling) is done image by image (or per group of equal sizes) with whole-tensor
+operations; everything on the class level (prototypes, heat-maps, grouping, OT rebalancing)
+runs on padded batches with validity masks, classes first:
 
     cell_labels (B, G)      label of each USS grid cell (G = hu * wu, padded), 255 = unsure
-    cell_valid  (B, G)      False on padding
-    feats       (B, G, D)   USS features per cell
+    cell_valid  (B, G)      False on padding (None inside the kernels when nothing is padded)
+    feats       (B, G, D)   USS features per cell (a view of (B, D, G) as the maps are stored)
     classes     (B, N)      label value of each heat-map channel, ascending, -1 = padding
-    heat        (B, G, N)   heat-maps
+    weights     (B, N, G)   cell weights of each class prototype
+    heat        (B, N, G)   heat-maps: reductions over cells run along the contiguous axis
+
+The full-resolution steps avoid full-resolution float work: majority pooling is one histogram
+of (cell, label) keys, and the upsampled argmax is computed exactly but only where two
+neighbouring grid columns disagree (`upsample_argmax_batch`). The public (B, G, N) functions
+(`rebalance`, `cosine_heatmap`, ...) keep their layout.
 
 Fixed details (METHOD.md): grid cells are adaptive-pooling bins; majority ties go to the lowest
 label, 255 counting as the highest; cosine with a 1e-12 guard; min-max with a 1e-5 guard;
@@ -17,6 +24,7 @@ argmax ties to the lowest channel; bilinear resizing with align_corners=False.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,11 +34,12 @@ import torch.nn.functional as F
 from dhr_cli.config import IGNORE_INDEX, PropagateConfig, SeedConfig, SinkhornConfig
 from dhr_cli.errors import ShapeError
 from dhr_cli.kernels.checks import check_shape
-from dhr_cli.kernels.sinkhorn import f_ot, minmax_columns
+from dhr_cli.kernels.sinkhorn import f_ot, f_ot_t, minmax_columns, minmax_last
 
 __all__ = [
     "pad_stack", "resize", "resize_cells", "majority_pool", "class_prototypes", "cosine_heatmap", "correlation_groups",
     "seeded_marginals", "rebalance", "normalize_cams", "seed_probabilities", "labels_from_probs", "upsample_argmax",
+    "upsample_argmax_batch", "first_argmax", "pooled_cells", "step3_needed",
 ]  # fmt: skip
 
 
@@ -71,16 +80,48 @@ def resize_cells(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return out.reshape(-1, x.shape[0])
 
 
-def _bin_areas(size: int, cells: int, device) -> torch.Tensor:
+@functools.lru_cache(maxsize=32)
+def _axis_bins(size: int, cells: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every (pixel, bin) pair of the adaptive-pooling bins along one axis (neighbouring bins may overlap).
+
+    Returns pixel, bin and first (the pair is the pixel's first bin), in pixel-major order.
+    """
     i = torch.arange(cells, device=device)
     start = (i * size) // cells
-    end = ((i + 1) * size + cells - 1) // cells
-    return (end - start).to(torch.float32)
+    length = ((i + 1) * size + cells - 1) // cells - start
+    offset = torch.arange(int(length.sum()), device=device) - torch.repeat_interleave(length.cumsum(0) - length, length)
+    pixel = torch.repeat_interleave(start, length) + offset
+    bins = torch.repeat_interleave(i, length)
+    order = torch.argsort(pixel * cells + bins)
+    pixel, bins = pixel[order], bins[order]
+    first = torch.ones_like(pixel, dtype=torch.bool)
+    first[1:] = pixel[1:] != pixel[:-1]
+    return pixel, bins, first
+
+
+@functools.lru_cache(maxsize=8)
+def _pool_keys(h: int, w: int, gh: int, gw: int, stride: int, device: torch.device):
+    """Histogram keys cell * stride of the adaptive-pooling bins of an h x w mask.
+
+    Returns key_first (h * w,): the key of each pixel's first cell (row-major, so it lines up with
+    the mask itself), and pix_extra, key_extra: the (pixel, cell) pairs of pixels that also lie
+    in a second, overlapping bin (a few rows and columns).
+    """
+    py, by, fy = _axis_bins(h, gh, device)
+    px, bx, fx = _axis_bins(w, gw, device)
+    pix = (py[:, None] * w + px[None, :]).flatten()
+    key = ((by[:, None] * gw + bx[None, :]) * stride).flatten()
+    first = (fy[:, None] & fx[None, :]).flatten()
+    key_first = torch.empty(h * w, dtype=key.dtype, device=device).index_copy_(0, pix[first], key[first])
+    pix_extra, key_extra = pix[~first], key[~first]
+    if gh * gw * stride < 2**31:  # int32 keys: half the memory traffic
+        key_first, pix_extra, key_extra = key_first.int(), pix_extra.int(), key_extra.int()
+    return key_first, pix_extra, key_extra
 
 
 # ---- step 2.1: class-level pooling ----------------------------------------------------------
 def majority_pool(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Majority label of each adaptive-pooling bin of `mask` (H, W) on a (hu, wu) grid.
+    """Majority label of each adaptive-pooling bin of `mask` (H, W) on a (hu, wu) grid: (hu, wu) int64.
 
     255 counts as a label; ties go to the lowest label value (255 being the highest).
 
@@ -89,13 +130,39 @@ def majority_pool(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     [[1, 2]]
     """
     check_shape(mask, "H W", "mask")
-    flat = mask if mask.dtype == torch.uint8 else mask.long()  # uint8 stores: compare bytes, not int64
-    labels = torch.bincount(flat.flatten(), minlength=IGNORE_INDEX + 1).nonzero()[:, 0]  # ascending: 255 last
-    onehot = (flat[None] == labels.to(flat.dtype)[:, None, None]).float()
-    frac = F.adaptive_avg_pool2d(onehot[None], grid)[0]
-    area = _bin_areas(mask.shape[0], grid[0], mask.device)[:, None] * _bin_areas(mask.shape[1], grid[1], mask.device)[None]
-    counts = torch.round(frac * area)  # exact integers: ties are exact
-    return labels[counts.max(0).indices]  # first maximum: the lowest label (argmax(0) is slow on the CPU)
+    gh, gw = int(grid[0]), int(grid[1])
+    stride = IGNORE_INDEX + 1
+    if mask.dtype != torch.uint8:  # uint8 stores are read as they are; other masks as int64
+        mask = mask.long()
+        if mask.numel():
+            stride = max(stride, int(mask.max()) + 1)
+    # One histogram of (cell, label) keys over every (pixel, cell) pair: a pixel on the edge of
+    # two overlapping bins counts in both, like adaptive_avg_pool2d's bins.
+    key_first, pix_extra, key_extra = _pool_keys(mask.shape[0], mask.shape[1], gh, gw, stride, mask.device)
+    flat = mask.reshape(-1)
+    counts = torch.bincount(key_first + flat, minlength=gh * gw * stride)
+    if len(pix_extra):  # pixels on the overlap of two bins count in the second one too
+        extra = key_extra + flat.index_select(0, pix_extra)
+        counts.index_add_(0, extra, torch.ones(1, dtype=counts.dtype, device=counts.device).expand(len(extra)))
+    counts = counts.view(gh * gw, stride)
+    labels = counts.sum(0).nonzero()[:, 0]  # ascending: 255 last
+    best = first_argmax(counts.index_select(1, labels).T)  # first maximum: the lowest label
+    return labels.index_select(0, best).view(gh, gw)
+
+
+def first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """Index of the first maximum along dim 0 (ties to the lowest index): (C, ...) -> (...) int64.
+
+    Elementwise passes over the channels: a reduction over a few channels is several times
+    slower on the CPU than C - 1 comparisons of whole maps.
+    """
+    best_val = x[0]
+    best = torch.zeros(x.shape[1:], dtype=torch.long, device=x.device)
+    for c in range(1, x.shape[0]):
+        win = x[c] > best_val
+        best_val = torch.where(win, x[c], best_val)
+        best.masked_fill_(win, c)
+    return best
 
 
 def class_prototypes(feats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -124,10 +191,10 @@ def correlation_groups(protos: torch.Tensor, class_valid: torch.Tensor, tau: flo
 
 
 def seeded_marginals(cell_labels: torch.Tensor, cell_valid: torch.Tensor, classes: torch.Tensor,
-                     floor: float) -> torch.Tensor:
+                     floor: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """b_c proportional to max(share of valid grid cells labelled c, floor): (B, N), 0 on padding."""
-    hits = ((cell_labels[:, :, None] == classes[:, None, :]) & cell_valid[:, :, None]).sum(1).float()
-    share = hits / cell_valid.sum(1, keepdim=True).clamp_min(1).float()
+    hits = ((cell_labels[:, :, None] == classes[:, None, :]) & cell_valid[:, :, None]).sum(1).to(dtype)
+    share = hits / cell_valid.sum(1, keepdim=True).clamp_min(1).to(dtype)
     return torch.where(classes >= 0, share.clamp_min(floor), torch.zeros_like(share))
 
 
@@ -142,20 +209,40 @@ def rebalance(heat_us: torch.Tensor, heat_ws: torch.Tensor | None, groups: torch
     Returns:
         (B, G, N) rebalanced heat-maps, min-max per class.
     """
+    heat = _rebalance_t(heat_us.transpose(1, 2), None if heat_ws is None else heat_ws.transpose(1, 2), groups,
+                        cell_valid, class_valid, sinkhorn, marginals)
+    return heat.transpose(1, 2).contiguous()
+
+
+def _rebalance_t(heat_us: torch.Tensor, heat_ws: torch.Tensor | None, groups: torch.Tensor,
+                 cell_valid: torch.Tensor | None, class_valid: torch.Tensor, sinkhorn: SinkhornConfig,
+                 marginals: torch.Tensor | None) -> torch.Tensor:
+    """`rebalance` on classes-first heat-maps (B, N, G); cell_valid None: no padded cell."""
     heat = heat_us
-    sizes = groups.sum(2)  # (B, N)
-    for i in range(groups.shape[1]):
-        todo = (sizes[:, i] > 1).nonzero()[:, 0]
-        if len(todo) == 0 or heat_ws is None:
-            continue
-        member = groups[todo, i, :]  # (b, N)
-        marg = None if marginals is None else marginals[todo]
-        factor = f_ot(heat_ws[todo], sinkhorn, pixel_valid=cell_valid[todo], class_valid=member, class_marginal=marg)
-        heat = heat.clone()
-        heat[todo] = torch.where(member[:, None, :], heat[todo] * factor, heat[todo])
-    factor = f_ot(heat, sinkhorn, pixel_valid=cell_valid, class_valid=class_valid, class_marginal=marginals)
-    out = minmax_columns(heat * factor, cell_valid)
-    return out * class_valid[:, None, :].to(out.dtype)
+    if heat_ws is not None:
+        # Every group G_i with several classes is one OT problem on H_ws (which Step 3 does not
+        # change): all of them in one batched call, then applied in order i, so that
+        # overlapping groups compound as in the reference.
+        pairs = (groups.sum(2) > 1).nonzero()  # (P, 2): image b, group i; ordered by b, then i
+        if len(pairs):
+            img, grp = pairs[:, 0], pairs[:, 1]
+            member = groups[img, grp]  # (P, N)
+            factors = f_ot_t(heat_ws.index_select(0, img), sinkhorn,
+                             pixel_valid=None if cell_valid is None else cell_valid.index_select(0, img),
+                             class_valid=member,
+                             class_marginal=None if marginals is None else marginals.index_select(0, img))
+            by_group: dict[int, list[int]] = {}
+            for p, i in enumerate(grp.tolist()):
+                by_group.setdefault(i, []).append(p)
+            for i in sorted(by_group):
+                sel = torch.tensor(by_group[i], device=heat.device)
+                rows = img.index_select(0, sel)  # distinct images: one problem per image and group
+                part = heat.index_select(0, rows)
+                part = torch.where(member.index_select(0, sel)[:, :, None], part * factors.index_select(0, sel), part)
+                heat = part if len(sel) == heat.shape[0] else heat.index_copy(0, rows, part)
+    factor = f_ot_t(heat, sinkhorn, pixel_valid=cell_valid, class_valid=class_valid, class_marginal=marginals)
+    out = minmax_last(heat * factor, cell_valid)
+    return out * class_valid[:, :, None].to(out.dtype)
 
 
 def labels_from_probs(probs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
@@ -273,6 +360,9 @@ class PropagateItem:
     cams: torch.Tensor | None = None  # (K, h, w) for recovering classes that win no cell
     cam_labels: list[int] | None = None
     image: torch.Tensor | None = None  # (3, H, W) 0..255, for the CRF
+    # (hu * wu,) majority label of each USS grid cell (Step 2.1), when a loader process already
+    # pooled the seed (`pooled_cells`); computed from `seed` otherwise.
+    cells: torch.Tensor | None = None
 
 
 def _wss_maps(item: PropagateItem) -> list[torch.Tensor]:
@@ -292,114 +382,311 @@ def _recovery_weights(item: PropagateItem, label: int, grid: tuple[int, int]) ->
     return (cam >= 0.8 * cam.max()).double()
 
 
+def pooled_cells(item: PropagateItem) -> torch.Tensor:
+    """Step 2.1's majority label of each USS grid cell, (hu * wu,) int64 (the item's `cells` if given)."""
+    grid = (int(item.uss.shape[-2]), int(item.uss.shape[-1]))
+    if item.cells is not None:
+        if item.cells.numel() != grid[0] * grid[1]:
+            raise ShapeError(f"cells has {item.cells.numel()} values, the USS grid {grid[0]}x{grid[1]} cells")
+        return item.cells.to(item.uss.device, torch.long).view(-1)
+    return majority_pool(item.seed.to(item.uss.device), grid).view(-1)
+
+
+@dataclass
+class _Classes:
+    """Step 2.1-2.2's class-level set-up of a batch (classes first: (B, N, G))."""
+
+    grids: list[tuple[int, int]]
+    sizes: list[int]  # cells per image
+    cell_labels: torch.Tensor  # (B, G), 255 on padding
+    cell_valid: torch.Tensor  # (B, G)
+    cells_ok: torch.Tensor | None  # cell_valid, or None when no cell is padding
+    classes_list: list[list[int]]
+    classes: torch.Tensor  # (B, N), -1 on padding
+    class_valid: torch.Tensor  # (B, N)
+    weights: torch.Tensor  # (B, N, G) float64 cell weights of each class
+    feats: torch.Tensor  # (B, G, D) float64 USS features (a view of (B, D, G))
+    protos: torch.Tensor  # (B, N, D)
+
+
+def _class_setup(items: list[PropagateItem], cfg: PropagateConfig, background: int) -> _Classes:
+    dev = items[0].uss.device
+    n_img = len(items)
+    grids = [(int(it.uss.shape[-2]), int(it.uss.shape[-1])) for it in items]
+    sizes = [g[0] * g[1] for g in grids]
+    g_max = max(sizes)
+    # Step 2.1 at full resolution, image by image (each its own size); the rest on the grid.
+    cell_labels = torch.full((n_img, g_max), IGNORE_INDEX, dtype=torch.long, device=dev)
+    for i, it in enumerate(items):
+        cell_labels[i, : sizes[i]] = pooled_cells(it)
+    if all(g == g_max for g in sizes):
+        cell_valid = torch.ones(n_img, g_max, dtype=torch.bool, device=dev)
+    else:
+        cell_valid = torch.arange(g_max, device=dev)[None, :] < torch.tensor(sizes, device=dev)[:, None]
+    # Labels that win a cell, all images at once: one (B, labels) table, one transfer.
+    width = max(IGNORE_INDEX + 1, int(cell_labels.max()) + 1)
+    wins = torch.zeros(n_img, width, dtype=torch.bool, device=dev).scatter_(1, cell_labels, True)
+    wins[:, IGNORE_INDEX] = False
+    won: list[list[int]] = [[] for _ in items]
+    for i, label in wins.nonzero().tolist():
+        won[i].append(label)
+    classes_list, extras = [], []
+    for i, (it, grid) in enumerate(zip(items, grids)):
+        extra = {}
+        if cfg.recover_missing:
+            for label in it.labels:
+                if label not in won[i]:
+                    w = _recovery_weights(it, label, grid)
+                    if w is not None:
+                        extra[label] = w
+        classes = sorted(set(won[i]) | set(extra)) or [background]  # nothing to propagate from: all background
+        classes_list.append(classes)
+        extras.extend((i, classes.index(label), w) for label, w in extra.items())
+    n_cls = max(len(c) for c in classes_list)
+    classes = torch.tensor([c + [-1] * (n_cls - len(c)) for c in classes_list], device=dev)
+    class_valid = classes >= 0
+    # Class-level work runs in float64: grids are small, and min-max with its 1e-5 guard
+    # amplifies rounding wherever a heat-map is nearly flat. Classes come first, (B, N, G):
+    # reductions over cells then run along the contiguous axis (several times faster on the CPU).
+    weights = ((classes[:, :, None] == cell_labels[:, None, :]) & cell_valid[:, None, :]).double()
+    for i, k, w in extras:
+        weights[i, k, : sizes[i]] = w
+    feats = _stack_cells([it.uss.flatten(1) for it in items], g_max)  # (B, G, D) view of (B, D, G)
+    return _Classes(grids, sizes, cell_labels, cell_valid, None if all(g == g_max for g in sizes) else cell_valid,
+                    classes_list, classes, class_valid, weights, feats, _prototypes_t(feats, weights))
+
+
+def step3_needed(item: PropagateItem, cfg: PropagateConfig, *, background: int = 0) -> bool:
+    """Whether Step 3 runs for this image (some USS group holds several classes), given WSS maps.
+
+    What `propagate_items` decides for the image, computed alone: a loader process asks it to
+    read the WSS maps only for the images that use them.
+    """
+    setup = _class_setup([item], cfg, background)
+    return bool((correlation_groups(setup.protos, setup.class_valid, cfg.tau).sum(2) > 1).any())
+
+
 def propagate_items(items: list[PropagateItem], cfg: PropagateConfig, *, background: int = 0,
                     crf=None) -> list[torch.Tensor]:
     """Steps 2 and 3 of METHOD.md for a batch of images -> masks (H_i, W_i) long, no 255."""
     dev = items[0].uss.device
-    grids = [tuple(it.uss.shape[-2:]) for it in items]
-    cell_labels_list, classes_list, weights_list = [], [], []
-    for it, grid in zip(items, grids):
-        cells = majority_pool(it.seed.to(dev), grid).flatten()
-        won = sorted(set(torch.unique(cells).tolist()) - {IGNORE_INDEX})
-        extra = {}
-        if cfg.recover_missing:
-            for label in it.labels:
-                if label not in won:
-                    w = _recovery_weights(it, label, grid)
-                    if w is not None:
-                        extra[label] = w
-        classes = sorted(set(won) | set(extra))
-        if not classes:  # nothing to propagate from: everything background
-            classes = [background]
-        cls_t = torch.tensor(classes, device=dev)
-        weights = (cells[:, None] == cls_t[None, :]).double()
-        for label, w in extra.items():
-            weights[:, classes.index(label)] = w
-        cell_labels_list.append(cells)
-        classes_list.append(cls_t)
-        weights_list.append(weights)
-    # Class-level work runs in float64: grids are small, and min-max with its 1e-5 guard
-    # amplifies rounding wherever a heat-map is nearly flat.
-    feats, cell_valid = _pad_cells([it.uss.double().flatten(1).T for it in items])
-    cell_labels, _ = pad_stack(cell_labels_list, IGNORE_INDEX)
-    classes, class_valid = pad_stack(classes_list, -1)
-    weights = _pad_weights(weights_list, feats.shape[1], classes.shape[1])
-    protos = class_prototypes(feats, weights)
-    heat_us = cosine_heatmap(feats, protos, cell_valid, class_valid)
+    n_img = len(items)
+    setup = _class_setup(items, cfg, background)
+    grids, sizes, cells_ok = setup.grids, setup.sizes, setup.cells_ok
+    classes, class_valid, classes_list = setup.classes, setup.class_valid, setup.classes_list
+    weights, protos = setup.weights, setup.protos
+    heat_us = _cosine_t(setup.feats, protos, cells_ok, class_valid)
     groups = correlation_groups(protos, class_valid, cfg.tau)
     heat_ws = None
     has_wss = [callable(it.wss) or bool(it.wss) for it in items]
-    groups = groups & torch.tensor(has_wss, device=dev)[:, None, None]  # no WSS: no Step 3
+    if not all(has_wss):
+        groups = groups & torch.tensor(has_wss, device=dev)[:, None, None]  # no WSS: no Step 3
     need = (groups.sum(2) > 1).any(1).nonzero()[:, 0]
     if len(need):  # Step 3 only for the images with a USS group of several classes
-        heat_ws = heat_us.new_zeros(heat_us.shape)
         idx = need.tolist()
-        heat_ws[need] = _wss_heatmap([items[i] for i in idx], [grids[i] for i in idx], weights[need],
-                                     cell_valid[need], class_valid[need])
+        part = _wss_heatmap([items[i] for i in idx], [grids[i] for i in idx], weights[need],
+                            None if cells_ok is None else cells_ok[need], class_valid[need])
+        heat_ws = part if len(idx) == n_img else heat_us.new_zeros(heat_us.shape).index_copy_(0, need, part)
     marginals = None
     if cfg.marginals == "seeded":
-        marginals = seeded_marginals(cell_labels, cell_valid, classes, cfg.min_marginal)
-    heat = rebalance(heat_us, heat_ws, groups, cell_valid, class_valid, cfg.sinkhorn, marginals)
-    grid_maps = []
-    for i, grid in enumerate(grids):
-        n = len(classes_list[i])
-        grid_maps.append(heat[i, : grid[0] * grid[1], :n].T.reshape(n, *grid))
+        marginals = seeded_marginals(setup.cell_labels, setup.cell_valid, classes, cfg.min_marginal,
+                                     dtype=torch.float64)
+    heat = _rebalance_t(heat_us, heat_ws, groups, cells_ok, class_valid, cfg.sinkhorn, marginals)  # (B, N, G)
     if crf is not None and all(it.image is not None for it in items):
+        grid_maps = [heat[i, : len(c), : sizes[i]].reshape(len(c), *grid)
+                     for i, (c, grid) in enumerate(zip(classes_list, grids))]
+        class_values = [classes[i, : len(c)] for i, c in enumerate(classes_list)]
         maps = [resize(m.float(), tuple(it.seed.shape)) for m, it in zip(grid_maps, items)]
         probs = [m / m.sum(0, keepdim=True).clamp_min(1e-12) for m in maps]
         maps = _crf_padded(crf, [it.image for it in items], [p.clamp_min(1e-6) for p in probs])
-        return [labels_from_probs(m, classes_list[i]) for i, m in enumerate(maps)]
-    return [upsample_argmax(m, tuple(it.seed.shape), c) for m, it, c in zip(grid_maps, items, classes_list)]
+        return [labels_from_probs(m, c) for m, c in zip(maps, class_values)]
+    sizes_hw = [tuple(it.seed.shape) for it in items]
+    return _upsample_labels(heat, classes, [len(c) for c in classes_list], grids, sizes_hw)
+
+
+def _to_float64(x: torch.Tensor) -> torch.Tensor:
+    # float16 -> float64 has no fast CPU kernel; float16 -> float32 -> float64 is exact and ~5x faster.
+    return (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).to(torch.float64)
+
+
+def _stack_cells(maps: list[torch.Tensor], cells: int) -> torch.Tensor:
+    """[(D, G_i)] feature maps -> (B, G, D) float64, zero beyond G_i.
+
+    The result is a transposed view of a (B, D, G) tensor: no layout copy of the features.
+    """
+    if all(m.shape == (maps[0].shape[0], cells) for m in maps):  # one grid for the whole batch: no padding
+        return _to_float64(torch.stack(maps)).transpose(1, 2)
+    out = torch.zeros(len(maps), maps[0].shape[0], cells, dtype=torch.float64, device=maps[0].device)
+    for i, m in enumerate(maps):
+        out[i, :, : m.shape[1]] = m
+    return out.transpose(1, 2)
+
+
+def _prototypes_t(feats: torch.Tensor, weights_t: torch.Tensor) -> torch.Tensor:
+    """`class_prototypes` with classes-first weights: (B, G, D) features, (B, N, G) -> (B, N, D)."""
+    return torch.bmm(weights_t, feats) / weights_t.sum(2).clamp_min(1e-12)[..., None]
+
+
+def _cosine_t(feats: torch.Tensor, protos: torch.Tensor, cell_valid: torch.Tensor | None,
+              class_valid: torch.Tensor) -> torch.Tensor:
+    """`cosine_heatmap`, classes first: (B, G, D) features, (B, N, D) prototypes -> (B, N, G).
+
+    One GEMM over the features and no normalised copy of them: cos(f, v) = (f . v/|v|) / |f|
+    (both norms guarded at 1e-12), the same value as normalising f first up to float rounding.
+    `feats` may be a transposed view of (B, D, G); the norm and the GEMM follow its memory
+    layout (a reduction across a strided axis is an order of magnitude slower on the CPU).
+    """
+    v = F.normalize(protos, dim=-1, eps=1e-12)
+    by_dim = feats.transpose(1, 2)  # (B, D, G): the GEMM takes either layout as it is
+    if feats.stride(1) == 1 and feats.stride(2) != 1:  # (B, D, G) in memory: reduce over D, vectorised along G
+        norm = (by_dim * by_dim).sum(1).sqrt()
+    else:
+        norm = torch.linalg.vector_norm(feats, dim=2)
+    heat = minmax_last(torch.bmm(v, by_dim) / norm.clamp_min(1e-12)[:, None, :], cell_valid)
+    return heat * class_valid[:, :, None].to(heat.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _bilinear_axis(n_in: int, n_out: int, device: torch.device):
+    """Bilinear resizing along one axis, align_corners=False, in float64 as METHOD.md's reference.
+
+    Returns lo, hi (n_out,) source indices, lam (n_out,) weight of hi, and per source index i
+    the outputs strictly between i and i + 1 (lo = i, lam > 0): pos (n_in, k) (the last one
+    repeated to fill k), lam at pos, and used (n_in,): i has such outputs. An output with
+    lam = 0 is source i itself.
+    """
+    d = torch.arange(n_out, dtype=torch.float64, device=device)
+    src = ((d + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
+    lo = src.floor().long().clamp_max(n_in - 1)
+    hi = (lo + 1).clamp_max(n_in - 1)
+    lam = src - lo
+    between = (lam > 0) & (hi > lo)
+    count = torch.bincount(lo[between], minlength=n_in)
+    first = torch.full((n_in,), n_out, dtype=torch.long, device=device).scatter_reduce_(
+        0, lo[between], d.long()[between], reduce="amin")
+    k = torch.arange(max(int(count.max()), 1), device=device)
+    pos = first[:, None] + torch.minimum(k[None, :], (count - 1).clamp_min(0)[:, None])
+    pos = pos.clamp_max(n_out - 1)
+    return lo, hi, lam, pos, lam.index_select(0, pos.flatten()).view(pos.shape), count > 0
 
 
 def upsample_argmax(maps: torch.Tensor, size: tuple[int, int], classes: torch.Tensor) -> torch.Tensor:
     """Label values of the argmax of bilinearly upsampled maps: (N, h, w), (N,) -> (H, W) int64.
 
-    The same as `labels_from_probs(resize(maps, size), classes)` up to float rounding, cheaper
-    for the common cases: one channel is a constant map, and with two channels bilinear
-    resizing is linear, so channel 1 wins exactly where the resized difference is > 0 (a tie
-    goes to channel 0, the lowest).
+    The same as `labels_from_probs(resize(maps, size), classes)` up to float rounding (it is
+    METHOD.md's resize in the maps' dtype, float64 here, and its argmax), computed without
+    resizing every channel to full resolution: see `upsample_argmax_batch`.
     """
     check_shape(maps, "N h w", "maps")
     if maps.shape[0] == 1:
-        return classes[:1].view(1, 1).expand(size).clone()
-    if maps.shape[0] == 2:
-        diff = resize((maps[1] - maps[0])[None].float(), size)[0]
-        return torch.where(diff > 0, classes[1], classes[0])
-    return labels_from_probs(resize(maps.float(), size), classes)
+        return classes[:1].view(1, 1).expand(int(size[0]), int(size[1])).clone()
+    return upsample_argmax_batch(maps[None], size, classes[None])[0]
 
 
-def _pad_cells(feats: list[torch.Tensor], cells: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """[(G_i, D)] -> (B, G, D) and cell_valid (B, G), G = max(G_i, cells)."""
-    g = max(max(f.shape[0] for f in feats), cells)
-    if all(f.shape == (g, feats[0].shape[1]) for f in feats):  # one grid for the whole batch: no padding
-        valid = torch.ones(len(feats), g, dtype=torch.bool, device=feats[0].device)
-        return torch.stack(feats), valid
-    out = feats[0].new_zeros(len(feats), g, feats[0].shape[1])
-    valid = torch.zeros(len(feats), g, dtype=torch.bool, device=feats[0].device)
-    for i, f in enumerate(feats):
-        out[i, : f.shape[0]] = f
-        valid[i, : f.shape[0]] = True
-    return out, valid
+def upsample_argmax_batch(maps: torch.Tensor, size: tuple[int, int], classes: torch.Tensor) -> torch.Tensor:
+    """`upsample_argmax` for a batch of maps on one grid and one output size: (B, N, h, w), (B, N) -> (B, H, W).
 
-
-def _pad_weights(weights: list[torch.Tensor], g: int, n: int) -> torch.Tensor:
-    out = weights[0].new_zeros(len(weights), g, n)
-    for i, w in enumerate(weights):
-        out[i, : w.shape[0], : w.shape[1]] = w
+    Bilinear resizing is separable: the maps are resized along y first (N x H x w values, the
+    reference's order of operations), then along x. A pixel lying between two grid columns whose
+    argmax is the same channel c takes c too: every channel's value there is the same convex
+    combination of its two column values, so c stays the first maximum. Only the pixels between
+    columns that disagree are computed; they are a small share of the image (~5% on VOC-like
+    scenes).
+    """
+    check_shape(maps, "B N h w", "maps")
+    b, n, h, w = maps.shape
+    H, W = int(size[0]), int(size[1])
+    dev = maps.device
+    y0, y1, ly, _, _, _ = _bilinear_axis(h, H, dev)
+    x0, _, _, xpos, xlam, xused = _bilinear_axis(w, W, dev)
+    ly = ly.to(maps.dtype)[:, None]
+    rows = maps.index_select(2, y0) * (1 - ly) + maps.index_select(2, y1) * ly  # (B, N, H, w)
+    best = first_argmax(rows.transpose(0, 1))  # (B, H, w)
+    right = torch.cat([best[..., 1:], best[..., -1:]], 2)
+    lab = torch.gather(classes, 1, best.view(b, H * w)).view(b, H, w)
+    out = torch.gather(lab, 2, x0.expand(b, H, W))
+    sb, sy, sx = ((best != right) & xused).nonzero(as_tuple=True)  # segments whose two source columns disagree
+    if len(sb) == 0:
+        return out
+    # values of every channel at both ends of each segment: rows[sb, c, sy, sx (+1)]
+    src = ((sb * n)[None, :] + torch.arange(n, device=dev)[:, None]) * (H * w) + (sy * w + sx)[None, :]  # (N, S)
+    flat = rows.reshape(-1)
+    left = flat.index_select(0, src.view(-1)).view(n, -1, 1)
+    right = flat.index_select(0, src.view(-1) + 1).view(n, -1, 1)  # sx < w - 1: the last column never disagrees
+    lam = xlam.index_select(0, sx).to(maps.dtype)  # (S, k)
+    channel = first_argmax(left * (1 - lam) + right * lam)  # (S, k)
+    labels = classes.reshape(-1).index_select(0, (sb[:, None] * n + channel).view(-1))
+    pos = (sb * (H * W) + sy * W)[:, None] + xpos.index_select(0, sx)
+    out.view(-1).index_copy_(0, pos.view(-1), labels)
     return out
 
 
-def _wss_heatmap(items, grids, weights, cell_valid, class_valid) -> torch.Tensor:
-    """H_ws: per WSS map, resized to the USS grid, pooled with the same cells; min-max of the mean."""
+def _upsample_labels(heat: torch.Tensor, classes: torch.Tensor, counts: list[int], grids: list[tuple[int, int]],
+                     sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Step 2.6 without CRF: heat (B, N, G) -> [(H_i, W_i) label masks].
+
+    One call per group of images with the same grid, size and class count (no padded channels to
+    carry through the full-resolution work).
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, key in enumerate(zip(grids, sizes, counts)):
+        groups.setdefault(key, []).append(i)
+    out: list[torch.Tensor] = [heat.new_empty(0)] * len(grids)
+    for (grid, size, n), idx in groups.items():
+        sel = torch.tensor(idx, device=heat.device)
+        cls = classes.index_select(0, sel)[:, :n]
+        if n == 1:  # one class: a constant mask
+            masks = cls[:, :, None].expand(len(idx), *size).clone()
+        else:
+            maps = heat.index_select(0, sel)[:, :n, : grid[0] * grid[1]].reshape(len(idx), n, *grid)
+            masks = upsample_argmax_batch(maps, size, cls)
+        for j, i in enumerate(idx):
+            out[i] = masks[j]
+    return out
+
+
+def _resized_cells(maps: list[torch.Tensor], grids: list[tuple[int, int]], cells: int) -> torch.Tensor:
+    """WSS maps (D, h_i, w_i) resized to their USS grids: (B, G, D) float64, zero beyond each grid.
+
+    Bilinear (align_corners=False) in float64, channels-last (the kernel for many channels), one
+    call for all maps of the same shape.
+    """
+    d = maps[0].shape[0]
+    out = None
+    by_shape: dict[tuple, list[int]] = {}
+    for i, (m, g) in enumerate(zip(maps, grids)):
+        by_shape.setdefault((tuple(m.shape), g), []).append(i)
+    for (shape, grid), idx in by_shape.items():
+        # channels-last (the fast CPU kernel for many channels): one 2D transpose per map, in
+        # float32 (float16 -> float32 is exact; strided float16 and float64 copies are slower)
+        hw = shape[1] * shape[2]
+        x = torch.stack([maps[i].float().reshape(d, hw).T.contiguous() for i in idx]).to(torch.float64)
+        x = x.view(len(idx), shape[1], shape[2], d).permute(0, 3, 1, 2)
+        if tuple(shape[1:]) != grid:
+            x = F.interpolate(x, size=grid, mode="bilinear", align_corners=False)
+        cells_of = x.permute(0, 2, 3, 1).reshape(len(idx), grid[0] * grid[1], d)  # channels-last: no copy
+        if len(by_shape) == 1 and grid[0] * grid[1] == cells:
+            return cells_of
+        if out is None:
+            out = torch.zeros(len(maps), cells, d, dtype=torch.float64, device=maps[0].device)
+        out[idx, : grid[0] * grid[1]] = cells_of
+    return out
+
+
+def _wss_heatmap(items, grids, weights_t, cell_valid, class_valid) -> torch.Tensor:
+    """H_ws (B, N, G): per WSS map, resized to the USS grid, pooled with the same cells; min-max of the mean."""
     maps = [_wss_maps(it) for it in items]
     n_maps = len(maps[0])
     if any(len(m) != n_maps for m in maps):
         raise ShapeError(f"images of one batch have different numbers of WSS maps: {[len(m) for m in maps]}")
     total = None
     for level in range(n_maps):
-        feats, _ = _pad_cells([resize_cells(m[level], grid).double() for m, grid in zip(maps, grids)], cell_valid.shape[1])
-        heat = cosine_heatmap(feats, class_prototypes(feats, weights), cell_valid, class_valid)
+        level_maps = [m[level] for m in maps]
+        if len({m.shape[0] for m in level_maps}) > 1:
+            raise ShapeError(f"WSS map {level} has different channel counts in one batch: "
+                             f"{sorted({m.shape[0] for m in level_maps})}")
+        feats = _resized_cells(level_maps, grids, weights_t.shape[2])
+        heat = _cosine_t(feats, _prototypes_t(feats, weights_t), cell_valid, class_valid)
         total = heat if total is None else total + heat
-    heat = minmax_columns(total / n_maps, cell_valid)
-    return heat * class_valid[:, None, :].to(heat.dtype)
+    heat = minmax_last(total / n_maps, cell_valid)
+    return heat * class_valid[:, :, None].to(heat.dtype)
