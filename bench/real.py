@@ -263,7 +263,8 @@ def run_dhr(ctx: Context, out: Path, step3: bool) -> None:
         opts = ["--no-step3"]
     else:  # no groups: a prototype cosine never exceeds 1
         opts = ["--tau", "1.0"]
-    ctx.notes["step3_off"] = " ".join(opts) or "-"
+    if not step3:
+        ctx.notes["step3_off"] = " ".join(opts)
     dhr_cmd("propagate", "--seeds", str(seeds), "--data", str(ctx.data), *split, "--uss", str(ctx.uss),
             "--wss", str(ctx.wss), "--cams", str(ctx.cams), "--out", str(out), "--device", ctx.device,
             "--overwrite", *opts)

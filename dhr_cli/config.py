@@ -89,6 +89,7 @@ class PropagateConfig:
     crf: CRFConfig = field(default_factory=CRFConfig)
     use_crf: bool = True
     tau: float = 0.8  # prototype cosine above which classes share a USS group (paper)
+    step3: bool = True  # intra-class rebalancing with WSS features; off: Step 2 alone, no WSS needed
     marginals: Marginals = "seeded"  # METHOD.md decision; "uniform" reproduces the authors
     min_marginal: float = 0.02  # floor of a class's share under seeded marginals
     recover_missing: bool = True  # prototype from the CAM peak for labelled classes that win no cell

@@ -86,8 +86,11 @@ def run_propagate(cfg: PropagateConfig, *, seeds: Path, data: Path, uss: str | P
     background = require_background(dataset)
     if cfg.method in ("cam", "rw") and cams is None:
         raise InputError(f"--method {cfg.method} needs the CAMs: pass --cams CAMS.h5")
-    if cfg.method == "dhr" and not wss:
-        raise InputError("--wss is required: the WSS features of Step 3 (a features store or a cams store with features)")
+    if cfg.method == "dhr" and cfg.step3 and not wss:
+        raise InputError("--wss is required: the WSS features of Step 3 (a features store or a cams store with "
+                         "features); --no-step3 runs Step 2 alone")
+    if not cfg.step3:
+        wss = []  # not read
     device = resolve_device(device_for_rank(cfg.device))
     crf = crf_function(cfg.crf) if cfg.use_crf and cfg.method != "rw" else None
     opened: dict[str, Store] = {}

@@ -82,6 +82,13 @@ def test_step3_changes_the_result_when_classes_share_a_group():
     with_step3 = propagate_items([item], PropagateConfig(use_crf=False, tau=0.8))[0]
     without = propagate_items([item], PropagateConfig(use_crf=False, tau=1.0))[0]
     assert not torch.equal(with_step3, without)
+    # --no-step3: Step 2 alone, the WSS maps never read; the same as an item without WSS maps
+    no_step3 = propagate_items([item], PropagateConfig(use_crf=False, step3=False))[0]
+    bare = PropagateItem(seed=item.seed, uss=item.uss, wss=[], labels=labels)
+    assert torch.equal(no_step3, propagate_items([bare], PropagateConfig(use_crf=False))[0])
+    assert torch.equal(no_step3, without)
+    lazy = PropagateItem(seed=item.seed, uss=item.uss, labels=labels, wss=lambda: pytest.fail("WSS read"))
+    assert torch.equal(propagate_items([lazy], PropagateConfig(use_crf=False, step3=False))[0], no_step3)
 
 
 def test_recovery_of_a_class_that_wins_no_cell():
@@ -216,6 +223,20 @@ def test_mixed_batch_with_and_without_step3_equals_the_oracle():
         expected.append(oracle.propagate(seed, uss, wss, labels, marginals="uniform", recover=False))
     for g, e in zip(propagate_items(items, cfg), expected):
         np.testing.assert_array_equal(g.numpy(), e)
+
+
+def test_no_step3_needs_no_wss(synth, tmp_path):
+    _cli(["seed", "--cams", synth / "cams.h5", "--data", synth, "--out", tmp_path / "s.h5", "--no-crf", "-q"])
+    base = ["propagate", "--seeds", tmp_path / "s.h5", "--data", synth, "--uss", synth / "uss.h5", "--no-crf", "-q"]
+    result = runner.invoke(app, [str(a) for a in base + ["--out", tmp_path / "m.h5"]])
+    assert result.exit_code == 1 and "--wss is required" in result.output and "--no-step3" in result.output
+    _cli(base + ["--no-step3", "--out", tmp_path / "a.h5"])
+    _cli(base + ["--no-step3", "--wss", synth / "wss.h5", "--out", tmp_path / "b.h5"])  # given, not read
+    _cli(base + ["--tau", "1.0", "--wss", synth / "wss.h5", "--out", tmp_path / "c.h5"])  # no group forms at tau 1
+    with open_store(tmp_path / "a.h5") as a, open_store(tmp_path / "b.h5") as b, open_store(tmp_path / "c.h5") as c:
+        assert a.ids == b.ids == c.ids
+        for i in a.ids:
+            assert (a.read(i).mask == b.read(i).mask).all() and (a.read(i).mask == c.read(i).mask).all()
 
 
 def test_feature_sources_paths_and_names(synth, tmp_path):

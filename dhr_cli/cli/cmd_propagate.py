@@ -39,6 +39,7 @@ def propagate_cmd(
     cams: Annotated[Optional[Path], typer.Option("--cams", help="CAMs store: recovers labelled classes that win no grid cell; needed by --method cam|rw.")] = None,
     split: Split = None,
     tau: Annotated[float, typer.Option("--tau", help="Prototype cosine above which classes share a USS group (Step 3).")] = _P.tau,
+    step3: Annotated[bool, typer.Option("--step3/--no-step3", help="Step 3 (classes alike in USS space told apart with WSS features); --no-step3 needs no --wss.")] = _P.step3,
     crf: Crf = _P.use_crf,
     ot_marginals: Annotated[str, typer.Option("--ot-marginals", help="seeded: class masses from the seed areas; uniform: the authors' equal shares.")] = _P.marginals,
     recover: Annotated[bool, typer.Option("--recover/--no-recover", help="Recover labelled classes that win no cell from their CAM peak (needs --cams).")] = _P.recover_missing,
@@ -63,13 +64,13 @@ def propagate_cmd(
 
     try:
         cfg = PropagateConfig(
-            sinkhorn=sinkhorn_config(ot_solver, sinkhorn_max_iter, sinkhorn_tol, sinkhorn_eps), use_crf=crf, tau=tau,
+            sinkhorn=sinkhorn_config(ot_solver, sinkhorn_max_iter, sinkhorn_tol, sinkhorn_eps), use_crf=crf, tau=tau, step3=step3,
             marginals=check_choice("--ot-marginals", ot_marginals, ("seeded", "uniform")), recover_missing=recover,
             method=check_choice("--method", method, ("dhr", "cam", "rw")), cam_bg_threshold=cam_bg_threshold,
             rw=RandomWalkConfig(beta=rw_beta, logt=rw_logt, bg=rw_bg), batch_size=batch_size, device=device)
     except ValueError as e:
         raise InputError(str(e)) from None
-    wss, wss_weights = list(wss or []), list(wss_weights or [])
+    wss, wss_weights = (list(wss or []) if step3 else []), list(wss_weights or [])
     named_wss = [w for w in wss if not Path(w).is_file()]
     if len(wss_weights) > len(named_wss):
         raise InputError(f"{len(wss_weights)} --wss-weights for {len(named_wss)} networks named by --wss")

@@ -462,6 +462,8 @@ def step3_needed(item: PropagateItem, cfg: PropagateConfig, *, background: int =
     What `propagate_items` decides for the image, computed alone: a loader process asks it to
     read the WSS maps only for the images that use them.
     """
+    if not cfg.step3:
+        return False
     setup = _class_setup([item], cfg, background)
     return bool((correlation_groups(setup.protos, setup.class_valid, cfg.tau).sum(2) > 1).any())
 
@@ -478,7 +480,7 @@ def propagate_items(items: list[PropagateItem], cfg: PropagateConfig, *, backgro
     heat_us = _cosine_t(setup.feats, protos, cells_ok, class_valid)
     groups = correlation_groups(protos, class_valid, cfg.tau)
     heat_ws = None
-    has_wss = [callable(it.wss) or bool(it.wss) for it in items]
+    has_wss = [cfg.step3 and (callable(it.wss) or bool(it.wss)) for it in items]
     if not all(has_wss):
         groups = groups & torch.tensor(has_wss, device=dev)[:, None, None]  # no WSS: no Step 3
     need = (groups.sum(2) > 1).any(1).nonzero()[:, 0]
