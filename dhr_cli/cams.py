@@ -157,14 +157,16 @@ def run_features(dataset, source, out, cfg: CamsConfig = CamsConfig(), **kw) -> 
 
 
 def features_store_for(spec: str | Path, dataset, *, role: str = "uss", weights=None, cache: str | Path | None = None,
-                       device="cpu", cfg: CamsConfig = CamsConfig(), quiet: bool = True, **source_kw) -> Path:
+                       cache_dir: str | Path = ".", announce=None, device="cpu", cfg: CamsConfig = CamsConfig(),
+                       quiet: bool = True, **source_kw) -> Path:
     """A store path for a `--uss` / `--wss` value.
 
     `spec` an existing file: returned as is. A network name (stego, cause, dino, mctformer, resnet,
     lite0, ...): its store is computed once into `cache` (default: `<name>-<role>-<split>.h5` in
-    the working directory) with `weights` and reused on later calls, after checking that it was
-    computed by the same network for the same dataset and split; an interrupted computation
-    resumes. `source_kw` go to `resolve_source` (backbone_weights, trust, head).
+    `cache_dir`) with `weights` and reused on later calls, after checking that it was computed by
+    the same network for the same dataset and split; an interrupted computation resumes.
+    `announce(cache)` is called before a computation starts. `source_kw` go to `resolve_source`
+    (backbone_weights, trust, head).
     """
     from dhr_cli.models import canonical, resolve_source
     from dhr_cli.store import make_provenance, open_store
@@ -177,7 +179,7 @@ def features_store_for(spec: str | Path, dataset, *, role: str = "uss", weights=
     if path.suffix in (".h5", ".hdf5") or path.parent != Path("."):
         raise InputError(f"{path}: no such store (--{role})")
     name = canonical(str(spec))
-    cache = Path(cache) if cache else Path(f"{name}-{role}-{dataset.split or 'all'}.h5")
+    cache = Path(cache) if cache else Path(cache_dir) / f"{name}-{role}-{dataset.split or 'all'}.h5"
     inputs = {"data": Path(dataset.root).resolve(), "split": dataset.split or "",
               "weights": Path(weights).resolve() if weights else ""}
     if cache.is_file():
@@ -190,6 +192,8 @@ def features_store_for(spec: str | Path, dataset, *, role: str = "uss", weights=
                              f"choose another --features-dir")
         logger.info("--%s %s: reusing %s", role, spec, cache)
         return cache
+    if announce is not None:
+        announce(cache)
     classes = [c for i, c in enumerate(dataset.classes) if not (i == 0 and dataset.has_background)]
     kind = role if role in ("uss", "wss") else None
     if name == "lite0" and kind == "wss" and not source_kw.get("head"):

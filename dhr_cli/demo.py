@@ -8,7 +8,7 @@ Steps (each one is the same command a user runs, called in-process):
      (no such checkpoint ships offline). Without the extra, the simulated stores of step 1;
   3. `dhr seed`, `dhr propagate` (DHR) and the CAM baselines, with and without the CRF
      (`dhr propagate --method cam`, the bar DHR has to beat);
-  4. `dhr eval --compare` of DHR against the baseline, with the HTML report.
+  4. `dhr eval --compare` of DHR against both baselines, with the HTML report.
 """
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ def run_propagate(cfg: PropagateConfig, *, seeds: Path, data: Path, uss: str | P
             with _kernel_threads(device, workers if len(todo) > cfg.batch_size else 0):
                 for batch in track(batches, f"propagate ({cfg.method})", total=-(-len(todo) // cfg.batch_size),
                                    quiet=quiet):
-                    items = [_to_item(opened, loaded, device) for loaded in batch]
+                    items = [_to_item(reader, loaded, device) for loaded in batch]
                     with torch.no_grad():
                         masks = _run_method(items, cfg, background, crf)
                     for loaded, mask in zip(batch, masks):
@@ -231,19 +231,18 @@ def _load_item(dataset, reader: _Reader, cfg: PropagateConfig, with_image: bool,
     return loaded
 
 
-def _to_item(opened: dict[str, Store], loaded: _Loaded, device) -> PropagateItem:
+def _to_item(reader: _Reader, loaded: _Loaded, device) -> PropagateItem:
     if loaded.wss is not None:
         wss = [to_tensor(w, device) for w in loaded.wss]
     else:  # not foreseen by the loader (or another method): read here if Step 3 runs after all
-        wss = functools.partial(_read_wss, opened, loaded.item_id, device)
+        wss = functools.partial(_read_wss, reader, loaded.item_id, device)
     return PropagateItem(seed=to_tensor(loaded.seed, device), uss=to_tensor(loaded.uss, device), wss=wss,
                          labels=loaded.labels, cams=to_tensor(loaded.cams, device), cam_labels=loaded.cam_labels,
                          image=to_tensor(loaded.image, device), cells=to_tensor(loaded.cells, device))
 
 
-def _read_wss(opened: dict[str, Store], item_id: str, device) -> list[torch.Tensor]:
-    keys = sorted((k for k in opened if k.startswith("wss")), key=lambda k: int(k[3:]))
-    return [to_tensor(_features(opened[k], item_id), device) for k in keys]
+def _read_wss(reader: _Reader, item_id: str, device) -> list[torch.Tensor]:
+    return [to_tensor(_features(reader.store(role), item_id), device) for role in reader.wss_roles()]
 
 
 def _run_method(items: list[PropagateItem], cfg: PropagateConfig, background: int, crf) -> list[torch.Tensor]:

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from dhr_cli.cli.options import (BatchSize, DataRoot, Device, OutStore, Overwrite, Quiet, Resume, Split, TrustCheckpoint, app, err,
-                                 out, user_errors)
+from dhr_cli.cli.options import (BatchSize, DataRoot, Device, OutStore, Overwrite, PackedHeadBackbone, Quiet, Resume,
+                                 Split, TrustCheckpoint, UssWeights, app, err, out, user_errors)
 from dhr_cli.config import CamsConfig
 
 _D = CamsConfig()
@@ -31,8 +31,8 @@ def cams_cmd(
     wss: Annotated[Optional[str], typer.Option("--wss", help="WSS network giving CAMs: " + _WSS + "; or a `dhr train` run folder.")] = None,
     uss: Annotated[Optional[str], typer.Option("--uss", help="USS network giving features: " + _USS + ".")] = None,
     wss_weights: Annotated[Optional[Path], typer.Option("--wss-weights", help="Weights file of the WSS network.")] = None,
-    uss_weights: Annotated[Optional[Path], typer.Option("--uss-weights", help="Weights file of the USS network (STEGO / CAUSE head file).")] = None,
-    backbone_weights: Annotated[Optional[Path], typer.Option("--backbone-weights", help="DINO / DINOv2 backbone for a packed STEGO or CAUSE head file.")] = None,
+    uss_weights: UssWeights = None,
+    backbone_weights: PackedHeadBackbone = None,
     train_head: Annotated[bool, typer.Option("--train-head", help="lite0 WSS: fit the CAM head on this split's image labels first.")] = False,
     head: Annotated[Optional[Path], typer.Option("--head", help="lite0 WSS: reuse a head saved with --save-head.")] = None,
     save_head: Annotated[Optional[Path], typer.Option("--save-head", help="lite0 WSS: write the fitted head to this .pt file.")] = None,

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from dhr_cli.cli.options import (
-    BatchSize, Crf, DataRoot, Device, FeaturesDir, MissingItems, OTSolverOpt, OutStore, Overwrite, Quiet, Resume,
-    SinkhornEps, SinkhornMaxIter, SinkhornTol, Split, TrustCheckpoint, app, check_choice, err, network_store,
+    BatchSize, Crf, DataRoot, Device, FeaturesDir, MissingItems, OTSolverOpt, OutStore, Overwrite, PackedHeadBackbone,
+    Quiet, Resume, SinkhornEps, SinkhornMaxIter, SinkhornTol, Split, TrustCheckpoint, UssWeights, app, check_choice, err, network_store,
     sinkhorn_config, user_errors,
 )
 from dhr_cli.config import PropagateConfig, RandomWalkConfig, SinkhornConfig
@@ -31,9 +31,9 @@ def propagate_cmd(
     wss: Annotated[Optional[list[str]], typer.Option("--wss", help=(
         "WSS features: a cams/features store, or a network (mctformer, resnet50, resnet101, dhr, lite0) computed "
         "once with --wss-weights; repeat for several maps."))] = None,
-    uss_weights: Annotated[Optional[Path], typer.Option("--uss-weights", help="Weights file of a USS network named by --uss.")] = None,
+    uss_weights: UssWeights = None,
     wss_weights: Annotated[Optional[list[Path]], typer.Option("--wss-weights", help="Weights file of each WSS network named by --wss, in order.")] = None,
-    backbone_weights: Annotated[Optional[Path], typer.Option("--backbone-weights", help="DINO / DINOv2 backbone of a packed STEGO or CAUSE head file.")] = None,
+    backbone_weights: PackedHeadBackbone = None,
     trust_checkpoint: TrustCheckpoint = False,
     features_dir: FeaturesDir = None,
     cams: Annotated[Optional[Path], typer.Option("--cams", help="CAMs store: recovers labelled classes that win no grid cell; needed by --method cam|rw.")] = None,

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from dhr_cli.cli.options import DataRoot, Device, Quiet, Split, TrustCheckpoint, app, network_store, out, user_errors
+from dhr_cli.cli.options import DataRoot, Device, Quiet, Split, TrustCheckpoint, UssWeights, app, network_store, out, user_errors
 from dhr_cli.config import TrainConfig
 
 _D = TrainConfig()
@@ -28,7 +28,7 @@ def train_cmd(
     uss: Annotated[Optional[str], typer.Option("--uss", help=(
         "USS features: a features store (.h5), or a network (stego, cause, dino_vits8, lite0, ...) computed once "
         "with --uss-weights into the folder of --out."))] = None,
-    uss_weights: Annotated[Optional[Path], typer.Option("--uss-weights", help="Weights file of a USS network named by --uss.")] = None,
+    uss_weights: UssWeights = None,
     uss_backbone_weights: Annotated[Optional[Path], typer.Option("--uss-backbone-weights", help="DINO / DINOv2 backbone of a packed STEGO or CAUSE head file.")] = None,
     trust_checkpoint: TrustCheckpoint = False,
     split: Split = None,

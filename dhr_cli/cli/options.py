@@ -110,6 +110,8 @@ TrustCheckpoint = Annotated[bool, typer.Option("--trust-checkpoint", help=(
     "Fully unpickle the weights files you name (torch.load weights_only=False): this runs code from "
     "the file, so only for files you trust. Without it, tensors are read with weights_only=True and "
     "other pickled objects (Lightning / OmegaConf hyper-parameters) are left inert."))]
+UssWeights = Annotated[Optional[Path], typer.Option("--uss-weights", help="Weights file of the USS network named by --uss (e.g. a STEGO / CAUSE head file).")]
+PackedHeadBackbone = Annotated[Optional[Path], typer.Option("--backbone-weights", help="DINO / DINOv2 backbone of a packed STEGO or CAUSE head file.")]
 FeaturesDir = Annotated[Optional[Path], typer.Option("--features-dir", help=(
     "Where the stores of networks named by --uss / --wss are computed and reused "
     "(<name>-<role>-<split>.h5; default: the folder of --out)."))]
@@ -122,14 +124,11 @@ def network_store(spec: str, role: str, *, data: Path, split: str | None, weight
         return Path(spec)
     from dhr_cli.cams import features_store_for
     from dhr_cli.data import open_dataset
-    from dhr_cli.models import canonical
     from dhr_cli.runtime import resolve_device
 
-    dataset = open_dataset(data, split)
-    name = canonical(spec) if Path(spec).suffix == "" and "/" not in spec else spec
-    cache = features_dir / f"{name}-{role}-{split or 'all'}.h5"
-    if not cache.is_file():
+    def announce(cache: Path) -> None:
         err.print(f"--{role} {spec}: computing its {'CAMs and features' if role == 'wss' else 'features'} "
                   f"into {cache} (reused by later runs)", markup=False, soft_wrap=True)
-    return features_store_for(spec, dataset, role=role, weights=weights, cache=cache,
-                              device=resolve_device(device), quiet=quiet, **source_kw)
+
+    return features_store_for(spec, open_dataset(data, split), role=role, weights=weights, cache_dir=features_dir,
+                              announce=announce, device=resolve_device(device), quiet=quiet, **source_kw)
