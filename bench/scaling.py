@@ -54,7 +54,7 @@ def _child(argv: list[str], threads: int) -> None:
     from dhr_cli.cli import app  # imported before the clock starts, like torch
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:  # start the clock when every rank is ready; dhr_cli.distributed reuses this group
+    if world > 1:  # start the clock when every rank is ready; dhr_cli.io.distributed reuses this group
         import torch.distributed as dist
 
         dist.init_process_group("gloo")

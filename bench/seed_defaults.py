@@ -17,10 +17,10 @@ import tempfile
 from pathlib import Path
 
 from dhr_cli.config import PropagateConfig, SeedConfig
-from dhr_cli.evaluate import run_eval
-from dhr_cli.propagate import run_propagate
-from dhr_cli.seed import run_seed
-from dhr_cli.synthetic import make_dataset
+from dhr_cli.pipeline.evaluate import run_eval
+from dhr_cli.pipeline.propagate import run_propagate
+from dhr_cli.pipeline.seed import run_seed
+from dhr_cli.testing.synthetic import make_dataset
 
 
 def _miou(pred: Path, data: Path) -> float:

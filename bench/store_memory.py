@@ -23,7 +23,7 @@ import numpy as np
 
 
 def _child(n: int, path: str) -> None:
-    from dhr_cli.store import create_store, open_store
+    from dhr_cli.io.store import create_store, open_store
 
     rng = np.random.default_rng(0)
     feats = rng.random((16, 8, 8)).astype(np.float16)

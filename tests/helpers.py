@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from dhr_cli.data import VOC_CLASSES
+from dhr_cli.io.datasets import VOC_CLASSES
 
 
 def voc_palette() -> list[int]:

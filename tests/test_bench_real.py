@@ -16,7 +16,7 @@ sys.path.insert(0, str(BENCH))
 import real  # noqa: E402
 import real_data  # noqa: E402
 
-from dhr_cli.data import open_dataset  # noqa: E402
+from dhr_cli.io.datasets import open_dataset  # noqa: E402
 
 needs_packages = pytest.mark.skipif(
     not (real_data.STAMP_ROOT.is_dir() and real_data.OPENCV_SAMPLES.is_dir()),
@@ -108,8 +108,8 @@ def test_driver_on_procedural_dataset(tmp_path):
 @needs_packages
 def test_driver_on_real_photos_with_given_cams(tmp_path):
     """The real-photo path of the driver, with CAMs and features simulated from the exact masks."""
-    from dhr_cli.synthetic import simulate_cams, simulate_features
-    from dhr_cli.store import create_store, make_provenance
+    from dhr_cli.io.store import create_store, make_provenance
+    from dhr_cli.testing.synthetic import simulate_cams, simulate_features
 
     data = real_data.build_real_dataset(tmp_path / "data", n_images=2, seed=1, install=False, max_stamps_per_class=1)
     ds = open_dataset(data)

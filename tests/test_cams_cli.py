@@ -7,9 +7,9 @@ import pytest
 from typer.testing import CliRunner
 
 from dhr_cli.cli import app
-from dhr_cli.data import open_dataset
-from dhr_cli.store import open_store
-from dhr_cli.synthetic import make_dataset
+from dhr_cli.io.datasets import open_dataset
+from dhr_cli.io.store import open_store
+from dhr_cli.testing.synthetic import make_dataset
 
 runner = CliRunner()
 
@@ -168,9 +168,9 @@ def test_features_store_for_names_and_paths(data, tmp_path, monkeypatch):
     """`--uss NAME` elsewhere (propagate, train): a store path passes through; a name is computed once."""
     import torch
 
-    from dhr_cli.cams import features_store_for
     from dhr_cli.config import CamsConfig
     from dhr_cli.errors import InputError
+    from dhr_cli.pipeline.cams import features_store_for
 
     ds = open_dataset(data, "val")
     torch.save(_tiny_vit_state(4), tmp_path / "dino.pth")

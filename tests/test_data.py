@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dhr_cli.data import VOC_CLASSES, open_dataset
 from dhr_cli.errors import DatasetError
+from dhr_cli.io.datasets import VOC_CLASSES, open_dataset
 from tests.helpers import make_dhr, make_flat, make_voc, scene
 
 

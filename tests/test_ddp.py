@@ -25,7 +25,7 @@ def _losses(run_dir: Path) -> list[float]:
 
 
 def test_two_processes_match_one(tmp_path):
-    from dhr_cli.synthetic import make_dataset
+    from dhr_cli.testing.synthetic import make_dataset
 
     data = make_dataset(tmp_path / "data", n_images=10, seed=1, stores=False)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "100"}

@@ -12,9 +12,9 @@ import pytest
 from typer.testing import CliRunner
 
 from dhr_cli.cli import app
-from dhr_cli.distributed import Rank, interrupted, merge_stores, shard, shard_path
 from dhr_cli.errors import StoreError
-from dhr_cli.store import create_store, open_store
+from dhr_cli.io.distributed import Rank, interrupted, merge_stores, shard, shard_path
+from dhr_cli.io.store import create_store, open_store
 
 CLASSES = ["background", "cat"]
 
@@ -67,7 +67,7 @@ def test_torchrun_two_ranks_write_one_store(tmp_path):
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent(f"""
         import numpy as np
-        from dhr_cli.distributed import output_store, shard
+        from dhr_cli.io.distributed import output_store, shard
         ids = [f"img{{i}}" for i in range(7)]
         with output_store({str(tmp_path / 'out.h5')!r}, "masks", ["background", "cat"], provenance={{}}) as w:
             for i in shard(ids):
@@ -93,7 +93,7 @@ def _torchrun(*args, nproc=2, timeout=300):
 _JOB = """
 import sys
 import numpy as np
-from dhr_cli.distributed import output_store, shard
+from dhr_cli.io.distributed import output_store, shard
 out, resume = sys.argv[1], sys.argv[2] == "resume"
 ids = [f"img{i}" for i in range(7)]
 with output_store(out, "masks", ["background", "cat"], provenance={}, resume=resume) as w:
@@ -143,7 +143,7 @@ def test_torchrun_cams_matches_one_process_and_resumes(tmp_path):
     """`torchrun --nproc-per-node 2 -m dhr_cli cams --uss lite0` (gloo, CPU) writes the store one process
     writes, bit for bit (both on one thread); after a crash of rank 1 (its shard half written) and
     without the merged store, --resume computes only the missing items."""
-    from dhr_cli.synthetic import make_dataset
+    from dhr_cli.testing.synthetic import make_dataset
 
     data = make_dataset(tmp_path / "d", n_images=5, stores=False)
     args = ["cams", "--data", data, "--uss", "lite0", "--side", 64, "--scales", "1.0,0.5", "--device", "cpu", "--quiet"]

@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dhr_cli.cli import app
-from dhr_cli.palette import palette_array, voc_palette
+from dhr_cli.io.palette import palette_array, voc_palette
 
 runner = CliRunner()
 CLASSES = ["background", "cat", "dog"]

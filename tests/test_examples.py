@@ -19,9 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dhr_cli.data import VOC_CLASSES
-from dhr_cli.store import open_store
-
+from dhr_cli.io.datasets import VOC_CLASSES
+from dhr_cli.io.store import open_store
 from tests.helpers import _xml, save_palette_png, write_plain_store
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="the examples are bash scripts")

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 import dhr_cli.cli.cmd_import  # noqa: F401  (registers `dhr import` until the lead lists it)
 from dhr_cli.cli import app
-from dhr_cli.data import open_dataset
-from dhr_cli.store import open_store
-from dhr_cli.synthetic import make_dataset
+from dhr_cli.io.datasets import open_dataset
+from dhr_cli.io.store import open_store
+from dhr_cli.testing.synthetic import make_dataset
 
 runner = CliRunner()
 

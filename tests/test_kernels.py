@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from dhr_cli.config import PropagateConfig
-from dhr_cli.kernels.dhr import (
+from dhr_cli.kernels.propagate import (
     PropagateItem,
     class_prototypes,
     correlation_groups,
@@ -15,7 +15,7 @@ from dhr_cli.kernels.dhr import (
     propagate_items,
     seeded_marginals,
 )
-from tests import oracle
+from dhr_cli.testing import oracle
 
 
 def test_majority_ties_go_to_the_lowest_label_and_255_is_highest():
@@ -81,7 +81,7 @@ def test_resize_layouts_give_torch_bilinear_values(device):
     """`resize` picks the fast memory layout per channel count; `resize_cells` returns (cells, C)."""
     import torch.nn.functional as F
 
-    from dhr_cli.kernels.dhr import resize, resize_cells
+    from dhr_cli.kernels.upsample import resize, resize_cells
 
     g = torch.Generator().manual_seed(0)
     for shape, size in [((256, 24, 32), (27, 36)), ((4, 27, 36), (75, 100)), ((40, 7, 9), (5, 4)), ((3, 6, 6), (6, 6))]:
@@ -97,14 +97,14 @@ def test_resize_layouts_give_torch_bilinear_values(device):
 
 
 def test_labels_from_probs_ties_and_values():
-    from dhr_cli.kernels.dhr import labels_from_probs
+    from dhr_cli.kernels.upsample import labels_from_probs
 
     probs = torch.tensor([[[0.5, 0.2]], [[0.5, 0.7]], [[0.1, 0.7]]])  # (3, 1, 2): ties to the lowest channel
     assert labels_from_probs(probs, torch.tensor([0, 4, 9])).tolist() == [[0, 4]]
 
 
 def test_upsample_argmax_equals_resize_then_argmax(device):
-    from dhr_cli.kernels.dhr import labels_from_probs, resize, upsample_argmax
+    from dhr_cli.kernels.upsample import labels_from_probs, resize, upsample_argmax
 
     g = torch.Generator().manual_seed(1)
     for n in (1, 2, 3, 5):
@@ -131,7 +131,7 @@ def test_majority_pool_same_for_uint8_and_int64_masks(device):
 
 
 def test_upsample_argmax_batch_equals_one_by_one(device):
-    from dhr_cli.kernels.dhr import upsample_argmax, upsample_argmax_batch
+    from dhr_cli.kernels.upsample import upsample_argmax, upsample_argmax_batch
 
     g = torch.Generator().manual_seed(2)
     maps = torch.rand(3, 4, 9, 11, generator=g, dtype=torch.float64).to(device)
@@ -142,7 +142,7 @@ def test_upsample_argmax_batch_equals_one_by_one(device):
 
 
 def test_first_argmax_ties_go_to_the_lowest_index():
-    from dhr_cli.kernels.dhr import first_argmax
+    from dhr_cli.kernels.upsample import first_argmax
 
     x = torch.tensor([[1.0, 0.0, 2.0], [1.0, 3.0, 2.0], [0.5, 3.0, 2.0]])
     assert first_argmax(x).tolist() == [0, 1, 0]
@@ -153,7 +153,7 @@ def test_first_argmax_ties_go_to_the_lowest_index():
 
 def test_cells_pooled_by_a_loader_give_the_same_masks():
     """A loader process may pool the seed (Step 2.1) and hand the cells over with the item."""
-    from dhr_cli.kernels.dhr import pooled_cells
+    from dhr_cli.kernels.propagate import pooled_cells
 
     rng = np.random.default_rng(4)
     items, given = [], []

@@ -6,9 +6,9 @@ import functools
 
 import pytest
 
-from dhr_cli.data import open_dataset
 from dhr_cli.errors import DatasetError
-from dhr_cli.loading import iterate_batches
+from dhr_cli.io.datasets import open_dataset
+from dhr_cli.io.loading import iterate_batches
 from tests.helpers import make_flat
 
 

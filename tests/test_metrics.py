@@ -9,7 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dhr_cli.errors import ShapeError
-from dhr_cli.metrics import ConfusionMatrix, class_scores, confusion_matrix, mean_over_present, vanishing_pairs
+from dhr_cli.kernels.metrics import (
+    ConfusionMatrix,
+    class_scores,
+    confusion_matrix,
+    mean_over_present,
+    vanishing_pairs,
+)
 
 
 def reference_scores(target: np.ndarray, pred: np.ndarray, k: int, ignore: int = 255):

@@ -9,9 +9,14 @@ import torch
 
 from dhr_cli.errors import CheckpointError, InputError
 from dhr_cli.models import resolve_source
-from dhr_cli.models.checkpoints import load_state_dict, load_strict, read_checkpoint, strip_prefixes
+from dhr_cli.models.checkpoints import (
+    load_state_dict,
+    load_strict,
+    read_checkpoint,
+    strip_prefixes,
+)
 from dhr_cli.models.stego import ClusterProjection, StegoSource
-from dhr_cli.models.vit import ARCHS, DinoViT, ViTSource, build_vit
+from dhr_cli.models.vit import ARCHS, DinoViT, build_vit
 
 
 def tiny_vit(seed=0, **kw) -> DinoViT:

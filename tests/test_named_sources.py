@@ -7,8 +7,8 @@ import os
 from typer.testing import CliRunner
 
 from dhr_cli.cli import app
-from dhr_cli.store import open_store
-from dhr_cli.synthetic import make_dataset
+from dhr_cli.io.store import open_store
+from dhr_cli.testing.synthetic import make_dataset
 
 runner = CliRunner()
 

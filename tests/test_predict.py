@@ -14,8 +14,8 @@ HAS_CRF = importlib.util.find_spec("dhr_cli.kernels.crf") is not None
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from dhr_cli.synthetic import make_dataset
-    from dhr_cli.train import run_train
+    from dhr_cli.pipeline.train import run_train
+    from dhr_cli.testing.synthetic import make_dataset
 
     root = tmp_path_factory.mktemp("pred")
     data = make_dataset(root / "data", n_images=6, seed=2, stores=False)
@@ -27,7 +27,7 @@ def trained(tmp_path_factory):
 
 def test_flip_averaging_is_flip_equivariant(trained):
     from dhr_cli.models.deeplab import load_trained
-    from dhr_cli.predict import multiscale_outputs
+    from dhr_cli.pipeline.predict import multiscale_outputs
 
     _, run = trained
     net, meta = load_trained(run)
@@ -43,7 +43,7 @@ def test_flip_averaging_is_flip_equivariant(trained):
 
 
 def test_class_filter_keeps_background_and_confident_classes():
-    from dhr_cli.predict import class_filter
+    from dhr_cli.pipeline.predict import class_filter
 
     probs = torch.zeros(2, 4, 3, 3)
     probs[:, 0] = 0.9
@@ -60,9 +60,9 @@ def test_class_filter_keeps_background_and_confident_classes():
 
 
 def test_run_predict_writes_masks_and_resumes(trained, tmp_path):
-    from dhr_cli.data import open_dataset
-    from dhr_cli.predict import run_predict
-    from dhr_cli.store import open_store
+    from dhr_cli.io.datasets import open_dataset
+    from dhr_cli.io.store import open_store
+    from dhr_cli.pipeline.predict import run_predict
 
     data, run = trained
     cfg = PredictConfig(scales=(1.0, 0.5), use_crf=False, device="cpu")
@@ -81,7 +81,7 @@ def test_run_predict_writes_masks_and_resumes(trained, tmp_path):
 
 @pytest.mark.skipif(not HAS_CRF, reason="dhr_cli.kernels.crf not built yet")
 def test_run_predict_with_crf(trained, tmp_path):
-    from dhr_cli.predict import run_predict
+    from dhr_cli.pipeline.predict import run_predict
 
     data, run = trained
     cfg = PredictConfig(scales=(1.0,), flip=False, device="cpu")
@@ -110,8 +110,8 @@ def test_cams_from_a_trained_run_closes_the_loop(trained, tmp_path):
     from typer.testing import CliRunner
 
     from dhr_cli.cli import app
-    from dhr_cli.data import open_dataset
-    from dhr_cli.store import open_store
+    from dhr_cli.io.datasets import open_dataset
+    from dhr_cli.io.store import open_store
 
     data, run = trained
     out = tmp_path / "cams.h5"

@@ -7,7 +7,12 @@ import torch
 
 from dhr_cli.config import RandomWalkConfig
 from dhr_cli.errors import ShapeError
-from dhr_cli.kernels.randomwalk import affinity, random_walk, random_walk_mask, transition
+from dhr_cli.kernels.randomwalk import (
+    affinity,
+    random_walk,
+    random_walk_mask,
+    transition,
+)
 
 
 def _two_regions(h=6, w=8, d=4, seed=0, device="cpu", dtype=torch.float32):

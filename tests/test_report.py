@@ -7,14 +7,13 @@ import shutil
 import subprocess
 import tempfile
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from dhr_cli.evaluate import run_eval
-from dhr_cli.report import bar_chart_svg, write_report
+from dhr_cli.pipeline.evaluate import run_eval
+from dhr_cli.pipeline.report import bar_chart_svg, write_report
 from tests.test_eval_cli import gt_masks, invoke, make_dataset, noisy, write_store
 
 CLASSES = ["background", "cat", "dog & co"]  # a name that needs escaping

@@ -9,10 +9,11 @@ from typer.testing import CliRunner
 
 from dhr_cli.cli import app
 from dhr_cli.config import PropagateConfig, SeedConfig
-from dhr_cli.kernels.dhr import PropagateItem, propagate_items, seed_masks, step3_needed
-from dhr_cli.store import create_store, open_store
-from dhr_cli.synthetic import make_dataset
-from tests import oracle
+from dhr_cli.io.store import create_store, open_store
+from dhr_cli.kernels.propagate import PropagateItem, propagate_items, step3_needed
+from dhr_cli.kernels.seed import seed_masks
+from dhr_cli.testing import oracle
+from dhr_cli.testing.synthetic import make_dataset
 
 runner = CliRunner()
 
@@ -275,8 +276,8 @@ def test_propagate_loader_processes_equal_in_process_loading(synth, tmp_path, mo
 
     When the loader does not foresee Step 3 for an image, the WSS maps are read here instead.
     """
-    import dhr_cli.propagate as prop
-    from dhr_cli.propagate import run_propagate
+    import dhr_cli.pipeline.propagate as prop
+    from dhr_cli.pipeline.propagate import run_propagate
 
     _cli(["seed", "--cams", synth / "cams.h5", "--data", synth, "--out", tmp_path / "s.h5", "--no-crf", "-q"])
     if not foresee:

@@ -9,7 +9,7 @@ import torch
 
 from dhr_cli.config import SinkhornConfig
 from dhr_cli.kernels.sinkhorn import f_ot, minmax_columns, sinkhorn, sinkhorn_pot
-from tests import oracle
+from dhr_cli.testing import oracle
 
 
 def _problems(seed=0, shapes=((50, 3), (17, 2), (33, 5), (8, 1))):

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from dhr_cli.augment import Geometry, identity_geometry, sample_geometry, valid_region, warp_features, warp_image, warp_mask
 from dhr_cli.config import TrainConfig
+from dhr_cli.pipeline.augment import (
+    Geometry,
+    identity_geometry,
+    sample_geometry,
+    valid_region,
+    warp_features,
+    warp_image,
+    warp_mask,
+)
 
 TINY = TrainConfig(backbone="resnet18", decoder_channels=16, crop_size=64, scale_range=(64, 96), batch_size=2,
                    epochs=2, lr=0.01, num_workers=0, log_every=1, val_size=64, dhr=False, seed=3,
@@ -19,7 +27,7 @@ TINY = TrainConfig(backbone="resnet18", decoder_channels=16, crop_size=64, scale
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    from dhr_cli.synthetic import make_dataset
+    from dhr_cli.testing.synthetic import make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("synth"), n_images=8, seed=0)
 
@@ -107,7 +115,7 @@ def _steps(run_dir):
 
 
 def test_plain_training_lowers_loss_and_writes_the_run(dataset, tmp_path):
-    from dhr_cli.train import run_train
+    from dhr_cli.pipeline.train import run_train
 
     cfg = replace(TINY, epochs=3, val_split="auto")
     result = run_train(cfg, dataset, dataset / "masks", tmp_path / "run", split="train", quiet=True)
@@ -124,7 +132,7 @@ def test_plain_training_lowers_loss_and_writes_the_run(dataset, tmp_path):
 
 def test_resume_continues_exactly(dataset, tmp_path):
     from dhr_cli.errors import CheckpointError, InputError
-    from dhr_cli.train import run_train
+    from dhr_cli.pipeline.train import run_train
 
     straight = run_train(TINY, dataset, dataset / "masks", tmp_path / "a", split="train", quiet=True)
     run_train(TINY, dataset, dataset / "masks", tmp_path / "b", split="train", quiet=True, max_steps=3)  # "killed" after epoch 1
@@ -143,7 +151,7 @@ def test_resume_continues_exactly(dataset, tmp_path):
 
 def test_bad_inputs_fail_before_the_run_folder_is_made(dataset, tmp_path):
     from dhr_cli.errors import InputError
-    from dhr_cli.train import run_train
+    from dhr_cli.pipeline.train import run_train
 
     with pytest.raises(InputError, match="needs USS features"):
         run_train(replace(TINY, dhr=True), dataset, dataset / "masks", tmp_path / "r", split="train")
@@ -160,8 +168,8 @@ def test_online_regeneration_plumbing(dataset, tmp_path, monkeypatch):
     import sys
     import types
 
-    from dhr_cli.data import open_dataset
-    from dhr_cli.train import run_train
+    from dhr_cli.io.datasets import open_dataset
+    from dhr_cli.pipeline.train import run_train
 
     ds = open_dataset(dataset, "train")
     label_sets = {tuple(ds.labels(i)) for i in ds.ids}
@@ -182,8 +190,8 @@ def test_online_regeneration_plumbing(dataset, tmp_path, monkeypatch):
         calls.append(values.shape[0])
         return torch.where(pixel_valid, torch.zeros_like(seeds), seeds)  # everything background
 
-    monkeypatch.setitem(sys.modules, "dhr_cli.seed", types.SimpleNamespace(seed_batch=seed_batch))
-    monkeypatch.setitem(sys.modules, "dhr_cli.propagate", types.SimpleNamespace(propagate_batch=propagate_batch))
+    monkeypatch.setitem(sys.modules, "dhr_cli.kernels.seed", types.SimpleNamespace(seed_batch=seed_batch))
+    monkeypatch.setitem(sys.modules, "dhr_cli.kernels.propagate", types.SimpleNamespace(propagate_batch=propagate_batch))
     cfg = replace(TINY, dhr=True, epochs=2, uss_cell=16)
     result = run_train(cfg, dataset, dataset / "masks", tmp_path / "run", uss=dataset / "uss.h5", split="train", quiet=True)
     assert calls == [2] * 6
@@ -193,16 +201,16 @@ def test_online_regeneration_plumbing(dataset, tmp_path, monkeypatch):
 
 def _kernels_ready() -> bool:
     try:
-        from dhr_cli.propagate import propagate_batch  # noqa: F401
-        from dhr_cli.seed import seed_batch  # noqa: F401
+        from dhr_cli.kernels.propagate import propagate_batch  # noqa: F401
+        from dhr_cli.kernels.seed import seed_batch  # noqa: F401
     except ImportError:
         return False
     return True
 
 
-@pytest.mark.skipif(not _kernels_ready(), reason="dhr_cli.seed / dhr_cli.propagate kernels not built yet")
+@pytest.mark.skipif(not _kernels_ready(), reason="dhr_cli.pipeline.seed / dhr_cli.pipeline.propagate kernels not built yet")
 def test_dhr_training_lowers_loss(dataset, tmp_path):
-    from dhr_cli.train import run_train
+    from dhr_cli.pipeline.train import run_train
 
     cfg = replace(TINY, dhr=True, epochs=3, seed_cfg=replace(TINY.seed_cfg, use_crf=False),
                   propagate=replace(TINY.propagate, use_crf=False))
@@ -210,17 +218,17 @@ def test_dhr_training_lowers_loss(dataset, tmp_path):
     assert result.history[-1]["loss"] < result.history[0]["loss"]
 
 
-@pytest.mark.skipif(not _kernels_ready(), reason="dhr_cli.seed / dhr_cli.propagate kernels not built yet")
+@pytest.mark.skipif(not _kernels_ready(), reason="dhr_cli.pipeline.seed / dhr_cli.pipeline.propagate kernels not built yet")
 def test_online_regeneration_equals_offline_seed_and_propagate(dataset, tmp_path):
     """Same network, same image (no augmentation): online masks == `dhr seed` + `dhr propagate` on stores of its outputs."""
     from typer.testing import CliRunner
 
-    from dhr_cli.augment import normalize
     from dhr_cli.cli import app
-    from dhr_cli.data import open_dataset
+    from dhr_cli.io.datasets import open_dataset
+    from dhr_cli.io.store import create_store, open_store
     from dhr_cli.models.deeplab import DHRNet, NetworkSpec
-    from dhr_cli.store import create_store, open_store
-    from dhr_cli.train import OnlineRegenerator, TrainSamples
+    from dhr_cli.pipeline.augment import normalize
+    from dhr_cli.pipeline.train import OnlineRegenerator, TrainSamples
 
     ds = open_dataset(dataset, "train")
     ids = ds.ids

@@ -7,22 +7,21 @@ command functions so that `dhr --help` stays fast.
 
 from __future__ import annotations
 
-from dhr_cli.cli.options import app
-
 # Importing a command module registers its command on `app`; the order is the help order.
 from dhr_cli.cli import (  # noqa: E402,F401
     cmd_cams,
-    cmd_import,
-    cmd_seed,
-    cmd_propagate,
-    cmd_train,
-    cmd_predict,
+    cmd_demo,
     cmd_eval,
     cmd_export,
+    cmd_import,
     cmd_info,
     cmd_merge,
-    cmd_demo,
+    cmd_predict,
+    cmd_propagate,
+    cmd_seed,
+    cmd_train,
 )
+from dhr_cli.cli.options import app
 
 
 def main() -> None:

@@ -7,8 +7,23 @@ from typing import Annotated, Optional
 
 import typer
 
-from dhr_cli.cli.options import (BatchSize, DataRoot, Device, OutStore, Overwrite, PackedHeadBackbone, Quiet, Resume,
-                                 Split, TrustCheckpoint, UssWeights, app, err, out, user_errors)
+from dhr_cli.cli.options import (
+    BatchSize,
+    DataRoot,
+    Device,
+    OutStore,
+    Overwrite,
+    PackedHeadBackbone,
+    Quiet,
+    Resume,
+    Split,
+    TrustCheckpoint,
+    UssWeights,
+    app,
+    err,
+    out,
+    user_errors,
+)
 from dhr_cli.config import CamsConfig
 
 _D = CamsConfig()
@@ -51,12 +66,12 @@ def cams_cmd(
     resume: Resume = False,
     quiet: Quiet = False,
 ) -> None:
-    from dhr_cli.cams import run_cams
-    from dhr_cli.data import open_dataset
     from dhr_cli.errors import InputError
+    from dhr_cli.io.datasets import open_dataset
+    from dhr_cli.io.runtime import resolve_device
+    from dhr_cli.io.store import make_provenance
     from dhr_cli.models import resolve_source
-    from dhr_cli.runtime import resolve_device
-    from dhr_cli.store import make_provenance
+    from dhr_cli.pipeline.cams import run_cams
 
     if (wss is None) == (uss is None):
         raise InputError("give exactly one of --wss NET or --uss NET")
@@ -74,7 +89,7 @@ def cams_cmd(
         from dhr_cli.errors import StoreError
 
         raise StoreError(f"{out_path}: already exists; pass --overwrite to replace it or --resume to complete it")
-    from dhr_cli.distributed import device_for_rank
+    from dhr_cli.io.distributed import device_for_rank
 
     dev = resolve_device(device_for_rank(device))  # under torchrun: this rank's GPU
     ds = open_dataset(data, split)

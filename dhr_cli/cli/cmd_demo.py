@@ -27,8 +27,8 @@ def demo_cmd(
 ) -> None:
     from rich.table import Table
 
-    from dhr_cli.demo import DemoConfig, run_demo
     from dhr_cli.errors import InputError
+    from dhr_cli.pipeline.demo import DemoConfig, run_demo
 
     if features not in ("auto", "lite0", "simulated"):
         raise InputError(f"--features {features!r}: expected auto, lite0 or simulated")

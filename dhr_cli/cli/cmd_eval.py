@@ -36,7 +36,7 @@ def eval_cmd(
     quiet: Quiet = False,
 ) -> None:
     from dhr_cli.errors import InputError
-    from dhr_cli.evaluate import run_eval, write_json
+    from dhr_cli.pipeline.evaluate import run_eval, write_json
 
     if on_size_mismatch not in ("fail", "skip"):
         raise InputError(f"--on-size-mismatch must be fail or skip, got {on_size_mismatch!r}")
@@ -49,7 +49,7 @@ def eval_cmd(
         report_images=top,
     )
     if report is not None:  # fail before the (long) scoring, not after
-        from dhr_cli.report import check_report_dir
+        from dhr_cli.pipeline.report import check_report_dir
 
         check_report_dir(report, overwrite)
     result = run_eval(list(pred) + list(compare or []), data, split, cfg, names=names, quiet=quiet)
@@ -58,7 +58,7 @@ def eval_cmd(
         write_json(result, json_path, top=max(top, 20))
         out.print(f"JSON report: {json_path}", markup=False, highlight=False)
     if report is not None:
-        from dhr_cli.report import write_report
+        from dhr_cli.pipeline.report import write_report
 
         page = write_report(result, report, n_images=top, overwrite=overwrite, quiet=quiet)
         out.print(f"HTML report: {page}", markup=False, highlight=False)

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from dhr_cli.cli.options import Overwrite, Quiet, app, out as stdout, user_errors
+from dhr_cli.cli.options import Overwrite, Quiet, app, user_errors
+from dhr_cli.cli.options import out as stdout
 
 
 @app.command(
@@ -22,7 +23,7 @@ def export_cmd(
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    from dhr_cli.export import run_export
+    from dhr_cli.pipeline.export import run_export
 
     result = run_export(store, out, overwrite=overwrite, quiet=quiet)
     stdout.print(f"Wrote {result.written} {result.kind} PNGs to {result.out}", markup=False, highlight=False)

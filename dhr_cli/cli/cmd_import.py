@@ -7,7 +7,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from dhr_cli.cli.options import DataRoot, MissingItems, OutStore, Overwrite, Quiet, Resume, Split, app, out, user_errors
+from dhr_cli.cli.options import (
+    DataRoot,
+    MissingItems,
+    OutStore,
+    Overwrite,
+    Quiet,
+    Resume,
+    Split,
+    app,
+    out,
+    user_errors,
+)
 
 
 @app.command("import", help=(
@@ -33,9 +44,9 @@ def import_cmd(
     quiet: Quiet = False,
 ) -> None:
     from dhr_cli.cli.options import check_choice
-    from dhr_cli.data import open_dataset
-    from dhr_cli.imports import FORMATS, run_import
-    from dhr_cli.store import make_provenance
+    from dhr_cli.io.datasets import open_dataset
+    from dhr_cli.io.store import make_provenance
+    from dhr_cli.pipeline.imports import FORMATS, run_import
 
     check_choice("FORMAT", fmt, tuple(FORMATS))
     check_choice("--missing", missing, ("fail", "skip"))

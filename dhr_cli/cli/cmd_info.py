@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -21,7 +21,7 @@ def info_cmd(
     from rich.table import Table
 
     from dhr_cli.errors import InputError
-    from dhr_cli.info import describe
+    from dhr_cli.pipeline.info import describe
 
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")

@@ -17,7 +17,7 @@ def merge_cmd(
     out: OutStore,
     overwrite: Overwrite = False,
 ) -> None:
-    from dhr_cli.distributed import merge_stores
+    from dhr_cli.io.distributed import merge_stores
 
     n = merge_stores(inputs, out, overwrite=overwrite)
     err.print(f"merged {len(inputs)} stores, {n} items -> {out}")

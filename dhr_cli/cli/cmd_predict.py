@@ -7,7 +7,18 @@ from typing import Annotated
 
 import typer
 
-from dhr_cli.cli.options import DataRoot, Device, OutStore, Overwrite, Quiet, Resume, Split, app, out, user_errors
+from dhr_cli.cli.options import (
+    DataRoot,
+    Device,
+    OutStore,
+    Overwrite,
+    Quiet,
+    Resume,
+    Split,
+    app,
+    out,
+    user_errors,
+)
 from dhr_cli.config import PredictConfig
 
 _D = PredictConfig()
@@ -36,7 +47,7 @@ def predict_cmd(
     quiet: Quiet = False,
 ) -> None:
     from dhr_cli.errors import InputError
-    from dhr_cli.predict import run_predict
+    from dhr_cli.pipeline.predict import run_predict
 
     try:
         cfg = PredictConfig(scales=tuple(float(s) for s in scales.split(",") if s.strip()), flip=flip,

@@ -8,9 +8,30 @@ from typing import Annotated, Optional
 import typer
 
 from dhr_cli.cli.options import (
-    BatchSize, Crf, DataRoot, Device, FeaturesDir, MissingItems, OTSolverOpt, OutStore, Overwrite, PackedHeadBackbone,
-    Quiet, Resume, SinkhornEps, SinkhornMaxIter, SinkhornTol, Split, TrustCheckpoint, UssWeights, app, check_choice, err, network_store,
-    sinkhorn_config, user_errors,
+    BatchSize,
+    Crf,
+    DataRoot,
+    Device,
+    FeaturesDir,
+    MissingItems,
+    OTSolverOpt,
+    OutStore,
+    Overwrite,
+    PackedHeadBackbone,
+    Quiet,
+    Resume,
+    SinkhornEps,
+    SinkhornMaxIter,
+    SinkhornTol,
+    Split,
+    TrustCheckpoint,
+    UssWeights,
+    app,
+    check_choice,
+    err,
+    network_store,
+    sinkhorn_config,
+    user_errors,
 )
 from dhr_cli.config import PropagateConfig, RandomWalkConfig, SinkhornConfig
 
@@ -60,7 +81,7 @@ def propagate_cmd(
     quiet: Quiet = False,
 ) -> None:
     from dhr_cli.errors import InputError
-    from dhr_cli.propagate import run_propagate
+    from dhr_cli.pipeline.propagate import run_propagate
 
     try:
         cfg = PropagateConfig(

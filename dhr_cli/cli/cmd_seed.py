@@ -8,8 +8,25 @@ from typing import Annotated, Optional
 import typer
 
 from dhr_cli.cli.options import (
-    BatchSize, Crf, DataRoot, Device, MissingItems, OTSolverOpt, OutStore, Overwrite, Quiet, Resume, SinkhornEps,
-    SinkhornMaxIter, SinkhornTol, Split, app, check_choice, err, sinkhorn_config, user_errors,
+    BatchSize,
+    Crf,
+    DataRoot,
+    Device,
+    MissingItems,
+    OTSolverOpt,
+    OutStore,
+    Overwrite,
+    Quiet,
+    Resume,
+    SinkhornEps,
+    SinkhornMaxIter,
+    SinkhornTol,
+    Split,
+    app,
+    check_choice,
+    err,
+    sinkhorn_config,
+    user_errors,
 )
 from dhr_cli.config import SeedConfig, SinkhornConfig
 
@@ -40,7 +57,7 @@ def seed_cmd(
     quiet: Quiet = False,
 ) -> None:
     from dhr_cli.errors import InputError
-    from dhr_cli.seed import run_seed
+    from dhr_cli.pipeline.seed import run_seed
 
     try:
         cfg = SeedConfig(sinkhorn=sinkhorn_config(ot_solver, sinkhorn_max_iter, sinkhorn_tol, sinkhorn_eps),

@@ -7,7 +7,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from dhr_cli.cli.options import DataRoot, Device, Quiet, Split, TrustCheckpoint, UssWeights, app, network_store, out, user_errors
+from dhr_cli.cli.options import (
+    DataRoot,
+    Device,
+    Quiet,
+    Split,
+    TrustCheckpoint,
+    UssWeights,
+    app,
+    network_store,
+    out,
+    user_errors,
+)
 from dhr_cli.config import TrainConfig
 
 _D = TrainConfig()
@@ -65,7 +76,7 @@ def train_cmd(
     from dataclasses import replace
 
     from dhr_cli.errors import InputError
-    from dhr_cli.train import run_train
+    from dhr_cli.pipeline.train import run_train
 
     try:
         cfg = TrainConfig(

@@ -122,9 +122,9 @@ def network_store(spec: str, role: str, *, data: Path, split: str | None, weight
     """`spec` if it is a store file; for a network name, its store computed once into features_dir."""
     if Path(spec).is_file():
         return Path(spec)
-    from dhr_cli.cams import features_store_for
-    from dhr_cli.data import open_dataset
-    from dhr_cli.runtime import resolve_device
+    from dhr_cli.io.datasets import open_dataset
+    from dhr_cli.io.runtime import resolve_device
+    from dhr_cli.pipeline.cams import features_store_for
 
     def announce(cache: Path) -> None:
         err.print(f"--{role} {spec}: computing its {'CAMs and features' if role == 'wss' else 'features'} "

@@ -4,28 +4,35 @@ Pure batched tensor functions, no I/O: they follow their inputs' device and dtyp
 code runs on CUDA when present and on the CPU otherwise.
 
     sinkhorn.py    f_OT: batched Sinkhorn with the authors' stopping rule (and POT's solver)
-    dhr.py         steps 1-3: CAM normalisation and OT seeds, majority pooling, prototypes,
-                   cosine heat-maps, correlation groups, group-wise and global rebalancing
+    seed.py        step 1: CAM normalisation, OT rebalancing, background competition, seeds
+    propagate.py   steps 2-3: majority pooling, prototypes, cosine heat-maps, correlation
+                   groups, group-wise and global rebalancing; the CAM baseline
+    upsample.py    bilinear resizing and the exact upsampled argmax
     crf.py         mean-field dense CRF (Gaussian + bilateral kernels)
     randomwalk.py  PSA/AffinityNet random walk, the baseline `dhr propagate --method rw`
+    metrics.py     confusion matrix, IoU / FPR / FNR
 """
 
 from dhr_cli.kernels.checks import check_shape
-from dhr_cli.kernels.dhr import (
+from dhr_cli.kernels.propagate import (
     PropagateItem,
     class_prototypes,
     correlation_groups,
     cosine_heatmap,
     majority_pool,
-    normalize_cams,
     propagate_items,
     rebalance,
-    resize,
-    seed_masks,
-    seed_probabilities,
     seeded_marginals,
 )
-from dhr_cli.kernels.sinkhorn import SinkhornResult, f_ot, minmax_columns, sinkhorn, sinkhorn_pot
+from dhr_cli.kernels.seed import normalize_cams, seed_masks, seed_probabilities
+from dhr_cli.kernels.sinkhorn import (
+    SinkhornResult,
+    f_ot,
+    minmax_columns,
+    sinkhorn,
+    sinkhorn_pot,
+)
+from dhr_cli.kernels.upsample import resize
 
 __all__ = [
     "PropagateItem", "SinkhornResult", "check_shape", "class_prototypes", "correlation_groups", "cosine_heatmap",

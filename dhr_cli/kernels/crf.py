@@ -36,8 +36,10 @@ images of a batch are processed in chunks of at most `MAX_PAIRS` candidate pairs
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +48,7 @@ from dhr_cli.config import CRFConfig
 from dhr_cli.errors import ShapeError
 from dhr_cli.kernels.checks import check_shape
 
-__all__ = ["dense_crf"]
+__all__ = ["dense_crf", "crf_function"]
 
 UNARY_CLIP = 1e-5  # pydensecrf's unary_from_softmax(clip=1e-5)
 KEEP = 1e-4  # bilateral kernel entries below this are dropped (sparse kernel)
@@ -329,3 +331,8 @@ def _mean_field(grids: list[_Grid], cv: torch.Tensor, cfg: CRFConfig, out: torch
         else:
             region = out[g.index, :, y0:y1, x0:x1]
             out[g.index, :, y0:y1, x0:x1] = torch.where(g.valid_full[None], res, region)
+
+
+def crf_function(cfg: CRFConfig) -> Callable:
+    """`dense_crf` bound to a config: crf(images, probs, channel_valid=..., pixel_valid=...)."""
+    return functools.partial(dense_crf, cfg=cfg)

@@ -188,14 +188,14 @@ def fit_lite0_head(dataset, split: str | None = None, classes: list[str] | None 
                    backbone: nn.Module | None = None) -> Lite0Source:
     """Fit the lite0 CAM head on a dataset's image-level labels (multilabel soft-margin loss).
 
-    `dataset`: a Dataset (dhr_cli.data) or a dataset root (opened with `split`). `classes`: the CAM
+    `dataset`: a Dataset (dhr_cli.io.datasets) or a dataset root (opened with `split`). `classes`: the CAM
     channels (default: the dataset's foreground classes). The backbone is frozen; images (and their
     flips) are resized so the longer side is `side` and encoded once. With `train_last_stage`,
     blocks.6 and conv_head are not cached and blocks.6 is fine-tuned with the head.
     Returns a `Lite0Source(kind="wss")` in eval mode on `device`.
     """
-    from dhr_cli.data import open_dataset
-    from dhr_cli.progress import track
+    from dhr_cli.io.datasets import open_dataset
+    from dhr_cli.io.progress import track
 
     ds = open_dataset(dataset, split) if isinstance(dataset, (str, Path)) else dataset
     device = torch.device(device)

@@ -15,7 +15,13 @@ from torch import nn
 
 from dhr_cli.errors import CheckpointError
 from dhr_cli.models.base import FeatureSource
-from dhr_cli.models.checkpoints import load_strict, read_checkpoint, select_prefix, strip_prefixes, unwrap
+from dhr_cli.models.checkpoints import (
+    load_strict,
+    read_checkpoint,
+    select_prefix,
+    strip_prefixes,
+    unwrap,
+)
 from dhr_cli.models.vit import DinoViT, load_vit, vit_from_state
 
 

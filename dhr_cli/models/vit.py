@@ -21,7 +21,13 @@ from torch import nn
 
 from dhr_cli.errors import CheckpointError
 from dhr_cli.models.base import FeatureSource, check_images
-from dhr_cli.models.checkpoints import load_strict, read_checkpoint, select_prefix, strip_prefixes, unwrap
+from dhr_cli.models.checkpoints import (
+    load_strict,
+    read_checkpoint,
+    select_prefix,
+    strip_prefixes,
+    unwrap,
+)
 
 logger = logging.getLogger(__name__)
 

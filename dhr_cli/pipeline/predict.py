@@ -17,13 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dhr_cli.augment import normalize
 from dhr_cli.config import PredictConfig
-from dhr_cli.data import open_dataset
 from dhr_cli.errors import DatasetError
+from dhr_cli.io.datasets import open_dataset
+from dhr_cli.io.progress import track
+from dhr_cli.io.runtime import resolve_device
 from dhr_cli.models.deeplab import DHRNet, load_trained
-from dhr_cli.progress import track
-from dhr_cli.runtime import resolve_device
+from dhr_cli.pipeline.augment import normalize
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,13 @@ def masks_from_probs(images: torch.Tensor, probs: torch.Tensor, keep: torch.Tens
 def run_predict(cfg: PredictConfig, model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, *,
                 split: str | None = None, overwrite: bool = False, resume: bool = False, quiet: bool = False) -> PredictResult:
     """Write a masks store with the trained network's predictions for every image of the split."""
-    from dhr_cli.distributed import current_rank, device_for_rank, output_store, shard
-    from dhr_cli.store import make_provenance
+    from dhr_cli.io.distributed import (
+        current_rank,
+        device_for_rank,
+        output_store,
+        shard,
+    )
+    from dhr_cli.io.store import make_provenance
 
     rank = current_rank()
     device = resolve_device(device_for_rank(cfg.device, rank))

@@ -49,9 +49,9 @@ def _safe_name(store_path: Path, item_id: str) -> str:
 
 def run_export(store: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, quiet: bool = True) -> ExportResult:
     """Write every item of a masks/seeds store as <out>/<id>.png (VOC palette, 255 kept)."""
-    from dhr_cli.palette import save_palette_png
-    from dhr_cli.progress import track
-    from dhr_cli.store import open_store
+    from dhr_cli.io.palette import save_palette_png
+    from dhr_cli.io.progress import track
+    from dhr_cli.io.store import open_store
 
     out = Path(out)
     with open_store(store, expect=("masks", "seeds")) as s:

@@ -135,10 +135,10 @@ def _select(result, n: int) -> list[tuple[str, list[str], str]]:
 
 def write_report(result, out: str | os.PathLike, *, n_images: int = 8, overwrite: bool = False, quiet: bool = True) -> Path:
     """Write out/index.html (+ out/img/*.png) for an EvalResult; returns the page's path."""
-    from dhr_cli.data import open_dataset
-    from dhr_cli.evaluate import open_predictions
-    from dhr_cli.palette import overlay
-    from dhr_cli.progress import track
+    from dhr_cli.io.datasets import open_dataset
+    from dhr_cli.io.palette import overlay
+    from dhr_cli.io.progress import track
+    from dhr_cli.pipeline.evaluate import open_predictions
 
     out = check_report_dir(out, overwrite)
     img_dir = out / "img"

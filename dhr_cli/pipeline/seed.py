@@ -13,25 +13,25 @@ import numpy as np
 import torch
 
 from dhr_cli.config import SeedConfig
-from dhr_cli.data import open_dataset, read_index_png
-from dhr_cli.distributed import device_for_rank, output_store, shard
 from dhr_cli.errors import InputError
-from dhr_cli.inputs import (
+from dhr_cli.io.datasets import open_dataset, read_index_png
+from dhr_cli.io.distributed import device_for_rank, output_store, shard
+from dhr_cli.io.loading import iterate_batches
+from dhr_cli.io.progress import track
+from dhr_cli.io.runtime import resolve_device
+from dhr_cli.io.store import make_provenance, open_store
+from dhr_cli.kernels.crf import crf_function
+from dhr_cli.kernels.seed import seed_masks
+from dhr_cli.pipeline.inputs import (
     Missing,
     check_cam_labels,
     check_labels,
-    crf_function,
     image_and_labels,
     open_checked,
     require_background,
     select_ids,
     to_tensor,
 )
-from dhr_cli.kernels.dhr import seed_masks
-from dhr_cli.loading import iterate_batches
-from dhr_cli.progress import track
-from dhr_cli.runtime import resolve_device
-from dhr_cli.store import make_provenance, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -111,34 +111,3 @@ def _seed_batch(batch, dataset, cam_store, base, cfg, device, background, crf, w
                            background=background, crf=crf)
     for (item_id, *_), mask in zip(batch, masks):
         writer.write(item_id, {"mask": mask.cpu().numpy()})
-
-
-def seed_batch(cams: torch.Tensor, values: torch.Tensor, images: torch.Tensor | None, cfg: SeedConfig, *,
-               base: torch.Tensor | None = None, pixel_valid: torch.Tensor | None = None, background: int = 0,
-               crf=None) -> torch.Tensor:
-    """Online Step 1 for equally sized crops (what `dhr train` calls every iteration).
-
-    Args:
-        cams: (B, L, h, w) CAMs >= 0 aligned with `values`.
-        values: (B, L) label values, -1 = padding.
-        images: (B, 3, H, W) 0..255 (for the CRF) or None.
-        base: (B, H, W) initial masks M0 overwritten where a class wins, or None.
-        pixel_valid: (B, H, W) bool; outside it the seed is 255.
-    Returns:
-        (B, H, W) int64 seeds, 255 = unsure.
-    """
-    if crf is None and cfg.use_crf and images is not None:
-        crf = crf_function(cfg.crf)
-    size = tuple(images.shape[-2:]) if images is not None else tuple(base.shape[-2:])
-    cam_list, labels = [], []
-    for b in range(cams.shape[0]):
-        keep = values[b] >= 0
-        cam_list.append(cams[b][keep])
-        labels.append(values[b][keep].tolist())
-    masks = seed_masks(cam_list, labels, [size] * len(cam_list), cfg,
-                       images=list(images) if images is not None and crf is not None else None,
-                       base=list(base) if base is not None else None, background=background, crf=crf)
-    out = torch.stack(masks).long()
-    if pixel_valid is not None:
-        out = torch.where(pixel_valid, out, torch.full_like(out, 255))
-    return out

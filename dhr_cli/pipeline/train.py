@@ -40,13 +40,22 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from dhr_cli import __version__
-from dhr_cli.augment import color_jitter, denormalize, normalize, sample_geometry, valid_region, warp_features, warp_image, warp_mask
 from dhr_cli.config import IGNORE_INDEX, TrainConfig
-from dhr_cli.data import Dataset, open_dataset, read_index_png
 from dhr_cli.errors import CheckpointError, DatasetError, InputError
+from dhr_cli.io.datasets import Dataset, open_dataset, read_index_png
+from dhr_cli.io.progress import progress_bar
+from dhr_cli.io.runtime import resolve_device
 from dhr_cli.models.deeplab import DHRNet, NetworkSpec, build_network
-from dhr_cli.progress import progress_bar
-from dhr_cli.runtime import resolve_device
+from dhr_cli.pipeline.augment import (
+    color_jitter,
+    denormalize,
+    normalize,
+    sample_geometry,
+    valid_region,
+    warp_features,
+    warp_image,
+    warp_mask,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +65,7 @@ class _LazyStore:
     """An HDF5 store opened on first use in each process (DataLoader workers fork)."""
 
     def __init__(self, path: Path, expect):
-        from dhr_cli.store import open_store
+        from dhr_cli.io.store import open_store
 
         self.path, self.expect = Path(path), expect
         with open_store(self.path, expect=expect) as s:  # validate now, in the main process
@@ -65,7 +74,7 @@ class _LazyStore:
         self._store, self._pid = None, None
 
     def read(self, item_id: str):
-        from dhr_cli.store import open_store
+        from dhr_cli.io.store import open_store
 
         if self._store is None or self._pid != os.getpid():
             self._store, self._pid = open_store(self.path, expect=self.expect), os.getpid()
@@ -500,7 +509,7 @@ def _validation_split(dataset: Dataset, data: Path, cfg: TrainConfig) -> Dataset
 @torch.no_grad()
 def validate(model: DHRNet, val: Dataset, cfg: TrainConfig, device: torch.device) -> float:
     """Single-scale mIoU of the segmentation head on the validation split (longer side = val_size)."""
-    from dhr_cli.metrics import ConfusionMatrix
+    from dhr_cli.kernels.metrics import ConfusionMatrix
 
     was_training = model.training
     model.eval()
@@ -525,22 +534,17 @@ def validate(model: DHRNet, val: Dataset, cfg: TrainConfig, device: torch.device
 class OnlineRegenerator:
     """Regenerates the pseudo-masks of a batch of crops from the live CAMs, USS and C4/C5 features.
 
-    The same batched kernels as `dhr seed` and `dhr propagate` (dhr_cli.seed.seed_batch and
-    dhr_cli.propagate.propagate_batch), run on the crops: pixels outside the valid crop are 255.
+    The same batched kernels as `dhr seed` and `dhr propagate` (dhr_cli.kernels.seed.seed_batch and
+    dhr_cli.kernels.propagate.propagate_batch), run on the crops: pixels outside the valid crop are 255.
     """
 
     def __init__(self, cfg: TrainConfig, dataset: Dataset, cam_offset: int):
         self.cfg, self.cam_offset = cfg, cam_offset
         self.num_classes = len(dataset.classes)
         self.has_background = dataset.has_background
-        try:
-            from dhr_cli.propagate import propagate_batch
-            from dhr_cli.seed import seed_batch
-        except ImportError:
-            from dhr_cli.errors import NotBuiltError
+        from dhr_cli.kernels.propagate import propagate_batch
+        from dhr_cli.kernels.seed import seed_batch
 
-            raise NotBuiltError("online DHR needs dhr_cli.seed.seed_batch and dhr_cli.propagate.propagate_batch, "
-                                "which this version lacks; train with --no-dhr") from None
         self._seed, self._propagate = seed_batch, propagate_batch
 
     def label_values(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

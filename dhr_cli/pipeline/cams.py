@@ -58,13 +58,18 @@ def run_cams(dataset, source, out: str | Path, cfg: CamsConfig = CamsConfig(), *
     (cfg.batch_size). Returns a summary dict (items written, skipped, feature grid of the last item).
 
     Under torchrun (WORLD_SIZE > 1) this process takes its shard of the sorted ids
-    (`dhr_cli.distributed.shard`), writes them to its own store `OUT.rank<r>-of-<w>.h5`, and rank 0
+    (`dhr_cli.io.distributed.shard`), writes them to its own store `OUT.rank<r>-of-<w>.h5`, and rank 0
     merges the shards into `out` once every rank is done; `device` "cuda" means this rank's GPU.
     The summary then counts this rank's items.
     """
-    from dhr_cli.distributed import current_rank, device_for_rank, output_store, shard
-    from dhr_cli.progress import progress_bar
-    from dhr_cli.store import make_provenance
+    from dhr_cli.io.distributed import (
+        current_rank,
+        device_for_rank,
+        output_store,
+        shard,
+    )
+    from dhr_cli.io.progress import progress_bar
+    from dhr_cli.io.store import make_provenance
 
     rank = current_rank()
     device = torch.device(device_for_rank(str(device), rank))
@@ -168,8 +173,8 @@ def features_store_for(spec: str | Path, dataset, *, role: str = "uss", weights=
     `announce(cache)` is called before a computation starts. `source_kw` go to `resolve_source`
     (backbone_weights, trust, head).
     """
+    from dhr_cli.io.store import make_provenance, open_store
     from dhr_cli.models import canonical, resolve_source
-    from dhr_cli.store import make_provenance, open_store
 
     path = Path(spec)
     if path.is_file():
@@ -207,7 +212,9 @@ def features_store_for(spec: str | Path, dataset, *, role: str = "uss", weights=
     provenance = make_provenance("cams", cfg, inputs=inputs)
     provenance.update({"network": name, "network_kind": source.kind})
     cache.parent.mkdir(parents=True, exist_ok=True)
-    from dhr_cli.distributed import interrupted  # this rank's own .partial under torchrun
+    from dhr_cli.io.distributed import (
+        interrupted,  # this rank's own .partial under torchrun
+    )
 
     run_cams(dataset, source, cache, cfg, device=device, provenance=provenance, resume=interrupted(cache), quiet=quiet)
     return cache

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from dhr_cli.data import open_dataset
-from dhr_cli.store import MAIN_DATASET, open_store
+from dhr_cli.io.datasets import open_dataset
+from dhr_cli.io.store import MAIN_DATASET, open_store
 
 _SAMPLE = 200  # items read to summarise shapes and dtypes (a store can hold 100k items)
 

@@ -151,9 +151,9 @@ def run_import(fmt: str, src: str | Path, dataset, out: str | Path, *, provenanc
                overwrite: bool = False, resume: bool = False, quiet: bool = False, source_name: str | None = None,
                missing: str = "fail", trust: bool = False) -> dict:
     """Convert the peer files in `src` for every image of `dataset` into a store at `out`."""
-    from dhr_cli.data import read_index_png
-    from dhr_cli.progress import track
-    from dhr_cli.store import create_store, make_provenance
+    from dhr_cli.io.datasets import read_index_png
+    from dhr_cli.io.progress import track
+    from dhr_cli.io.store import create_store, make_provenance
 
     if fmt not in FORMATS:
         raise InputError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")

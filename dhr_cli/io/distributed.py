@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from dhr_cli.errors import StoreError
-from dhr_cli.store import StoreWriter, create_store, open_store
+from dhr_cli.io.store import StoreWriter, create_store, open_store
 
 logger = logging.getLogger(__name__)
 

@@ -6,18 +6,16 @@ files (class lists that differ, ids missing from a store, a dataset without back
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
-from dhr_cli.config import CRFConfig
-from dhr_cli.data import Dataset
-from dhr_cli.errors import InputError, NotBuiltError, StoreError
-from dhr_cli.store import Store, open_store
+from dhr_cli.errors import InputError, StoreError
+from dhr_cli.io.datasets import Dataset
+from dhr_cli.io.store import Store, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -67,19 +65,6 @@ def select_ids(dataset: Dataset, stores: dict[str, Store], missing: Missing) -> 
     if not ids:
         raise InputError(f"{dataset.root}: no image of split {dataset.split or '(all)'} is in every input store")
     return ids
-
-
-def crf_function(cfg: CRFConfig) -> Callable:
-    """The batched dense CRF with this config, or a clear error if the kernel is unavailable."""
-    try:
-        from dhr_cli.kernels.crf import dense_crf
-    except ImportError:
-        raise NotBuiltError("the CRF kernel is not available in this build; run with --no-crf") from None
-    return functools.partial(_call_crf, dense_crf, cfg)
-
-
-def _call_crf(dense_crf, cfg, images, probs, channel_valid=None, pixel_valid=None):
-    return dense_crf(images, probs, cfg, channel_valid=channel_valid, pixel_valid=pixel_valid)
 
 
 def image_tensor(dataset: Dataset, item_id: str) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""DHR's kernels (METHOD.md steps 1-3), batched over images of different sizes.
+"""Steps 2 and 3 of the method (`dhr propagate`), batched over images of different sizes.
 
 Per-image work that depends on each image's own size (majority pooling of the seed mask, the
 final upsampling) is done image by image (or per group of equal sizes) with whole-tensor
@@ -12,14 +12,13 @@ runs on padded batches with validity masks, classes first:
     weights     (B, N, G)   cell weights of each class prototype
     heat        (B, N, G)   heat-maps: reductions over cells run along the contiguous axis
 
-The full-resolution steps avoid full-resolution float work: majority pooling is one histogram
-of (cell, label) keys, and the upsampled argmax is computed exactly but only where two
-neighbouring grid columns disagree (`upsample_argmax_batch`). The public (B, G, N) functions
-(`rebalance`, `cosine_heatmap`, ...) keep their layout.
+Majority pooling is one histogram of (cell, label) keys. The baselines `cam_baseline` and the
+random walk run on the same inputs (`propagate_method`); `propagate_batch` is the entry point
+for equally sized crops that `dhr train` calls every iteration.
 
-Fixed details (METHOD.md): grid cells are adaptive-pooling bins; majority ties go to the lowest
-label, 255 counting as the highest; cosine with a 1e-12 guard; min-max with a 1e-5 guard;
-argmax ties to the lowest channel; bilinear resizing with align_corners=False.
+Fixed details (docs/method.md): grid cells are adaptive-pooling bins; majority ties go to the
+lowest label, 255 counting as the highest; cosine with a 1e-12 guard; min-max with a 1e-5
+guard; argmax ties to the lowest channel; bilinear resizing with align_corners=False.
 """
 
 from __future__ import annotations
@@ -31,53 +30,19 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from dhr_cli.config import IGNORE_INDEX, PropagateConfig, SeedConfig, SinkhornConfig
+from dhr_cli.config import IGNORE_INDEX, PropagateConfig, SinkhornConfig
 from dhr_cli.errors import ShapeError
 from dhr_cli.kernels.checks import check_shape
-from dhr_cli.kernels.sinkhorn import f_ot, f_ot_t, minmax_columns, minmax_last
+from dhr_cli.kernels.crf import crf_function
+from dhr_cli.kernels.seed import crf_padded, normalize_cams
+from dhr_cli.kernels.sinkhorn import f_ot_t, minmax_columns, minmax_last
+from dhr_cli.kernels.upsample import first_argmax, labels_from_probs, resize, upsample_labels
 
 __all__ = [
-    "pad_stack", "resize", "resize_cells", "majority_pool", "class_prototypes", "cosine_heatmap", "correlation_groups",
-    "seeded_marginals", "rebalance", "normalize_cams", "seed_probabilities", "labels_from_probs", "upsample_argmax",
-    "upsample_argmax_batch", "first_argmax", "pooled_cells", "step3_needed",
+    "PropagateItem", "majority_pool", "class_prototypes", "cosine_heatmap", "correlation_groups", "seeded_marginals",
+    "rebalance", "pooled_cells", "step3_needed", "propagate_items", "propagate_method", "cam_baseline",
+    "propagate_batch",
 ]  # fmt: skip
-
-
-# ---- small shared helpers -------------------------------------------------------------------
-def pad_stack(tensors: list[torch.Tensor], value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack tensors of shape (*lead, n_i) padded along the last axis; returns (stacked, valid (B, n))."""
-    n = max(t.shape[-1] for t in tensors)
-    out = tensors[0].new_full((len(tensors), *tensors[0].shape[:-1], n), value)
-    valid = torch.zeros(len(tensors), n, dtype=torch.bool, device=tensors[0].device)
-    for i, t in enumerate(tensors):
-        out[i, ..., : t.shape[-1]] = t
-        valid[i, : t.shape[-1]] = True
-    return out, valid
-
-
-def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(C, h, w) -> (C, H, W), bilinear, align_corners=False (a no-op when the size matches)."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    # Memory layout picks the CPU kernel: channels-last is ~10x faster for feature maps (many
-    # channels), several times slower for a few heat-maps. Values are the same up to rounding.
-    fmt = torch.channels_last if x.shape[0] >= 16 else torch.contiguous_format
-    x4 = x[None].float().contiguous(memory_format=fmt)
-    out = F.interpolate(x4, size=size, mode="bilinear", align_corners=False)[0]
-    return out.contiguous().to(x.dtype)
-
-
-def resize_cells(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(C, h, w) feature map -> (hu * wu, C) float32 cell features on `grid` (bilinear, align_corners=False).
-
-    The same values as `resize(x, grid).flatten(1).T`, without the layout copies: the
-    channels-last result already is the (cells, channels) matrix.
-    """
-    x4 = x[None].float().contiguous(memory_format=torch.channels_last)
-    if tuple(x.shape[-2:]) != tuple(grid):
-        x4 = F.interpolate(x4, size=grid, mode="bilinear", align_corners=False)
-    out = x4[0].permute(1, 2, 0)
-    return out.reshape(-1, x.shape[0])
 
 
 @functools.lru_cache(maxsize=32)
@@ -148,21 +113,6 @@ def majority_pool(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     labels = counts.sum(0).nonzero()[:, 0]  # ascending: 255 last
     best = first_argmax(counts.index_select(1, labels).T)  # first maximum: the lowest label
     return labels.index_select(0, best).view(gh, gw)
-
-
-def first_argmax(x: torch.Tensor) -> torch.Tensor:
-    """Index of the first maximum along dim 0 (ties to the lowest index): (C, ...) -> (...) int64.
-
-    Elementwise passes over the channels: a reduction over a few channels is several times
-    slower on the CPU than C - 1 comparisons of whole maps.
-    """
-    best_val = x[0]
-    best = torch.zeros(x.shape[1:], dtype=torch.long, device=x.device)
-    for c in range(1, x.shape[0]):
-        win = x[c] > best_val
-        best_val = torch.where(win, x[c], best_val)
-        best.masked_fill_(win, c)
-    return best
 
 
 def class_prototypes(feats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -245,108 +195,6 @@ def _rebalance_t(heat_us: torch.Tensor, heat_ws: torch.Tensor | None, groups: to
     return out * class_valid[:, :, None].to(out.dtype)
 
 
-def labels_from_probs(probs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Argmax over channels (ties to the lowest), mapped to label values: (L, H, W), (L,) -> (H, W)."""
-    # max(0).indices is the first maximum, like argmax(0), and several times faster on the CPU;
-    # so is index_select against advanced indexing.
-    idx = probs.max(0).indices
-    return classes.index_select(0, idx.flatten()).view(idx.shape)
-
-
-# ---- step 1: seeds --------------------------------------------------------------------------
-def normalize_cams(cams: torch.Tensor) -> torch.Tensor:
-    """relu, then each map divided by its spatial max (clipped at 1e-5): (K, h, w)."""
-    cams = torch.relu(cams)
-    return cams / cams.flatten(1).amax(1).clamp_min(1e-5)[:, None, None]
-
-
-def ot_rebalance_cams(cams: list[torch.Tensor], sinkhorn: SinkhornConfig) -> list[torch.Tensor]:
-    """Step 1.2 for a batch of images: A * f_OT(A) for images with more than one class."""
-    multi = [i for i, c in enumerate(cams) if c.shape[0] > 1]
-    out = list(cams)
-    if not multi:
-        return out
-    flat = [cams[i].flatten(1).T for i in multi]  # (h*w, K)
-    # Pad pixels and classes: (b, M, K).
-    m = max(f.shape[0] for f in flat)
-    k = max(f.shape[1] for f in flat)
-    sim = flat[0].new_zeros(len(flat), m, k)
-    pv = torch.zeros(len(flat), m, dtype=torch.bool, device=sim.device)
-    cv = torch.zeros(len(flat), k, dtype=torch.bool, device=sim.device)
-    for j, f in enumerate(flat):
-        sim[j, : f.shape[0], : f.shape[1]] = f
-        pv[j, : f.shape[0]] = True
-        cv[j, : f.shape[1]] = True
-    factor = f_ot(sim, sinkhorn, pixel_valid=pv, class_valid=cv)
-    for j, i in enumerate(multi):
-        kk, h, w = cams[i].shape
-        out[i] = cams[i] * factor[j, : h * w, :kk].T.reshape(kk, h, w)
-    return out
-
-
-def seed_probabilities(cams: torch.Tensor, bg_power: float) -> torch.Tensor:
-    """[background, classes] probabilities from (K, H, W) CAMs in [0, 1]: (1 + K, H, W).
-
-    Background competes (METHOD.md decision): its score is (1 - max_k A_k) ** bg_power.
-    """
-    bg = (1 - cams.amax(0, keepdim=True)).clamp_min(0) ** bg_power
-    scores = torch.cat([bg, cams], 0)
-    return scores / scores.sum(0, keepdim=True).clamp_min(1e-12)
-
-
-@dataclass
-class SeedResult:
-    mask: torch.Tensor  # (H, W) uint8, 255 = unsure
-
-
-def seed_masks(cams: list[torch.Tensor], labels: list[list[int]], sizes: list[tuple[int, int]], cfg: SeedConfig,
-               *, images: list[torch.Tensor] | None = None, base: list[torch.Tensor | None] | None = None,
-               background: int = 0, crf=None) -> list[torch.Tensor]:
-    """Step 1 for a batch: CAMs (K_i, h_i, w_i) with their label values -> seed masks (H_i, W_i) uint8.
-
-    `crf(images (B,3,H,W), probs (B,L,H,W), channel_valid, pixel_valid)` refines the
-    probabilities when given (cfg.use_crf); `base` masks M0 are overwritten where a class wins.
-    """
-    cams = ot_rebalance_cams([normalize_cams(c.float()) for c in cams], cfg.sinkhorn)
-    probs = [seed_probabilities(resize(c, size).clamp(0, 1), cfg.bg_power) for c, size in zip(cams, sizes)]
-    if crf is not None and images is not None:
-        probs = _crf_padded(crf, images, probs)
-    masks = []
-    for i, p in enumerate(probs):
-        values = torch.tensor([background, *labels[i]], device=p.device)
-        conf, idx = p.max(0)
-        mask = values[idx]
-        mask = torch.where(conf < cfg.confidence, torch.full_like(mask, IGNORE_INDEX), mask)
-        if base is not None and base[i] is not None:
-            won = (idx > 0) & (conf >= cfg.confidence)
-            mask = torch.where(won, mask, base[i].to(mask.device).long())
-        masks.append(mask.to(torch.uint8))
-    return masks
-
-
-def _crf_padded(crf, images: list[torch.Tensor], probs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Run a batched CRF over images of different sizes and channel counts (padded, masked)."""
-    b = len(probs)
-    hmax = max(p.shape[1] for p in probs)
-    wmax = max(p.shape[2] for p in probs)
-    lmax = max(p.shape[0] for p in probs)
-    dev = probs[0].device
-    img = torch.zeros(b, 3, hmax, wmax, device=dev)
-    pr = torch.zeros(b, lmax, hmax, wmax, device=dev)
-    cv = torch.zeros(b, lmax, dtype=torch.bool, device=dev)
-    pixv = torch.zeros(b, hmax, wmax, dtype=torch.bool, device=dev)
-    for i, (im, p) in enumerate(zip(images, probs)):
-        l, h, w = p.shape
-        img[i, :, :h, :w] = im.to(dev).float()
-        pr[i, :l, :h, :w] = p
-        cv[i, :l] = True
-        pixv[i, :h, :w] = True
-    pr[:, 0][~pixv] = 1.0  # padded pixels: any valid distribution
-    out = crf(img, pr, channel_valid=cv, pixel_valid=pixv)
-    return [out[i, : p.shape[0], : p.shape[1], : p.shape[2]] for i, p in enumerate(probs)]
-
-
-# ---- steps 2 and 3: propagation -------------------------------------------------------------
 @dataclass
 class PropagateItem:
     """One image's inputs to propagation (tensors on the working device)."""
@@ -500,10 +348,10 @@ def propagate_items(items: list[PropagateItem], cfg: PropagateConfig, *, backgro
         class_values = [classes[i, : len(c)] for i, c in enumerate(classes_list)]
         maps = [resize(m.float(), tuple(it.seed.shape)) for m, it in zip(grid_maps, items)]
         probs = [m / m.sum(0, keepdim=True).clamp_min(1e-12) for m in maps]
-        maps = _crf_padded(crf, [it.image for it in items], [p.clamp_min(1e-6) for p in probs])
+        maps = crf_padded(crf, [it.image for it in items], [p.clamp_min(1e-6) for p in probs])
         return [labels_from_probs(m, c) for m, c in zip(maps, class_values)]
     sizes_hw = [tuple(it.seed.shape) for it in items]
-    return _upsample_labels(heat, classes, [len(c) for c in classes_list], grids, sizes_hw)
+    return upsample_labels(heat, classes, [len(c) for c in classes_list], grids, sizes_hw)
 
 
 def _to_float64(x: torch.Tensor) -> torch.Tensor:
@@ -546,105 +394,6 @@ def _cosine_t(feats: torch.Tensor, protos: torch.Tensor, cell_valid: torch.Tenso
         norm = torch.linalg.vector_norm(feats, dim=2)
     heat = minmax_last(torch.bmm(v, by_dim) / norm.clamp_min(1e-12)[:, None, :], cell_valid)
     return heat * class_valid[:, :, None].to(heat.dtype)
-
-
-@functools.lru_cache(maxsize=64)
-def _bilinear_axis(n_in: int, n_out: int, device: torch.device):
-    """Bilinear resizing along one axis, align_corners=False, in float64 as METHOD.md's reference.
-
-    Returns lo, hi (n_out,) source indices, lam (n_out,) weight of hi, and per source index i
-    the outputs strictly between i and i + 1 (lo = i, lam > 0): pos (n_in, k) (the last one
-    repeated to fill k), lam at pos, and used (n_in,): i has such outputs. An output with
-    lam = 0 is source i itself.
-    """
-    d = torch.arange(n_out, dtype=torch.float64, device=device)
-    src = ((d + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
-    lo = src.floor().long().clamp_max(n_in - 1)
-    hi = (lo + 1).clamp_max(n_in - 1)
-    lam = src - lo
-    between = (lam > 0) & (hi > lo)
-    count = torch.bincount(lo[between], minlength=n_in)
-    first = torch.full((n_in,), n_out, dtype=torch.long, device=device).scatter_reduce_(
-        0, lo[between], d.long()[between], reduce="amin")
-    k = torch.arange(max(int(count.max()), 1), device=device)
-    pos = first[:, None] + torch.minimum(k[None, :], (count - 1).clamp_min(0)[:, None])
-    pos = pos.clamp_max(n_out - 1)
-    return lo, hi, lam, pos, lam.index_select(0, pos.flatten()).view(pos.shape), count > 0
-
-
-def upsample_argmax(maps: torch.Tensor, size: tuple[int, int], classes: torch.Tensor) -> torch.Tensor:
-    """Label values of the argmax of bilinearly upsampled maps: (N, h, w), (N,) -> (H, W) int64.
-
-    The same as `labels_from_probs(resize(maps, size), classes)` up to float rounding (it is
-    METHOD.md's resize in the maps' dtype, float64 here, and its argmax), computed without
-    resizing every channel to full resolution: see `upsample_argmax_batch`.
-    """
-    check_shape(maps, "N h w", "maps")
-    if maps.shape[0] == 1:
-        return classes[:1].view(1, 1).expand(int(size[0]), int(size[1])).clone()
-    return upsample_argmax_batch(maps[None], size, classes[None])[0]
-
-
-def upsample_argmax_batch(maps: torch.Tensor, size: tuple[int, int], classes: torch.Tensor) -> torch.Tensor:
-    """`upsample_argmax` for a batch of maps on one grid and one output size: (B, N, h, w), (B, N) -> (B, H, W).
-
-    Bilinear resizing is separable: the maps are resized along y first (N x H x w values, the
-    reference's order of operations), then along x. A pixel lying between two grid columns whose
-    argmax is the same channel c takes c too: every channel's value there is the same convex
-    combination of its two column values, so c stays the first maximum. Only the pixels between
-    columns that disagree are computed; they are a small share of the image (~5% on VOC-like
-    scenes).
-    """
-    check_shape(maps, "B N h w", "maps")
-    b, n, h, w = maps.shape
-    H, W = int(size[0]), int(size[1])
-    dev = maps.device
-    y0, y1, ly, _, _, _ = _bilinear_axis(h, H, dev)
-    x0, _, _, xpos, xlam, xused = _bilinear_axis(w, W, dev)
-    ly = ly.to(maps.dtype)[:, None]
-    rows = maps.index_select(2, y0) * (1 - ly) + maps.index_select(2, y1) * ly  # (B, N, H, w)
-    best = first_argmax(rows.transpose(0, 1))  # (B, H, w)
-    right = torch.cat([best[..., 1:], best[..., -1:]], 2)
-    lab = torch.gather(classes, 1, best.view(b, H * w)).view(b, H, w)
-    out = torch.gather(lab, 2, x0.expand(b, H, W))
-    sb, sy, sx = ((best != right) & xused).nonzero(as_tuple=True)  # segments whose two source columns disagree
-    if len(sb) == 0:
-        return out
-    # values of every channel at both ends of each segment: rows[sb, c, sy, sx (+1)]
-    src = ((sb * n)[None, :] + torch.arange(n, device=dev)[:, None]) * (H * w) + (sy * w + sx)[None, :]  # (N, S)
-    flat = rows.reshape(-1)
-    left = flat.index_select(0, src.view(-1)).view(n, -1, 1)
-    right = flat.index_select(0, src.view(-1) + 1).view(n, -1, 1)  # sx < w - 1: the last column never disagrees
-    lam = xlam.index_select(0, sx).to(maps.dtype)  # (S, k)
-    channel = first_argmax(left * (1 - lam) + right * lam)  # (S, k)
-    labels = classes.reshape(-1).index_select(0, (sb[:, None] * n + channel).view(-1))
-    pos = (sb * (H * W) + sy * W)[:, None] + xpos.index_select(0, sx)
-    out.view(-1).index_copy_(0, pos.view(-1), labels)
-    return out
-
-
-def _upsample_labels(heat: torch.Tensor, classes: torch.Tensor, counts: list[int], grids: list[tuple[int, int]],
-                     sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
-    """Step 2.6 without CRF: heat (B, N, G) -> [(H_i, W_i) label masks].
-
-    One call per group of images with the same grid, size and class count (no padded channels to
-    carry through the full-resolution work).
-    """
-    groups: dict[tuple, list[int]] = {}
-    for i, key in enumerate(zip(grids, sizes, counts)):
-        groups.setdefault(key, []).append(i)
-    out: list[torch.Tensor] = [heat.new_empty(0)] * len(grids)
-    for (grid, size, n), idx in groups.items():
-        sel = torch.tensor(idx, device=heat.device)
-        cls = classes.index_select(0, sel)[:, :n]
-        if n == 1:  # one class: a constant mask
-            masks = cls[:, :, None].expand(len(idx), *size).clone()
-        else:
-            maps = heat.index_select(0, sel)[:, :n, : grid[0] * grid[1]].reshape(len(idx), n, *grid)
-            masks = upsample_argmax_batch(maps, size, cls)
-        for j, i in enumerate(idx):
-            out[i] = masks[j]
-    return out
 
 
 def _resized_cells(maps: list[torch.Tensor], grids: list[tuple[int, int]], cells: int) -> torch.Tensor:
@@ -692,3 +441,65 @@ def _wss_heatmap(items, grids, weights_t, cell_valid, class_valid) -> torch.Tens
         total = heat if total is None else total + heat
     heat = minmax_last(total / n_maps, cell_valid)
     return heat * class_valid[:, :, None].to(heat.dtype)
+
+
+
+def propagate_method(items: list[PropagateItem], cfg: PropagateConfig, background: int, crf) -> list[torch.Tensor]:
+    """The configured method on a batch: DHR (Steps 2-3), or the CAM or random-walk baseline."""
+    if cfg.method == "dhr":
+        return propagate_items(items, cfg, background=background, crf=crf)
+    if cfg.method == "cam":
+        return cam_baseline(items, cfg.cam_bg_threshold, background, crf)
+    from dhr_cli.kernels.randomwalk import random_walk_mask
+
+    rw = cfg.rw
+    return [random_walk_mask(it.cams, it.uss.float(), it.cam_labels, tuple(it.seed.shape), beta=rw.beta, logt=rw.logt,
+                             bg=rw.bg, kind=rw.affinity, radius=rw.radius, power=rw.power, max_side=rw.max_side)
+            for it in items]
+
+
+def cam_baseline(items: list[PropagateItem], bg_threshold: float, background: int, crf=None) -> list[torch.Tensor]:
+    """CAM argmax against a constant background score (optionally CRF-refined): the plain baseline."""
+    probs, values = [], []
+    for it in items:
+        cams = resize(normalize_cams(it.cams.float()), tuple(it.seed.shape)).clamp(0, 1)
+        scores = torch.cat([cams.new_full((1, *cams.shape[1:]), bg_threshold), cams], 0)
+        probs.append(scores / scores.sum(0, keepdim=True).clamp_min(1e-12))
+        values.append(torch.tensor([background, *it.cam_labels], device=cams.device))
+    if crf is not None and all(it.image is not None for it in items):
+        probs = crf_padded(crf, [it.image for it in items], probs)
+    return [v[p.argmax(0)] for p, v in zip(probs, values)]
+
+
+def propagate_batch(seeds: torch.Tensor, uss: torch.Tensor, wss: list[torch.Tensor], values: torch.Tensor,
+                    images: torch.Tensor | None, cfg: PropagateConfig, *, cams: torch.Tensor | None = None,
+                    pixel_valid: torch.Tensor | None = None, background: int = 0, crf=None) -> torch.Tensor:
+    """Online propagation for equally sized crops (what `dhr train` calls every iteration).
+
+    Args:
+        seeds: (B, H, W) seed masks, 255 = unsure.
+        uss: (B, D, hu, wu) USS features on the crop's grid.
+        wss: [(B, D_l, h_l, w_l)] WSS feature maps.
+        values: (B, L) image-level foreground label values, -1 = padding.
+        images: (B, 3, H, W) 0..255 for the CRF, or None.
+        cams: (B, L, h, w) CAMs aligned with `values`, for recovering classes that win no cell.
+        pixel_valid: (B, H, W) bool; outside it seeds count as unsure and the output is 255.
+    Returns:
+        (B, H, W) int64 masks.
+    """
+    if crf is None and cfg.use_crf and images is not None:
+        crf = crf_function(cfg.crf)
+    if pixel_valid is not None:
+        seeds = torch.where(pixel_valid, seeds.long(), torch.full_like(seeds.long(), IGNORE_INDEX))
+    items = []
+    for b in range(seeds.shape[0]):
+        keep = values[b] >= 0
+        labels = values[b][keep].tolist()
+        items.append(PropagateItem(seed=seeds[b].long(), uss=uss[b], wss=[w[b] for w in wss], labels=labels,
+                                   cams=cams[b][keep] if cams is not None else None,
+                                   cam_labels=labels if cams is not None else None,
+                                   image=images[b] if images is not None else None))
+    out = torch.stack(propagate_items(items, cfg, background=background, crf=crf))
+    if pixel_valid is not None:
+        out = torch.where(pixel_valid, out, torch.full_like(out, IGNORE_INDEX))
+    return out

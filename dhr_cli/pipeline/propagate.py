@@ -6,7 +6,7 @@
 USS and WSS sources are stores (a features store, or a cams store's `features`). The same
 inputs also drive two baselines users can run on their own data: `method="cam"` (CAM argmax
 against a constant background score) and `method="rw"` (PSA/AffinityNet random walk).
-`propagate_batch` is the pure-tensor entry point that `dhr train` uses online.
+The kernels are in `dhr_cli.kernels.propagate` (`propagate_batch` is what `dhr train` calls online).
 """
 
 from __future__ import annotations
@@ -21,33 +21,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dhr_cli.config import IGNORE_INDEX, PropagateConfig
-from dhr_cli.data import open_dataset
-from dhr_cli.distributed import device_for_rank, output_store, shard
+from dhr_cli.config import PropagateConfig
 from dhr_cli.errors import InputError, StoreError
-from dhr_cli.inputs import (
+from dhr_cli.io.datasets import open_dataset
+from dhr_cli.io.distributed import device_for_rank, output_store, shard
+from dhr_cli.io.loading import iterate_batches
+from dhr_cli.io.progress import track
+from dhr_cli.io.runtime import resolve_device
+from dhr_cli.io.store import Store, make_provenance, open_store
+from dhr_cli.kernels.crf import crf_function
+from dhr_cli.kernels.propagate import (
+    PropagateItem,
+    pooled_cells,
+    propagate_method,
+    step3_needed,
+)
+from dhr_cli.pipeline.inputs import (
     Missing,
     check_cam_labels,
     check_labels,
-    crf_function,
     image_and_labels,
     open_checked,
     require_background,
     select_ids,
     to_tensor,
 )
-from dhr_cli.kernels.dhr import PropagateItem, normalize_cams, pooled_cells, propagate_items, resize, step3_needed
-from dhr_cli.loading import iterate_batches
-from dhr_cli.progress import track
-from dhr_cli.runtime import resolve_device
-from dhr_cli.store import Store, make_provenance, open_store
 
 logger = logging.getLogger(__name__)
 
 
 def _source_path(value: str | Path, role: str) -> Path:
     """A USS/WSS source given as a store path (the CLI turns method names into stores first,
-    with `dhr_cli.cams.features_store_for`)."""
+    with `dhr_cli.pipeline.cams.features_store_for`)."""
     path = Path(value)
     if path.is_file():
         return path
@@ -119,7 +124,7 @@ def run_propagate(cfg: PropagateConfig, *, seeds: Path, data: Path, uss: str | P
                                    quiet=quiet):
                     items = [_to_item(reader, loaded, device) for loaded in batch]
                     with torch.no_grad():
-                        masks = _run_method(items, cfg, background, crf)
+                        masks = propagate_method(items, cfg, background, crf)
                     for loaded, mask in zip(batch, masks):
                         writer.write(loaded.item_id, {"mask": mask.to(torch.uint8).cpu().numpy()})
         return {"written": len(todo), "items": len(ids)}
@@ -243,65 +248,3 @@ def _to_item(reader: _Reader, loaded: _Loaded, device) -> PropagateItem:
 
 def _read_wss(reader: _Reader, item_id: str, device) -> list[torch.Tensor]:
     return [to_tensor(_features(reader.store(role), item_id), device) for role in reader.wss_roles()]
-
-
-def _run_method(items: list[PropagateItem], cfg: PropagateConfig, background: int, crf) -> list[torch.Tensor]:
-    if cfg.method == "dhr":
-        return propagate_items(items, cfg, background=background, crf=crf)
-    if cfg.method == "cam":
-        return cam_baseline(items, cfg.cam_bg_threshold, background, crf)
-    from dhr_cli.kernels.randomwalk import random_walk_mask
-
-    rw = cfg.rw
-    return [random_walk_mask(it.cams, it.uss.float(), it.cam_labels, tuple(it.seed.shape), beta=rw.beta, logt=rw.logt,
-                             bg=rw.bg, kind=rw.affinity, radius=rw.radius, power=rw.power, max_side=rw.max_side)
-            for it in items]
-
-
-def cam_baseline(items: list[PropagateItem], bg_threshold: float, background: int, crf=None) -> list[torch.Tensor]:
-    """CAM argmax against a constant background score (optionally CRF-refined): the plain baseline."""
-    from dhr_cli.kernels.dhr import _crf_padded
-
-    probs, values = [], []
-    for it in items:
-        cams = resize(normalize_cams(it.cams.float()), tuple(it.seed.shape)).clamp(0, 1)
-        scores = torch.cat([cams.new_full((1, *cams.shape[1:]), bg_threshold), cams], 0)
-        probs.append(scores / scores.sum(0, keepdim=True).clamp_min(1e-12))
-        values.append(torch.tensor([background, *it.cam_labels], device=cams.device))
-    if crf is not None and all(it.image is not None for it in items):
-        probs = _crf_padded(crf, [it.image for it in items], probs)
-    return [v[p.argmax(0)] for p, v in zip(probs, values)]
-
-
-def propagate_batch(seeds: torch.Tensor, uss: torch.Tensor, wss: list[torch.Tensor], values: torch.Tensor,
-                    images: torch.Tensor | None, cfg: PropagateConfig, *, cams: torch.Tensor | None = None,
-                    pixel_valid: torch.Tensor | None = None, background: int = 0, crf=None) -> torch.Tensor:
-    """Online propagation for equally sized crops (what `dhr train` calls every iteration).
-
-    Args:
-        seeds: (B, H, W) seed masks, 255 = unsure.
-        uss: (B, D, hu, wu) USS features on the crop's grid.
-        wss: [(B, D_l, h_l, w_l)] WSS feature maps.
-        values: (B, L) image-level foreground label values, -1 = padding.
-        images: (B, 3, H, W) 0..255 for the CRF, or None.
-        cams: (B, L, h, w) CAMs aligned with `values`, for recovering classes that win no cell.
-        pixel_valid: (B, H, W) bool; outside it seeds count as unsure and the output is 255.
-    Returns:
-        (B, H, W) int64 masks.
-    """
-    if crf is None and cfg.use_crf and images is not None:
-        crf = crf_function(cfg.crf)
-    if pixel_valid is not None:
-        seeds = torch.where(pixel_valid, seeds.long(), torch.full_like(seeds.long(), IGNORE_INDEX))
-    items = []
-    for b in range(seeds.shape[0]):
-        keep = values[b] >= 0
-        labels = values[b][keep].tolist()
-        items.append(PropagateItem(seed=seeds[b].long(), uss=uss[b], wss=[w[b] for w in wss], labels=labels,
-                                   cams=cams[b][keep] if cams is not None else None,
-                                   cam_labels=labels if cams is not None else None,
-                                   image=images[b] if images is not None else None))
-    out = torch.stack(propagate_items(items, cfg, background=background, crf=crf))
-    if pixel_valid is not None:
-        out = torch.where(pixel_valid, out, torch.full_like(out, IGNORE_INDEX))
-    return out

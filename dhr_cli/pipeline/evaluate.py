@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from dhr_cli.config import IGNORE_INDEX, EvalConfig
 from dhr_cli.errors import DatasetError, InputError
-from dhr_cli.metrics import class_scores, confusion_matrix, mean_over_present
+from dhr_cli.kernels.metrics import class_scores, confusion_matrix, mean_over_present
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class Predictions:
             self.ids = set(self._pngs)
             self.classes = None
         else:
-            from dhr_cli.store import open_store
+            from dhr_cli.io.store import open_store
 
             self._store = open_store(self.path, expect=("masks", "seeds"))
             self.kind = self._store.kind
@@ -100,7 +100,7 @@ def _check_classes(path: Path, store_classes: list[str], classes: list[str]) -> 
 
 def read_mask_png(path: Path) -> np.ndarray:
     """(H, W) uint8 labels from a palette, grayscale or 16-bit PNG, or an RGB PNG in VOC colours."""
-    from dhr_cli.palette import palette_array
+    from dhr_cli.io.palette import palette_array
 
     try:
         with Image.open(path) as im:
@@ -375,8 +375,8 @@ def run_eval(
         InputError / StoreError: a prediction source is unusable, a prediction holds labels
             outside the class list, or sizes differ (with on_size_mismatch="fail").
     """
-    from dhr_cli.data import open_dataset
-    from dhr_cli.progress import track
+    from dhr_cli.io.datasets import open_dataset
+    from dhr_cli.io.progress import track
 
     preds = [Path(p) for p in preds]
     if not preds:
