@@ -247,3 +247,56 @@ class RandomWalkConfig:
         _check(self.radius >= 0, f"radius must be >= 0, got {self.radius}")
         _check(self.power in ("auto", "square", "iterate"), f"power must be 'auto', 'square' or 'iterate', got {self.power!r}")
         _check(self.max_side >= 2, f"max_side must be >= 2, got {self.max_side}")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """Prompts for Segment Anything drawn from a mask (`dhr refine --mode prompt`, `dhr export --prompts`).
+
+    One prompt per connected region of each foreground class: its box, its most interior pixels
+    as positive points and the most interior pixel of every other class present (background
+    included) as negative points. Not tuned: no SAM weights on our machines (docs/sam.md).
+    """
+
+    positive_points: int = 3  # the region's most interior pixels (distance-transform maxima)
+    negative_points: int = 4  # at most this many other classes, the largest first
+    min_area: int = 16  # regions smaller than this many pixels get no prompt (kept as they are)
+    connectivity: int = 8  # 4 or 8: which neighbours join a region
+
+    def __post_init__(self) -> None:
+        _check(self.positive_points >= 1, f"positive_points must be >= 1, got {self.positive_points}")
+        _check(self.negative_points >= 0, f"negative_points must be >= 0, got {self.negative_points}")
+        _check(self.min_area >= 1, f"min_area must be >= 1, got {self.min_area}")
+        _check(self.connectivity in (4, 8), f"connectivity must be 4 or 8, got {self.connectivity}")
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """`dhr refine --sam`: masks refined with Segment Anything (docs/sam.md)."""
+
+    mode: Literal["prompt", "merge"] = "prompt"
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    # prompt mode
+    accept_iou: float = 0.5  # SAM's mask is kept where its IoU with the prompting region is at least this
+    mask_input: bool = False  # also give SAM the region as a low-resolution mask (logits +-mask_logit)
+    mask_logit: float = 8.0
+    shrink: bool = False  # pixels of a region that its accepted SAM mask leaves out become background
+    prompt_batch: int = 64  # prompts decoded together (one image embedding)
+    # merge mode: SamAutomaticMaskGenerator (its own defaults) and the SAM_WSSS assignment rule
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    coverage: float = 0.85  # a segment also goes to class c when it covers this share of c's pixels (SAM_WSSS)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("prompt", "merge"), f"mode must be 'prompt' or 'merge', got {self.mode!r}")
+        _check(0 <= self.accept_iou <= 1, f"accept_iou must be in [0, 1], got {self.accept_iou}")
+        _check(self.mask_logit > 0, f"mask_logit must be > 0, got {self.mask_logit}")
+        _check(self.prompt_batch >= 1 and self.points_per_batch >= 1, "prompt_batch and points_per_batch must be >= 1")
+        _check(self.points_per_side >= 1, f"points_per_side must be >= 1, got {self.points_per_side}")
+        _check(0 <= self.pred_iou_thresh <= 1, f"pred_iou_thresh must be in [0, 1], got {self.pred_iou_thresh}")
+        _check(0 <= self.stability_score_thresh <= 1,
+               f"stability_score_thresh must be in [0, 1], got {self.stability_score_thresh}")
+        _check(0 < self.coverage <= 1, f"coverage must be in (0, 1], got {self.coverage}")

@@ -29,3 +29,7 @@ class CheckpointError(InputError):
 
 class NotBuiltError(DhrError):
     """A capability that this version does not provide yet."""
+
+
+class MissingExtraError(DhrError):
+    """A capability needs an optional extra that is not installed (`pip install 'dhr[NAME]'`)."""

@@ -18,6 +18,7 @@ from dhr_cli.cli import (  # noqa: E402,F401
     cmd_merge,
     cmd_predict,
     cmd_propagate,
+    cmd_refine,
     cmd_seed,
     cmd_train,
 )

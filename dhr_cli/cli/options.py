@@ -132,3 +132,19 @@ def network_store(spec: str, role: str, *, data: Path, split: str | None, weight
 
     return features_store_for(spec, open_dataset(data, split), role=role, weights=weights, cache_dir=features_dir,
                               announce=announce, device=resolve_device(device), quiet=quiet, **source_kw)
+
+
+# ---- Segment Anything prompts (dhr refine, dhr export --prompts) ---------------------------------
+PositivePoints = Annotated[int, typer.Option("--positive-points", min=1, help="Positive points per region: its most interior pixels.")]
+NegativePoints = Annotated[int, typer.Option("--negative-points", min=0, help="Negative points per region: the most interior pixel of up to this many other classes (largest first).")]
+MinArea = Annotated[int, typer.Option("--min-area", min=1, help="Regions smaller than this many pixels get no prompt.")]
+
+
+def prompt_config(positive_points: int, negative_points: int, min_area: int):
+    from dhr_cli.config import PromptConfig
+    from dhr_cli.errors import InputError
+
+    try:
+        return PromptConfig(positive_points=positive_points, negative_points=negative_points, min_area=min_area)
+    except ValueError as e:
+        raise InputError(str(e)) from None

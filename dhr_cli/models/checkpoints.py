@@ -38,7 +38,7 @@ class _Inert:
         return OrderedDict()
 
 
-def _read_with_inert_globals(path: Path):
+def _read_with_inert_globals(path: Path, map_location="cpu"):
     """torch.load(weights_only=True) with every non-allow-listed global replaced by _Inert."""
     import builtins
 
@@ -52,11 +52,20 @@ def _read_with_inert_globals(path: Path):
             allow.append((type(attr, (_Inert,), {"__qualname__": n}), n))
     logger.info("%s: reading tensors only; pickled classes left inert: %s", path, ", ".join(names[:6]))
     with torch.serialization.safe_globals(allow):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def read_checkpoint(path: str | Path, trust: bool = False, inert: bool = True):
-    """The raw object stored in `path`.
+def _looks_like_checkpoint(path: Path) -> bool:
+    """torch.save writes a zip archive (or, before torch 1.6, a pickle: protocol 2+ starts with 0x80)."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(1)
+    return head == b"\x80" or zipfile.is_zipfile(path)
+
+
+def read_checkpoint(path: str | Path, trust: bool = False, inert: bool = True, map_location="cpu"):
+    """The raw object stored in `path`, its tensors on `map_location` (default the CPU).
 
     Default: `torch.load(weights_only=True)` (tensors and plain containers only).
     inert=True (default): a file that also pickles other objects (a Lightning .ckpt's OmegaConf
@@ -69,14 +78,16 @@ def read_checkpoint(path: str | Path, trust: bool = False, inert: bool = True):
         raise CheckpointError(f"{path}: checkpoint file not found")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
+    if not _looks_like_checkpoint(path):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust)
+        return torch.load(path, map_location=map_location, weights_only=not trust)
     except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError ...
         name = e.__class__.__name__
         pickled = "weights_only" in str(e) or name == "UnpicklingError"
         if not trust and pickled and inert:
             try:
-                return _read_with_inert_globals(path)
+                return _read_with_inert_globals(path, map_location)
             except Exception as e2:
                 logger.info("%s: inert read failed (%s: %s)", path, e2.__class__.__name__, e2)
         if not trust and pickled:
@@ -123,9 +134,10 @@ def select_prefix(sd: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def load_state_dict(path: str | Path, trust: bool = False, prefixes: Iterable[str] = DEFAULT_PREFIXES) -> dict:
+def load_state_dict(path: str | Path, trust: bool = False, prefixes: Iterable[str] = DEFAULT_PREFIXES,
+                    map_location="cpu") -> dict:
     """A flat {name: tensor} dict from a checkpoint file: containers unwrapped, prefixes stripped."""
-    return strip_prefixes(unwrap(read_checkpoint(path, trust), path), prefixes)
+    return strip_prefixes(unwrap(read_checkpoint(path, trust, map_location=map_location), path), prefixes)
 
 
 def _few(keys: list[str], n: int = 5) -> str:
