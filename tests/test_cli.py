@@ -14,7 +14,7 @@ from dhr_cli.cli import app
 from tests.helpers import make_flat, write_plain_store
 
 runner = CliRunner()
-COMMANDS = ["cams", "seed", "propagate", "train", "eval", "export", "info", "demo"]
+COMMANDS = ["cams", "seed", "propagate", "refine", "train", "eval", "export", "info", "demo"]
 
 
 def test_help_lists_every_command():

@@ -208,6 +208,9 @@ def test_resolve_prompted_accepts_by_iou_and_overlaps_by_score():
     out, _ = resolve_prompted(mask, torch.tensor([1, 2, 2]), regions, sam, torch.tensor([0.4, 0.5, 0.0]), 0.6)
     assert out[4, 4] == 2 and out[5, 5] == 2  # now the second mask scores higher
     assert torch.equal(resolve_prompted(mask, torch.tensor([1, 2, 2]), regions, sam, scores, 0.7)[0], mask)
+    half = torch.zeros(3, 10, 10, dtype=torch.bool)
+    half[0, 1:9, 1:5] = True  # region 1 and 16 more pixels: IoU exactly 0.5, accepted at 0.5
+    assert resolve_prompted(mask, torch.tensor([1, 2, 2]), regions, half, scores, 0.5)[1].tolist() == [True, False, False]
     shrunk = torch.zeros(3, 10, 10, dtype=torch.bool)
     shrunk[0, 1:5, 1:4] = True  # IoU 12/16 with region 1: accepted, leaves column 4 out
     out, _ = resolve_prompted(mask, torch.tensor([1, 2, 2]), regions, shrunk, scores, 0.7, shrink=True)
