@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ["propagate", "crf", "eval_speed", "seed_defaults", "store_memory", "scaling"]
+BENCHES = ["propagate", "crf", "eval_speed", "seed_defaults", "store_memory", "scaling", "sam"]
 
 
 def main() -> int:
