@@ -396,3 +396,38 @@ def test_export_prompts_json(setup, tmp_path):
         assert len(pos) == 2 and all(region[y, x] for x, y in pos)
     res = runner.invoke(app, ["export", str(masks)])
     _one_line_error(res, "--out DIR", "--prompts DIR")
+
+
+_RANK_SCRIPT = """
+import sys
+from dhr_cli.config import RefineConfig
+from dhr_cli.models import sam
+from dhr_cli.pipeline.refine import run_refine
+from dhr_cli.testing.sam import tiny_sam_type
+
+sam.SAM_TYPES["vit_tiny"] = tiny_sam_type()
+data, masks, weights, out = sys.argv[1:5]
+run_refine(RefineConfig(accept_iou=0.0, device="cpu"), masks=masks, data=data, sam="vit_tiny", weights=weights,
+           out=out, quiet=True)
+"""
+
+
+def test_refine_under_torchrun_matches_one_process(setup, tmp_path):
+    import os
+    import subprocess
+
+    if not torch.distributed.is_gloo_available():
+        pytest.skip("gloo backend not available")
+    data, masks, weights, _ = setup
+    assert _refine(data, masks, weights, tmp_path / "one.h5", "--accept-iou", "0").exit_code == 0
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          str(script), str(data), str(masks), str(weights), str(tmp_path / "two.h5")],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one, _ = _read(tmp_path / "one.h5")
+    merged, prov = _read(tmp_path / "two.h5")
+    assert one.keys() == merged.keys() and all(np.array_equal(one[i], merged[i]) for i in one)
+    assert len(prov["merged_from"]) == 2 and not list(tmp_path.glob("two.rank*"))
