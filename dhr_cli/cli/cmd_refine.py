@@ -16,7 +16,7 @@ from dhr_cli.config import PromptConfig, RefineConfig
 _R, _P = RefineConfig(), PromptConfig()
 
 @app.command("refine", help=(
-    "Refine a masks store with Segment Anything (pip install 'dhr[sam]'; weights from your own file). "
+    "Refine a masks store with Segment Anything (pip install 'dhr\\[sam]'; weights from your own file). "
     "--mode prompt: each region of each class prompts SAM (box + interior points); SAM's mask replaces it "
     "where their IoU reaches --accept-iou. --mode merge: SAM's automatic masks take the class that holds "
     "most of them, or that they cover (SAM_WSSS rule). Pixels no SAM mask claims keep their label."))
