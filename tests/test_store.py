@@ -161,3 +161,18 @@ def test_provenance_is_json(tmp_path):
     with h5py.File(tmp_path / "m.h5") as f:
         prov = json.loads(f.attrs["provenance"])
     assert prov["options"]["tau"] == 0.8 and prov["dhr_version"]
+
+
+def test_read_only_named_datasets(tmp_path):
+    import numpy as np
+
+    from dhr_cli.io.store import create_store, open_store
+
+    cams = np.ones((1, 4, 4), np.float16)
+    feats = np.ones((8, 2, 2), np.float16)
+    with create_store(tmp_path / "c.h5", "cams", ["background", "a"], provenance={}) as w:
+        w.write("x", {"cams": cams, "features": feats}, {"cams": {"labels": np.array([1]), "image_size": [4, 4]}})
+    with open_store(tmp_path / "c.h5") as s:
+        assert set(s.read("x").arrays) == {"cams", "features"}
+        assert set(s.read("x", names=("cams",)).arrays) == {"cams"}
+        assert set(s.read("x", names=("features",)).arrays) == {"cams", "features"}

@@ -331,8 +331,15 @@ class DHRDataset(Dataset):
 
 def detect_layout(root: Path) -> tuple[str, Path]:
     """(layout, resolved root) or DatasetError saying why nothing fits."""
+    from dhr_cli.io import coco
+
+    found = coco.detect(root)
     if (root / "classes.txt").is_file() and (root / "images").is_dir():
-        return "flat", root
+        found.insert(0, ("flat", root))
+    if len(found) > 1:
+        raise DatasetError(f"{root}: mixed dataset layouts ({', '.join(n for n, _ in found)}); keep one per folder")
+    if found:
+        return found[0]
     for candidate in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
         if (candidate / "JPEGImages").is_dir():
             return "voc", candidate
@@ -340,7 +347,8 @@ def detect_layout(root: Path) -> tuple[str, Path]:
         return "dhr", root
     raise DatasetError(
         f"{root}: matches no dataset layout (flat needs classes.txt and images/; "
-        "PASCAL VOC needs JPEGImages/; DHR/MARS needs <split>/image/)"
+        "PASCAL VOC needs JPEGImages/; DHR/MARS needs <split>/image/; COCO needs annotations/instances_<split>.json, "
+        "coco_seg_anno/ or SegmentationClass/<split>/; ADE20K needs images/training|validation and annotations/)"
     )
 
 
@@ -352,7 +360,9 @@ def open_dataset(root: str | os.PathLike, split: str | None = None) -> Dataset:
     if not root.is_dir():
         raise DatasetError(f"{root}: is a file, expected a dataset folder")
     layout, resolved = detect_layout(root)
-    cls = {"flat": FlatDataset, "voc": VOCDataset, "dhr": DHRDataset}[layout]
+    from dhr_cli.io.coco import READERS
+
+    cls = {"flat": FlatDataset, "voc": VOCDataset, "dhr": DHRDataset, **READERS}[layout]
     try:
         ds = cls(resolved, split)
     except (OSError, UnicodeDecodeError) as e:

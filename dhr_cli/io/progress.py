@@ -38,11 +38,15 @@ def track(items: Iterable[T], description: str, total: int | None = None, quiet:
     """Iterate with a progress bar (items/s shown) unless quiet."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
+    if quiet:  # no bar: no per-item bookkeeping either (it cost ~1 ms an item at COCO scale)
+        yield from items
+        return
     with progress_bar(quiet) as bar:
         task = bar.add_task(description, total=total, rate="")
-        for item in items:
+        for n, item in enumerate(items, 1):
             yield item
             bar.advance(task)
-            t = bar.tasks[0]
-            if t.speed:
-                bar.update(task, rate=f"{t.speed:.1f}/s")
+            if n % 16 == 0:  # rich's speed walks its sample window: not on every item
+                t = bar.tasks[0]
+                if t.speed:
+                    bar.update(task, rate=f"{t.speed:.1f}/s")

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import h5py
 import numpy as np
@@ -179,12 +179,17 @@ class Store:
     def __iter__(self) -> Iterator[str]:
         return iter(self.ids)
 
-    def read(self, item_id: str) -> Item:
+    def read(self, item_id: str, names: Iterable[str] | None = None) -> Item:
+        """One item; `names` limits which datasets are decompressed (the main one is always read):
+        a CAMs store that also holds WSS features costs ~7 MB of unpacking per item otherwise."""
         if item_id not in self._items:
             raise StoreError(f"{self.path}: no item {item_id!r}")
         group = self._items[item_id]
+        wanted = None if names is None else {*names, MAIN_DATASET[self.kind]}
         arrays, attrs = {}, {}
         for name, ds in group.items():
+            if wanted is not None and name not in wanted:
+                continue
             if isinstance(ds, h5py.Dataset):
                 arrays[name] = ds[()]
                 attrs[name] = {k: v for k, v in ds.attrs.items()}

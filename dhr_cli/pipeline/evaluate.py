@@ -64,7 +64,7 @@ class Predictions:
         if item_id not in self.ids:
             return None
         if self._store is not None:
-            return self._store.read(item_id).mask
+            return self._store.read(item_id, names=()).mask
         return read_mask_png(self._pngs[item_id])
 
     def close(self) -> None:
@@ -135,11 +135,16 @@ def read_mask_png(path: Path) -> np.ndarray:
 
 
 # ---- results --------------------------------------------------------------------------------
-def _scores_batch(image_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """tp, gt, pred (N, K) from per-image counts (N, K, K + 1)."""
-    k = image_counts.shape[1]
-    tp = np.diagonal(image_counts[:, :, :k], axis1=1, axis2=2)
-    return tp, image_counts.sum(axis=2), image_counts[:, :, :k].sum(axis=1)
+def image_stats(counts: np.ndarray) -> np.ndarray:
+    """(3, K) int32 tp, gt, pred pixel counts of one image from its (K, K + 1) confusion matrix:
+    all that per-image scores need, ~1 KB an image at 81 classes instead of the 53 KB matrix."""
+    k = counts.shape[0]
+    return np.stack([np.diagonal(counts[:, :k]), counts.sum(axis=1), counts[:, :k].sum(axis=0)]).astype(np.int32)
+
+
+def _scores_batch(stats: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """tp, gt, pred (N, K) from per-image stats (N, 3, K)."""
+    return stats[:, 0].astype(np.int64), stats[:, 1].astype(np.int64), stats[:, 2].astype(np.int64)
 
 
 @dataclass
@@ -151,7 +156,8 @@ class MethodResult:
     classes: list[str]
     foreground: np.ndarray  # (K,) bool: classes that count for the vanishing rate
     ids: list[str]  # scored images, in split order
-    image_counts: np.ndarray  # (N, K, K + 1) int64 per-image confusion matrices
+    image_stats: np.ndarray  # (N, 3, K) int32 per-image tp, gt, pred pixel counts (image_stats())
+    total_counts: np.ndarray  # (K, K + 1) int64 confusion matrix summed over the scored images
     pred_present: np.ndarray  # (N, K) bool: class predicted anywhere in the image's mask
     missing: list[str] = field(default_factory=list)  # GT images with no prediction
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> ids (this source only)
@@ -161,8 +167,7 @@ class MethodResult:
     @property
     def counts(self) -> np.ndarray:
         """(K, K + 1) int64 confusion matrix of the whole split."""
-        k = len(self.classes)
-        return self.image_counts.sum(axis=0) if len(self.ids) else np.zeros((k, k + 1), np.int64)
+        return self.total_counts
 
     @property
     def scores(self):
@@ -191,7 +196,7 @@ class MethodResult:
         """(vanished, pairs): (image, GT foreground class) pairs, and those with no predicted pixel."""
         if not self.ids:
             return 0, 0
-        _, gt, _ = _scores_batch(self.image_counts)
+        _, gt, _ = _scores_batch(self.image_stats)
         in_gt = (gt > 0) & self.foreground[None, :]
         return int((in_gt & ~self.pred_present).sum()), int(in_gt.sum())
 
@@ -204,7 +209,7 @@ class MethodResult:
         """(N,) mIoU of each scored image over its classes with union > 0."""
         if not self.ids:
             return np.zeros(0)
-        tp, gt, pred = _scores_batch(self.image_counts)
+        tp, gt, pred = _scores_batch(self.image_stats)
         union = gt + pred - tp
         with np.errstate(divide="ignore", invalid="ignore"):
             iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
@@ -398,7 +403,8 @@ def run_eval(
         method_names = _unique_names(sources, names)
         split_ids = set(ds.ids)
         acc = [
-            {"ids": [], "counts": [], "present": [], "missing": [], "empty": [], "skipped": defaultdict(list)}
+            {"ids": [], "stats": [], "total": np.zeros((k, k + 1), np.int64), "present": [], "missing": [],
+             "empty": [], "skipped": defaultdict(list)}
             for _ in sources
         ]
         dataset_skipped: dict[str, list[str]] = defaultdict(list)
@@ -434,7 +440,9 @@ def run_eval(
                         f"outside the {k} classes of {ds.root} (0..{k - 1}, 255 = ignore)"
                     )
                 a["ids"].append(item_id)
-                a["counts"].append(confusion_matrix(gt, pred, k))
+                counts = confusion_matrix(gt, pred, k)
+                a["total"] += counts  # split totals accumulate; per image only (3, K) is kept
+                a["stats"].append(image_stats(counts))
                 a["present"].append(hist[:k] > 0)
         methods = []
         for src, name, a in zip(sources, method_names, acc):
@@ -446,7 +454,8 @@ def run_eval(
                     classes=classes,
                     foreground=foreground,
                     ids=a["ids"],
-                    image_counts=np.stack(a["counts"]) if n else np.zeros((0, k, k + 1), np.int64),
+                    image_stats=np.stack(a["stats"]) if n else np.zeros((0, 3, k), np.int32),
+                    total_counts=a["total"],
                     pred_present=np.stack(a["present"]) if n else np.zeros((0, k), bool),
                     missing=a["missing"],
                     skipped=dict(a["skipped"]),

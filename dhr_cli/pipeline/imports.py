@@ -204,3 +204,30 @@ def run_import(fmt: str, src: str | Path, dataset, out: str | Path, *, provenanc
                 w.write(item_id, {"mask": mask})
             written += 1
     return {"kind": kind, "written": written, "missing": absent}
+
+
+def _id_forms(key) -> list[str]:
+    """Ways a label-file key names an image: ToCo keys are the id string; IRN keys are ints with the
+    underscore dropped (2011003271 = 2011_003271); COCO's are the integer image id (12 digits in names)."""
+    if isinstance(key, (int, np.integer)):
+        s = str(int(key))
+        forms = [s, f"{int(key):012d}"]
+        if len(s) == 10:
+            forms.append(f"{s[:4]}_{s[4:]}")
+        return forms
+    return [str(key)]
+
+
+def read_label_vectors(path: Path, num_foreground: int | None = None, trust: bool = False) -> dict[str, list[int]]:
+    """IRN cls_labels.npy / ToCo cls_labels_onehot.npy: {id: (K,) 0/1 vector, background excluded}
+    -> {id (every form of it): sorted foreground label values, vector index i -> label i + 1}."""
+    d = _load_npy_dict(Path(path), trust)
+    out: dict[str, list[int]] = {}
+    for key, vec in d.items():
+        v = np.asarray(_as_np(vec)).reshape(-1)
+        if num_foreground is not None and v.size != num_foreground:
+            raise InputError(f"{path}: the vector of {key!r} has {v.size} entries, expected {num_foreground} classes")
+        values = (np.flatnonzero(v > 0.5) + 1).tolist()
+        for form in _id_forms(key):
+            out[form] = values
+    return out

@@ -50,6 +50,8 @@ def describe_dataset(root: Path, split: str | None = None) -> dict:
         "path": str(root),
         "what": "dataset",
         "layout": ds.layout,
+        "found": ds.describe(),
+        "convention": getattr(ds, "convention", "class ids as in the files (255 = ignore)"),
         "split": ds.split,
         "classes": ds.classes,
         "items": len(ds),

@@ -67,7 +67,7 @@ def _source_path(value: str | Path, role: str) -> Path:
 def _features(store: Store, item_id: str) -> np.ndarray:
     """(D, h, w) features of an item, float16 or float32 as stored (the kernels convert; float16 is
     exact in float32), checked like the store's `Item.features` (which copies to float32)."""
-    item = store.read(item_id)
+    item = store.read(item_id, names=("features",))
     if "features" not in item.arrays:
         raise StoreError(f"{store.path}: item {item_id!r} has no 'features' dataset (a {store.kind} store used as "
                          "a feature source needs the network's features)")
@@ -221,7 +221,7 @@ def _load_item(dataset, reader: _Reader, cfg: PropagateConfig, with_image: bool,
                          f"its image {size[1]}x{size[0]}")
     loaded = _Loaded(item_id, image, labels, seed, _features(reader.store("uss"), item_id))
     if "cams" in reader.paths:
-        cam_item = reader.store("cams").read(item_id)
+        cam_item = reader.store("cams").read(item_id, names=("cams",))
         loaded.cams, loaded.cam_labels = cam_item.cams, cam_item.labels.tolist()
         check_cam_labels(reader.paths["cams"], item_id, loaded.cam_labels, labels)
     if cfg.method == "dhr" and reader.wss_roles():

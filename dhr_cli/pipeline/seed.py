@@ -97,7 +97,7 @@ def run_seed(cfg: SeedConfig, cams: Path, data: Path, out: Path, *, split: str |
 def _seed_batch(batch, dataset, cam_store, base, cfg, device, background, crf, writer) -> None:
     cams, labels, sizes, images, bases = [], [], [], [], []
     for item_id, image, image_labels, size in batch:
-        item = cam_store.read(item_id)
+        item = cam_store.read(item_id, names=("cams",))  # not the WSS features beside them
         cam_labels = item.labels.tolist()
         check_labels(dataset, item_id, image_labels)
         check_cam_labels(cam_store.path, item_id, cam_labels, image_labels)
