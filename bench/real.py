@@ -47,7 +47,7 @@ sys.path.insert(0, str(HERE.parent))
 
 logger = logging.getLogger("bench.real")
 
-METHODS = ("cam", "cam_crf", "cam_crf_tuned", "rw", "dhr_no_step3", "dhr")
+METHODS = ("cam", "cam_crf", "cam_crf_tuned", "rw", "dhr_no_step3", "dhr_no_crf", "dhr_no_restore", "dhr_guided", "dhr")
 BG_SWEEP = (0.2, 0.3, 0.4, 0.5, 0.6)
 LABELS = {
     "cam": "CAM argmax + bg threshold",
@@ -55,6 +55,9 @@ LABELS = {
     "cam_crf_tuned": "CAM + CRF, bg tuned on these images",
     "rw": "Random walk (PSA-style)",
     "dhr_no_step3": "DHR without Step 3",
+    "dhr_no_crf": "DHR without the CRF",
+    "dhr_no_restore": "DHR without class restoring",
+    "dhr_guided": "DHR + guided upsampling",
     "dhr": "DHR (Steps 1-3)",
 }
 
@@ -254,7 +257,7 @@ def make_seeds(ctx: Context) -> Path:
     return seeds
 
 
-def run_dhr(ctx: Context, out: Path, step3: bool) -> None:
+def run_dhr(ctx: Context, out: Path, step3: bool, extra: tuple[str, ...] = ()) -> None:
     seeds = ctx.out / "seeds.h5"
     split = ["--split", ctx.split] if ctx.split else []
     if step3:
@@ -267,7 +270,7 @@ def run_dhr(ctx: Context, out: Path, step3: bool) -> None:
         ctx.notes["step3_off"] = " ".join(opts)
     dhr_cmd("propagate", "--seeds", str(seeds), "--data", str(ctx.data), *split, "--uss", str(ctx.uss),
             "--wss", str(ctx.wss), "--cams", str(ctx.cams), "--out", str(out), "--device", ctx.device,
-            "--overwrite", *opts)
+            "--overwrite", *opts, *extra)
 
 
 RUNNERS = {
@@ -276,6 +279,9 @@ RUNNERS = {
     "cam_crf_tuned": run_cam_tuned,
     "rw": run_rw,
     "dhr_no_step3": lambda ctx, out: run_dhr(ctx, out, step3=False),
+    "dhr_no_crf": lambda ctx, out: run_dhr(ctx, out, step3=True, extra=("--no-crf",)),
+    "dhr_no_restore": lambda ctx, out: run_dhr(ctx, out, step3=True, extra=("--no-restore-classes",)),
+    "dhr_guided": lambda ctx, out: run_dhr(ctx, out, step3=True, extra=("--upsample", "guided")),
     "dhr": lambda ctx, out: run_dhr(ctx, out, step3=True),
 }
 

@@ -93,6 +93,14 @@ class PropagateConfig:
     marginals: Marginals = "seeded"  # METHOD.md decision; "uniform" reproduces the authors
     min_marginal: float = 0.02  # floor of a class's share under seeded marginals
     recover_missing: bool = True  # prototype from the CAM peak for labelled classes that win no cell
+    # Labelled classes survive the CRF and the final argmax (METHOD.md decision): a class that held
+    # pixels before (the argmax before the CRF, else its seed pixels) and none after takes them back.
+    restore_classes: bool = True
+    # Heat-maps to image resolution: "bilinear" (METHOD.md), or "guided": bilinear then He et al.'s
+    # colour guided filter with the image (radius in pixels, eps in (0..1)^2 colour units).
+    upsample: Literal["bilinear", "guided"] = "bilinear"
+    guided_radius: int = 8
+    guided_eps: float = 1e-3
     # "dhr" (steps 2-3), or a baseline on the same inputs: "cam" (CAM argmax against a constant
     # background score) or "rw" (PSA/AffinityNet random walk on the USS features).
     method: Literal["dhr", "cam", "rw"] = "dhr"
@@ -108,6 +116,9 @@ class PropagateConfig:
         _check(self.marginals in ("seeded", "uniform"), f"marginals must be 'seeded' or 'uniform', got {self.marginals!r}")
         _check(0 < self.min_marginal < 1, f"min_marginal must be in (0, 1), got {self.min_marginal}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.upsample in ("bilinear", "guided"), f"upsample must be 'bilinear' or 'guided', got {self.upsample!r}")
+        _check(self.guided_radius >= 1, f"guided_radius must be >= 1, got {self.guided_radius}")
+        _check(self.guided_eps > 0, f"guided_eps must be > 0, got {self.guided_eps}")
 
 
 @dataclass(frozen=True)

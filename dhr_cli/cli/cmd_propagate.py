@@ -64,6 +64,10 @@ def propagate_cmd(
     crf: Crf = _P.use_crf,
     ot_marginals: Annotated[str, typer.Option("--ot-marginals", help="seeded: class masses from the seed areas; uniform: the authors' equal shares.")] = _P.marginals,
     recover: Annotated[bool, typer.Option("--recover/--no-recover", help="Recover labelled classes that win no cell from their CAM peak (needs --cams).")] = _P.recover_missing,
+    restore_classes: Annotated[bool, typer.Option("--restore-classes/--no-restore-classes", help="A labelled class that held pixels before the CRF / final argmax and none after takes them back.")] = _P.restore_classes,
+    upsample: Annotated[str, typer.Option("--upsample", help="Heat-maps to image size: bilinear, or guided (bilinear + colour guided filter with the image).")] = _P.upsample,
+    guided_radius: Annotated[int, typer.Option("--guided-radius", help="--upsample guided: window radius in pixels.")] = _P.guided_radius,
+    guided_eps: Annotated[float, typer.Option("--guided-eps", help="--upsample guided: regulariser (colours in 0..1).")] = _P.guided_eps,
     method: Annotated[str, typer.Option("--method", help="dhr, or a baseline: cam (CAM argmax vs a constant background) or rw (random walk on USS features).")] = _P.method,
     cam_bg_threshold: Annotated[float, typer.Option("--cam-bg-threshold", help="Background score of --method cam.")] = _P.cam_bg_threshold,
     rw_beta: Annotated[float, typer.Option("--rw-beta", help="Random walk: affinity exponent.")] = _R.beta,
@@ -87,6 +91,8 @@ def propagate_cmd(
         cfg = PropagateConfig(
             sinkhorn=sinkhorn_config(ot_solver, sinkhorn_max_iter, sinkhorn_tol, sinkhorn_eps), use_crf=crf, tau=tau, step3=step3,
             marginals=check_choice("--ot-marginals", ot_marginals, ("seeded", "uniform")), recover_missing=recover,
+            restore_classes=restore_classes, upsample=check_choice("--upsample", upsample, ("bilinear", "guided")),
+            guided_radius=guided_radius, guided_eps=guided_eps,
             method=check_choice("--method", method, ("dhr", "cam", "rw")), cam_bg_threshold=cam_bg_threshold,
             rw=RandomWalkConfig(beta=rw_beta, logt=rw_logt, bg=rw_bg), batch_size=batch_size, device=device)
     except ValueError as e:

@@ -36,7 +36,8 @@ from dhr_cli.kernels.checks import check_shape
 from dhr_cli.kernels.crf import crf_function
 from dhr_cli.kernels.seed import crf_padded, normalize_cams
 from dhr_cli.kernels.sinkhorn import f_ot_t, minmax_columns, minmax_last
-from dhr_cli.kernels.upsample import first_argmax, labels_from_probs, resize, upsample_labels
+from dhr_cli.kernels.upsample import (first_argmax, guided_upsample, labels_from_probs, resize, restore_classes,
+                                      upsample_labels)
 
 __all__ = [
     "PropagateItem", "majority_pool", "class_prototypes", "cosine_heatmap", "correlation_groups", "seeded_marginals",
@@ -342,16 +343,30 @@ def propagate_items(items: list[PropagateItem], cfg: PropagateConfig, *, backgro
         marginals = seeded_marginals(setup.cell_labels, setup.cell_valid, classes, cfg.min_marginal,
                                      dtype=torch.float64)
     heat = _rebalance_t(heat_us, heat_ws, groups, cells_ok, class_valid, cfg.sinkhorn, marginals)  # (B, N, G)
-    if crf is not None and all(it.image is not None for it in items):
+    guided = cfg.upsample == "guided" and all(it.image is not None for it in items)
+    if (crf is not None or guided) and all(it.image is not None for it in items):
         grid_maps = [heat[i, : len(c), : sizes[i]].reshape(len(c), *grid)
                      for i, (c, grid) in enumerate(zip(classes_list, grids))]
         class_values = [classes[i, : len(c)] for i, c in enumerate(classes_list)]
-        maps = [resize(m.float(), tuple(it.seed.shape)) for m, it in zip(grid_maps, items)]
+        if guided:
+            maps = [guided_upsample(m, it.image, cfg.guided_radius, cfg.guided_eps) for m, it in zip(grid_maps, items)]
+        else:
+            maps = [resize(m.float(), tuple(it.seed.shape)) for m, it in zip(grid_maps, items)]
         probs = [m / m.sum(0, keepdim=True).clamp_min(1e-12) for m in maps]
-        maps = crf_padded(crf, [it.image for it in items], [p.clamp_min(1e-6) for p in probs])
-        return [labels_from_probs(m, c) for m, c in zip(maps, class_values)]
-    sizes_hw = [tuple(it.seed.shape) for it in items]
-    return upsample_labels(heat, classes, [len(c) for c in classes_list], grids, sizes_hw)
+        before = [labels_from_probs(p, c) for p, c in zip(probs, class_values)]
+        if crf is not None:
+            maps = crf_padded(crf, [it.image for it in items], [p.clamp_min(1e-6) for p in probs])
+            masks = [labels_from_probs(m, c) for m, c in zip(maps, class_values)]
+        else:
+            masks = before
+    else:
+        sizes_hw = [tuple(it.seed.shape) for it in items]
+        masks = upsample_labels(heat, classes, [len(c) for c in classes_list], grids, sizes_hw)
+        before = masks
+    if cfg.restore_classes:  # a labelled class that held pixels before the CRF / the argmax keeps them
+        masks = [restore_classes(m, [c for c in it.labels if c in cl], [b, it.seed])
+                 for m, b, it, cl in zip(masks, before, items, classes_list)]
+    return masks
 
 
 def _to_float64(x: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from dhr_cli.kernels.checks import check_shape
 
 __all__ = ["resize", "resize_cells", "first_argmax", "labels_from_probs", "upsample_argmax", "upsample_argmax_batch",
+           "guided_filter", "guided_upsample", "restore_classes",
            "upsample_labels"]
 
 
@@ -164,3 +165,83 @@ def upsample_labels(heat: torch.Tensor, classes: torch.Tensor, counts: list[int]
             out[i] = masks[j]
     return out
 
+
+
+def _box_mean(x: torch.Tensor, r: int) -> torch.Tensor:
+    """Mean over the (2r+1)^2 window clipped to the image (He et al.'s boxfilter / N): (B, C, H, W)."""
+    if r <= 0:
+        return x
+    # Two 1-D passes: avg_pool with count_include_pad=False divides by the in-image count.
+    ky, kx = min(2 * r + 1, 2 * x.shape[-2] - 1), min(2 * r + 1, 2 * x.shape[-1] - 1)
+    x = F.avg_pool2d(x, (ky, 1), stride=1, padding=(ky // 2, 0), count_include_pad=False)
+    return F.avg_pool2d(x, (1, kx), stride=1, padding=(0, kx // 2), count_include_pad=False)
+
+
+def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
+    """He et al.'s colour guided filter (ECCV 2010 / TPAMI 2013), batched: q = mean(a)^T I + mean(b).
+
+    Args:
+        guide: (B, 3, H, W) guidance image, values in 0..1.
+        src: (B, L, H, W) maps to filter (each channel on its own).
+        radius: window radius r in pixels (window (2r+1)^2, clipped at the borders).
+        eps: regulariser added to the window's colour covariance (in (0..1)^2 units).
+
+    Returns (B, L, H, W) in src's dtype, on src's device. Local linear model per window:
+    a = (Sigma + eps U)^-1 cov(I, p), b = mean(p) - a^T mean(I).
+    """
+    check_shape(guide, "B C H W", "guide")
+    check_shape(src, "B L H W", "src")
+    b, n, h, w = src.shape
+    dt = torch.float64 if src.dtype == torch.float64 else torch.float32
+    I, p = guide.to(dt), src.to(dt)
+    mean_i = _box_mean(I, radius)  # (B, 3, H, W)
+    mean_p = _box_mean(p, radius)  # (B, L, H, W)
+    ii = torch.stack([I[:, a] * I[:, c] for a in range(3) for c in range(3)], 1)
+    sigma = _box_mean(ii, radius) - (mean_i[:, :, None] * mean_i[:, None, :]).reshape(b, 9, h, w)
+    sigma = sigma.reshape(b, 3, 3, h, w).permute(0, 3, 4, 1, 2) + eps * torch.eye(3, dtype=dt, device=src.device)
+    ip = _box_mean((I[:, :, None] * p[:, None]).reshape(b, 3 * n, h, w), radius).reshape(b, 3, n, h, w)
+    cov = ip - mean_i[:, :, None] * mean_p[:, None]  # (B, 3, L, H, W)
+    a = torch.linalg.solve(sigma, cov.permute(0, 3, 4, 1, 2))  # (B, H, W, 3, L)
+    a = a.permute(0, 3, 4, 1, 2)  # (B, 3, L, H, W)
+    bb = mean_p - (a * mean_i[:, :, None]).sum(1)
+    mean_a = _box_mean(a.reshape(b, 3 * n, h, w), radius).reshape(b, 3, n, h, w)
+    q = (mean_a * I[:, :, None]).sum(1) + _box_mean(bb, radius)
+    return q.to(src.dtype)
+
+
+def guided_upsample(maps: torch.Tensor, image: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
+    """Heat-maps (L, h, w) -> (L, H, W) at the image's size: bilinear, then the colour guided filter
+    with the image (3, H, W, 0..255) as guide, so edges of the maps snap to the image's edges.
+
+    Returns non-negative maps (the filter's local linear model may undershoot 0)."""
+    check_shape(maps, "L h w", "maps")
+    size = tuple(image.shape[-2:])
+    up = resize(maps.float(), size)
+    return guided_filter(image[None].to(up.device).float() / 255.0, up[None], radius, eps)[0].clamp_min(0)
+
+
+def restore_classes(mask: torch.Tensor, labels: list[int], references: list[torch.Tensor]) -> torch.Tensor:
+    """Put back the labelled classes that a refinement step erased (METHOD.md: labelled classes survive).
+
+    A label in `labels` with no pixel in `mask` takes back its pixels in the first of `references`
+    (label masks of the same size, most trusted first, e.g. the argmax before the CRF, then the
+    seed) where it has any. Restored regions are written in label order and never overwrite a
+    class restored before them. Returns a new (H, W) mask (`mask` itself when nothing is missing).
+    """
+    if not labels:
+        return mask
+    present = torch.zeros(max(max(labels), int(mask.max())) + 1, dtype=torch.bool, device=mask.device)
+    present[mask.flatten()] = True
+    missing = [c for c in sorted(set(labels)) if not bool(present[c])]
+    if not missing:
+        return mask
+    out = mask.clone()
+    taken = torch.zeros_like(mask, dtype=torch.bool)
+    for c in missing:
+        for ref in references:
+            region = (ref.to(mask.device) == c) & ~taken
+            if bool(region.any()):
+                out[region] = c
+                taken |= region
+                break
+    return out

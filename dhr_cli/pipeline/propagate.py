@@ -116,7 +116,8 @@ def run_propagate(cfg: PropagateConfig, *, seeds: Path, data: Path, uss: str | P
             # runs the kernels and writes the masks.
             reader = _Reader({role: store.path for role, store in opened.items()})
             reader.lend(opened)  # used as they are when loading runs in this process
-            load = functools.partial(_load_item, dataset, reader, cfg, crf is not None, background)
+            with_image = crf is not None or (cfg.upsample == "guided" and cfg.method == "dhr")
+            load = functools.partial(_load_item, dataset, reader, cfg, with_image, background)
             workers = _loader_workers(device)
             batches = iterate_batches(todo, load, cfg.batch_size, workers=workers)
             with _kernel_threads(device, workers if len(todo) > cfg.batch_size else 0):
