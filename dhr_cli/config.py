@@ -14,6 +14,8 @@ IGNORE_INDEX = 255  # the one label value meaning "unsure / ignore" in every mas
 
 OTSolver = Literal["dhr", "pot"]
 Marginals = Literal["seeded", "uniform"]
+PropagateMethod = Literal["dhr", "cam", "rw"]
+MissingPolicy = Literal["fail", "skip"]  # images of the split missing from an input store
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -21,20 +23,31 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+# Each solver's own iteration cap and tolerance, used where SinkhornConfig leaves them None:
+# "dhr": the authors' (paper) 100 and mean |r - r_prev| < 1e-2 (scale dependent);
+# "pot": POT's numItermax and stopThr (its marginal violation), enough to converge.
+SINKHORN_SOLVER_DEFAULTS = {"dhr": (100, 1e-2), "pot": (1000, 1e-9)}
+
+
 @dataclass(frozen=True)
 class SinkhornConfig:
-    """The OT operator f_OT of METHOD.md."""
+    """The OT operator f_OT of docs/method.md."""
 
     eps: float = 0.1  # entropic regularisation (paper)
-    max_iter: int = 100  # iteration cap (paper)
-    tol: float = 1e-2  # stop when mean |r - r_prev| < tol; scale dependent (paper)
+    max_iter: int | None = None  # iteration cap; None: the solver's (SINKHORN_SOLVER_DEFAULTS)
+    tol: float | None = None  # stopping tolerance; None: the solver's
     solver: OTSolver = "dhr"  # "dhr": the authors' rule, batched; "pot": POT's converged log solver
 
     def __post_init__(self) -> None:
+        _check(self.solver in ("dhr", "pot"), f"solver must be 'dhr' or 'pot', got {self.solver!r}")
+        max_iter, tol = SINKHORN_SOLVER_DEFAULTS[self.solver]
+        if self.max_iter is None:
+            object.__setattr__(self, "max_iter", max_iter)
+        if self.tol is None:
+            object.__setattr__(self, "tol", tol)
         _check(self.eps > 0, f"eps must be > 0, got {self.eps}")
         _check(self.max_iter >= 1, f"max_iter must be >= 1, got {self.max_iter}")
         _check(self.tol > 0, f"tol must be > 0, got {self.tol}")
-        _check(self.solver in ("dhr", "pot"), f"solver must be 'dhr' or 'pot', got {self.solver!r}")
 
 
 @dataclass(frozen=True)
@@ -103,7 +116,7 @@ class PropagateConfig:
     guided_eps: float = 1e-3
     # "dhr" (steps 2-3), or a baseline on the same inputs: "cam" (CAM argmax against a constant
     # background score) or "rw" (PSA/AffinityNet random walk on the USS features).
-    method: Literal["dhr", "cam", "rw"] = "dhr"
+    method: PropagateMethod = "dhr"
     cam_bg_threshold: float = 0.4  # background score of the "cam" baseline, tuned by bench/seed_defaults.py
     rw: "RandomWalkConfig" = field(default_factory=lambda: RandomWalkConfig())
     batch_size: int = 8

@@ -34,7 +34,7 @@ def test_majority_uses_adaptive_pooling_bins():
 
 def test_prototype_of_one_class_is_the_plain_mean():
     feats = torch.randn(1, 6, 4, dtype=torch.float64)
-    weights = torch.tensor([[1, 1, 0, 0, 1, 0]], dtype=torch.float64)[..., None]
+    weights = torch.tensor([[1, 1, 0, 0, 1, 0]], dtype=torch.float64)[:, None, :]  # (B, N, G)
     np.testing.assert_allclose(class_prototypes(feats, weights)[0, 0].numpy(), feats[0, [0, 1, 4]].mean(0).numpy())
 
 
@@ -44,10 +44,14 @@ def test_heatmaps_are_min_max_per_class_and_zero_on_padding():
     cell_valid = torch.ones(2, 10, dtype=torch.bool)
     cell_valid[1, 7:] = False
     class_valid = torch.tensor([[True, True, True], [True, True, False]])
-    heat = cosine_heatmap(feats, protos, cell_valid, class_valid)
-    assert heat.min() >= 0 and heat.max() <= 1
-    assert (heat[1, 7:] == 0).all() and (heat[1, :, 2] == 0).all()
-    assert torch.allclose(heat[0].amax(0), torch.ones(3)) and torch.allclose(heat[0].amin(0), torch.zeros(3))
+    heat = cosine_heatmap(feats, protos, cell_valid, class_valid)  # (B, N, G)
+    assert heat.shape == (2, 3, 10) and heat.min() >= 0 and heat.max() <= 1
+    assert (heat[1, :, 7:] == 0).all() and (heat[1, 2] == 0).all()
+    assert torch.allclose(heat[0].amax(1), torch.ones(3)) and torch.allclose(heat[0].amin(1), torch.zeros(3))
+    assert torch.allclose(cosine_heatmap(feats, protos, None, class_valid)[0], heat[0])  # None: no padded cell
+    cos = torch.nn.functional.cosine_similarity(feats[1, :7, None, :], protos[1, None, :2, :], dim=-1)  # (7, 2)
+    ref = (cos - cos.amin(0)) / (cos.amax(0) - cos.amin(0))
+    assert torch.allclose(heat[1, :2, :7].T, ref, atol=1e-5)
 
 
 def test_correlation_groups_are_upper_triangular_with_tau():

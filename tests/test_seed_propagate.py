@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -313,3 +315,26 @@ def test_step3_on_a_small_grid_inside_a_batch_of_larger_grids():
                                                          recover=False))  # Step 3 really runs here
     for g, e in zip(propagate_items(items, cfg), expected):
         np.testing.assert_array_equal(g.numpy(), e)
+
+
+def test_pot_solver_records_and_honours_its_iteration_cap(synth, tmp_path):
+    """--ot-solver pot: the cap and tolerance given reach POT and are what provenance records."""
+    base = ["seed", "--cams", synth / "cams.h5", "--data", synth, "--no-crf", "-q", "--ot-solver", "pot"]
+    _cli(base + ["--out", tmp_path / "conv.h5"])
+    with pytest.warns(UserWarning, match="did not converge"):
+        _cli(base + ["--out", tmp_path / "capped.h5", "--sinkhorn-max-iter", "1", "--sinkhorn-tol", "1e-12"])
+    with open_store(tmp_path / "conv.h5") as conv, open_store(tmp_path / "capped.h5") as capped:
+        assert conv.provenance["options"]["sinkhorn"] == {"eps": 0.1, "max_iter": 1000, "tol": 1e-9, "solver": "pot"}
+        assert capped.provenance["options"]["sinkhorn"]["max_iter"] == 1
+        assert any(not np.array_equal(conv.read(i).mask, capped.read(i).mask) for i in conv.ids)
+
+
+@pytest.mark.parametrize("option,value", [("--ot-solver", "sinkhorn"), ("--method", "crf"), ("--ot-marginals", "x"),
+                                          ("--missing", "ignore")])
+def test_choices_are_usage_errors_listed_in_help(synth, tmp_path, option, value):
+    args = ["propagate", "--seeds", tmp_path / "s.h5", "--data", synth, "--uss", synth / "uss.h5",
+            "--out", tmp_path / "m.h5", option, value]
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 2 and "is not one of" in result.output
+    help_text = runner.invoke(app, ["propagate", "--help"], terminal_width=200).output
+    assert re.search(rf"{option}\s+<\w+(\|\w+)+>", help_text)  # --help lists the choices

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -18,7 +18,7 @@ _BEGIN, _END = "<!-- demo:begin -->", "<!-- demo:end -->"
 def demo_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for everything the demo writes.")] = Path("demo_out"),
     n_images: Annotated[int, typer.Option("--n-images", min=4, help="Images in the procedural dataset.")] = 48,
-    features: Annotated[str, typer.Option("--features", help="auto | lite0 | simulated: where CAMs and features come from.")] = "auto",
+    features: Annotated[Literal["auto", "lite0", "simulated"], typer.Option("--features", help="Where CAMs and features come from (auto: lite0 when installed).")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the procedural dataset.")] = 0,
     readme: Annotated[Optional[Path], typer.Option("--readme", help="Rewrite the demo block of this README with the numbers.")] = None,
     device: Device = "auto",
@@ -27,11 +27,8 @@ def demo_cmd(
 ) -> None:
     from rich.table import Table
 
-    from dhr_cli.errors import InputError
     from dhr_cli.pipeline.demo import DemoConfig, run_demo
 
-    if features not in ("auto", "lite0", "simulated"):
-        raise InputError(f"--features {features!r}: expected auto, lite0 or simulated")
     summary = run_demo(out_dir, DemoConfig(n_images=n_images, seed=seed, features=features, device=device, quiet=quiet),
                        overwrite=overwrite)
     table = Table(title=f"demo: {summary['images']} train images; {summary['features']}", title_justify="left")

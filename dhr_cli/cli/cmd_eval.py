@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -28,20 +28,15 @@ def eval_cmd(
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON (CONTRACTS.md fields and more).")] = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write a static HTML report with overlays into this folder.")] = None,
     names: Annotated[Optional[list[str]], typer.Option("--name", help="Display name of each prediction source, in order.")] = None,
-    on_size_mismatch: Annotated[str, typer.Option("--on-size-mismatch", help="Prediction and GT of different sizes: fail or skip (listed).")] = _D.on_size_mismatch,
-    on_missing: Annotated[str, typer.Option("--on-missing", help="GT image without prediction: skip (counted, listed) or empty (scored as all false negatives).")] = _D.on_missing,
+    on_size_mismatch: Annotated[Literal["fail", "skip"], typer.Option("--on-size-mismatch", help="Prediction and GT of different sizes: fail or skip (listed).")] = _D.on_size_mismatch,
+    on_missing: Annotated[Literal["skip", "empty"], typer.Option("--on-missing", help="GT image without prediction: skip (counted, listed) or empty (scored as all false negatives).")] = _D.on_missing,
     skip_background_only: Annotated[bool, typer.Option("--skip-background-only/--keep-background-only", help="Drop GT images with no foreground class (DHR's evaluator does).")] = _D.skip_background_only,
     top: Annotated[int, typer.Option("--top", min=0, help="Images listed where methods differ most; worst/most-improved images in the report.")] = _D.report_images,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
-    from dhr_cli.errors import InputError
     from dhr_cli.pipeline.evaluate import run_eval, write_json
 
-    if on_size_mismatch not in ("fail", "skip"):
-        raise InputError(f"--on-size-mismatch must be fail or skip, got {on_size_mismatch!r}")
-    if on_missing not in ("skip", "empty"):
-        raise InputError(f"--on-missing must be skip or empty, got {on_missing!r}")
     cfg = EvalConfig(
         skip_background_only=skip_background_only,
         on_size_mismatch=on_size_mismatch,  # type: ignore[arg-type]

@@ -49,7 +49,6 @@ def import_cmd(
     from dhr_cli.pipeline.imports import FORMATS, run_import
 
     check_choice("FORMAT", fmt, tuple(FORMATS))
-    check_choice("--missing", missing, ("fail", "skip"))
     ds = open_dataset(data, split)
     prov = make_provenance("import", {"format": fmt, "missing": missing, "source": source},
                            inputs={"src": src, "data": data})

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -27,13 +27,12 @@ from dhr_cli.cli.options import (
     TrustCheckpoint,
     UssWeights,
     app,
-    check_choice,
     err,
     network_store,
     sinkhorn_config,
     user_errors,
 )
-from dhr_cli.config import PropagateConfig, RandomWalkConfig, SinkhornConfig
+from dhr_cli.config import Marginals, PropagateConfig, PropagateMethod, RandomWalkConfig, SinkhornConfig
 
 _P, _D, _R = PropagateConfig(), SinkhornConfig(), RandomWalkConfig()
 
@@ -62,20 +61,20 @@ def propagate_cmd(
     tau: Annotated[float, typer.Option("--tau", help="Prototype cosine above which classes share a USS group (Step 3).")] = _P.tau,
     step3: Annotated[bool, typer.Option("--step3/--no-step3", help="Step 3 (classes alike in USS space told apart with WSS features); --no-step3 needs no --wss.")] = _P.step3,
     crf: Crf = _P.use_crf,
-    ot_marginals: Annotated[str, typer.Option("--ot-marginals", help="seeded: class masses from the seed areas; uniform: the authors' equal shares.")] = _P.marginals,
+    ot_marginals: Annotated[Marginals, typer.Option("--ot-marginals", help="seeded: class masses from the seed areas; uniform: the authors' equal shares.")] = _P.marginals,
     recover: Annotated[bool, typer.Option("--recover/--no-recover", help="Recover labelled classes that win no cell from their CAM peak (needs --cams).")] = _P.recover_missing,
     restore_classes: Annotated[bool, typer.Option("--restore-classes/--no-restore-classes", help="A labelled class that held pixels before the CRF / final argmax and none after takes them back.")] = _P.restore_classes,
-    upsample: Annotated[str, typer.Option("--upsample", help="Heat-maps to image size: bilinear, or guided (bilinear + colour guided filter with the image).")] = _P.upsample,
+    upsample: Annotated[Literal["bilinear", "guided"], typer.Option("--upsample", help="Heat-maps to image size: bilinear, or guided (bilinear + colour guided filter with the image).")] = _P.upsample,
     guided_radius: Annotated[int, typer.Option("--guided-radius", help="--upsample guided: window radius in pixels.")] = _P.guided_radius,
     guided_eps: Annotated[float, typer.Option("--guided-eps", help="--upsample guided: regulariser (colours in 0..1).")] = _P.guided_eps,
-    method: Annotated[str, typer.Option("--method", help="dhr, or a baseline: cam (CAM argmax vs a constant background) or rw (random walk on USS features).")] = _P.method,
+    method: Annotated[PropagateMethod, typer.Option("--method", help="dhr, or a baseline: cam (CAM argmax vs a constant background) or rw (random walk on USS features).")] = _P.method,
     cam_bg_threshold: Annotated[float, typer.Option("--cam-bg-threshold", help="Background score of --method cam.")] = _P.cam_bg_threshold,
     rw_beta: Annotated[float, typer.Option("--rw-beta", help="Random walk: affinity exponent.")] = _R.beta,
     rw_logt: Annotated[int, typer.Option("--rw-logt", help="Random walk: 2**logt steps.")] = _R.logt,
     rw_bg: Annotated[float, typer.Option("--rw-bg", help="Random walk: background plane.")] = _R.bg,
     ot_solver: OTSolverOpt = _D.solver,
-    sinkhorn_max_iter: SinkhornMaxIter = _D.max_iter,
-    sinkhorn_tol: SinkhornTol = _D.tol,
+    sinkhorn_max_iter: SinkhornMaxIter = None,
+    sinkhorn_tol: SinkhornTol = None,
     sinkhorn_eps: SinkhornEps = _D.eps,
     batch_size: BatchSize = _P.batch_size,
     device: Device = _P.device,
@@ -90,10 +89,10 @@ def propagate_cmd(
     try:
         cfg = PropagateConfig(
             sinkhorn=sinkhorn_config(ot_solver, sinkhorn_max_iter, sinkhorn_tol, sinkhorn_eps), use_crf=crf, tau=tau, step3=step3,
-            marginals=check_choice("--ot-marginals", ot_marginals, ("seeded", "uniform")), recover_missing=recover,
-            restore_classes=restore_classes, upsample=check_choice("--upsample", upsample, ("bilinear", "guided")),
+            marginals=ot_marginals, recover_missing=recover,
+            restore_classes=restore_classes, upsample=upsample,
             guided_radius=guided_radius, guided_eps=guided_eps,
-            method=check_choice("--method", method, ("dhr", "cam", "rw")), cam_bg_threshold=cam_bg_threshold,
+            method=method, cam_bg_threshold=cam_bg_threshold,
             rw=RandomWalkConfig(beta=rw_beta, logt=rw_logt, bg=rw_bg), batch_size=batch_size, device=device)
     except ValueError as e:
         raise InputError(str(e)) from None
@@ -107,6 +106,6 @@ def propagate_cmd(
     uss = str(network_store(uss, "uss", weights=uss_weights, **where))
     wss = [str(network_store(w, "wss", weights=weights_of.get(w), **where)) for w in wss]
     summary = run_propagate(cfg, seeds=seeds, data=data, uss=uss, wss=wss, out=out, cams=cams, split=split,
-                            missing=check_choice("--missing", missing, ("fail", "skip")), overwrite=overwrite,
+                            missing=missing, overwrite=overwrite,
                             resume=resume, quiet=quiet)
     err.print(f"masks: {summary['written']} images written, {summary['items']} in {out}")

@@ -23,7 +23,6 @@ from dhr_cli.cli.options import (
     SinkhornTol,
     Split,
     app,
-    check_choice,
     err,
     sinkhorn_config,
     user_errors,
@@ -46,8 +45,8 @@ def seed_cmd(
     bg_power: Annotated[float, typer.Option("--bg-power", help="Background score is (1 - max CAM) ** bg_power.")] = _S.bg_power,
     confidence: Annotated[float, typer.Option("--confidence", help="Pixels whose winning probability is below this become 255 (unsure).")] = _S.confidence,
     ot_solver: OTSolverOpt = _D.solver,
-    sinkhorn_max_iter: SinkhornMaxIter = _D.max_iter,
-    sinkhorn_tol: SinkhornTol = _D.tol,
+    sinkhorn_max_iter: SinkhornMaxIter = None,
+    sinkhorn_tol: SinkhornTol = None,
     sinkhorn_eps: SinkhornEps = _D.eps,
     batch_size: BatchSize = _S.batch_size,
     device: Device = _S.device,
@@ -65,6 +64,6 @@ def seed_cmd(
     except ValueError as e:
         raise InputError(str(e)) from None
     summary = run_seed(cfg, cams, data, out, split=split, init_masks=init_masks,
-                       missing=check_choice("--missing", missing, ("fail", "skip")), overwrite=overwrite,
+                       missing=missing, overwrite=overwrite,
                        resume=resume, quiet=quiet)
     err.print(f"seeds: {summary['written']} images written, {summary['items']} in {out}")

@@ -1,7 +1,8 @@
 """The core module: every numerical kernel of dhr, shared by all commands.
 
 Pure batched tensor functions, no I/O: they follow their inputs' device and dtype, so the same
-code runs on CUDA when present and on the CPU otherwise.
+code runs on CUDA when present and on the CPU otherwise. One layout: classes first, (B, N, M)
+pixels or (B, N, G) grid cells, so the long axis is the contiguous one.
 
     sinkhorn.py    f_OT: batched Sinkhorn with the authors' stopping rule (and POT's solver)
     seed.py        step 1: CAM normalisation, OT rebalancing, background competition, seeds
@@ -28,7 +29,7 @@ from dhr_cli.kernels.seed import normalize_cams, seed_masks, seed_probabilities
 from dhr_cli.kernels.sinkhorn import (
     SinkhornResult,
     f_ot,
-    minmax_columns,
+    minmax_last,
     sinkhorn,
     sinkhorn_pot,
 )
@@ -36,6 +37,6 @@ from dhr_cli.kernels.upsample import resize
 
 __all__ = [
     "PropagateItem", "SinkhornResult", "check_shape", "class_prototypes", "correlation_groups", "cosine_heatmap",
-    "f_ot", "majority_pool", "minmax_columns", "normalize_cams", "propagate_items", "rebalance", "resize",
+    "f_ot", "majority_pool", "minmax_last", "normalize_cams", "propagate_items", "rebalance", "resize",
     "seed_masks", "seed_probabilities", "seeded_marginals", "sinkhorn", "sinkhorn_pot",
 ]  # fmt: skip

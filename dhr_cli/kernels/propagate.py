@@ -35,7 +35,7 @@ from dhr_cli.errors import ShapeError
 from dhr_cli.kernels.checks import check_shape
 from dhr_cli.kernels.crf import crf_function
 from dhr_cli.kernels.seed import crf_padded, normalize_cams
-from dhr_cli.kernels.sinkhorn import f_ot_t, minmax_columns, minmax_last
+from dhr_cli.kernels.sinkhorn import f_ot, minmax_last
 from dhr_cli.kernels.upsample import (first_argmax, guided_upsample, labels_from_probs, resize, restore_classes,
                                       upsample_labels)
 
@@ -116,23 +116,6 @@ def majority_pool(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return labels.index_select(0, best).view(gh, gw)
 
 
-def class_prototypes(feats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean feature of each class: (B, G, D) features, (B, G, N) cell weights -> (B, N, D)."""
-    check_shape(feats, "B G D", "feats")
-    check_shape(weights, "B G N", "weights")
-    total = weights.sum(1).clamp_min(1e-12)
-    return torch.bmm(weights.transpose(1, 2), feats) / total[..., None]
-
-
-def cosine_heatmap(feats: torch.Tensor, protos: torch.Tensor, cell_valid: torch.Tensor,
-                   class_valid: torch.Tensor) -> torch.Tensor:
-    """Cosine of every cell to every prototype, min-max per class over valid cells: (B, G, N)."""
-    f = F.normalize(feats, dim=-1, eps=1e-12)
-    v = F.normalize(protos, dim=-1, eps=1e-12)
-    heat = minmax_columns(torch.bmm(f, v.transpose(1, 2)), cell_valid)
-    return heat * class_valid[:, None, :].to(heat.dtype)
-
-
 def correlation_groups(protos: torch.Tensor, class_valid: torch.Tensor, tau: float) -> torch.Tensor:
     """G[b, i, j] = j >= i and relu(cos(V_i, V_j)) > tau (the triangular grouping): (B, N, N) bool."""
     v = F.normalize(protos, dim=-1, eps=1e-12)
@@ -149,26 +132,19 @@ def seeded_marginals(cell_labels: torch.Tensor, cell_valid: torch.Tensor, classe
     return torch.where(classes >= 0, share.clamp_min(floor), torch.zeros_like(share))
 
 
-def rebalance(heat_us: torch.Tensor, heat_ws: torch.Tensor | None, groups: torch.Tensor, cell_valid: torch.Tensor,
-              class_valid: torch.Tensor, sinkhorn: SinkhornConfig, marginals: torch.Tensor | None) -> torch.Tensor:
+def rebalance(heat_us: torch.Tensor, heat_ws: torch.Tensor | None, groups: torch.Tensor,
+              cell_valid: torch.Tensor | None, class_valid: torch.Tensor, sinkhorn: SinkhornConfig,
+              marginals: torch.Tensor | None) -> torch.Tensor:
     """Steps 2.4-2.5: group-wise OT on WSS heat-maps (compounding in order), then global OT.
 
     Args:
-        heat_us, heat_ws: (B, G, N) min-max heat-maps; heat_ws may be None when no group has > 1 class.
+        heat_us, heat_ws: (B, N, G) min-max heat-maps; heat_ws may be None when no group has > 1 class.
         groups: (B, N, N) bool from `correlation_groups`.
+        cell_valid: (B, G) bool, or None when no cell is padding.
         marginals: (B, N) class masses (seeded) or None (uniform, the authors').
     Returns:
-        (B, G, N) rebalanced heat-maps, min-max per class.
+        (B, N, G) rebalanced heat-maps, min-max per class.
     """
-    heat = _rebalance_t(heat_us.transpose(1, 2), None if heat_ws is None else heat_ws.transpose(1, 2), groups,
-                        cell_valid, class_valid, sinkhorn, marginals)
-    return heat.transpose(1, 2).contiguous()
-
-
-def _rebalance_t(heat_us: torch.Tensor, heat_ws: torch.Tensor | None, groups: torch.Tensor,
-                 cell_valid: torch.Tensor | None, class_valid: torch.Tensor, sinkhorn: SinkhornConfig,
-                 marginals: torch.Tensor | None) -> torch.Tensor:
-    """`rebalance` on classes-first heat-maps (B, N, G); cell_valid None: no padded cell."""
     heat = heat_us
     if heat_ws is not None:
         # Every group G_i with several classes is one OT problem on H_ws (which Step 3 does not
@@ -178,7 +154,7 @@ def _rebalance_t(heat_us: torch.Tensor, heat_ws: torch.Tensor | None, groups: to
         if len(pairs):
             img, grp = pairs[:, 0], pairs[:, 1]
             member = groups[img, grp]  # (P, N)
-            factors = f_ot_t(heat_ws.index_select(0, img), sinkhorn,
+            factors = f_ot(heat_ws.index_select(0, img), sinkhorn,
                              pixel_valid=None if cell_valid is None else cell_valid.index_select(0, img),
                              class_valid=member,
                              class_marginal=None if marginals is None else marginals.index_select(0, img))
@@ -191,7 +167,7 @@ def _rebalance_t(heat_us: torch.Tensor, heat_ws: torch.Tensor | None, groups: to
                 part = heat.index_select(0, rows)
                 part = torch.where(member.index_select(0, sel)[:, :, None], part * factors.index_select(0, sel), part)
                 heat = part if len(sel) == heat.shape[0] else heat.index_copy(0, rows, part)
-    factor = f_ot_t(heat, sinkhorn, pixel_valid=cell_valid, class_valid=class_valid, class_marginal=marginals)
+    factor = f_ot(heat, sinkhorn, pixel_valid=cell_valid, class_valid=class_valid, class_marginal=marginals)
     out = minmax_last(heat * factor, cell_valid)
     return out * class_valid[:, :, None].to(out.dtype)
 
@@ -302,7 +278,7 @@ def _class_setup(items: list[PropagateItem], cfg: PropagateConfig, background: i
         weights[i, k, : sizes[i]] = w
     feats = _stack_cells([it.uss.flatten(1) for it in items], g_max)  # (B, G, D) view of (B, D, G)
     return _Classes(grids, sizes, cell_labels, cell_valid, None if all(g == g_max for g in sizes) else cell_valid,
-                    classes_list, classes, class_valid, weights, feats, _prototypes_t(feats, weights))
+                    classes_list, classes, class_valid, weights, feats, class_prototypes(feats, weights))
 
 
 def step3_needed(item: PropagateItem, cfg: PropagateConfig, *, background: int = 0) -> bool:
@@ -326,7 +302,7 @@ def propagate_items(items: list[PropagateItem], cfg: PropagateConfig, *, backgro
     grids, sizes, cells_ok = setup.grids, setup.sizes, setup.cells_ok
     classes, class_valid, classes_list = setup.classes, setup.class_valid, setup.classes_list
     weights, protos = setup.weights, setup.protos
-    heat_us = _cosine_t(setup.feats, protos, cells_ok, class_valid)
+    heat_us = cosine_heatmap(setup.feats, protos, cells_ok, class_valid)
     groups = correlation_groups(protos, class_valid, cfg.tau)
     heat_ws = None
     has_wss = [cfg.step3 and (callable(it.wss) or bool(it.wss)) for it in items]
@@ -342,7 +318,7 @@ def propagate_items(items: list[PropagateItem], cfg: PropagateConfig, *, backgro
     if cfg.marginals == "seeded":
         marginals = seeded_marginals(setup.cell_labels, setup.cell_valid, classes, cfg.min_marginal,
                                      dtype=torch.float64)
-    heat = _rebalance_t(heat_us, heat_ws, groups, cells_ok, class_valid, cfg.sinkhorn, marginals)  # (B, N, G)
+    heat = rebalance(heat_us, heat_ws, groups, cells_ok, class_valid, cfg.sinkhorn, marginals)  # (B, N, G)
     guided = cfg.upsample == "guided" and all(it.image is not None for it in items)
     if (crf is not None or guided) and all(it.image is not None for it in items):
         grid_maps = [heat[i, : len(c), : sizes[i]].reshape(len(c), *grid)
@@ -387,14 +363,18 @@ def _stack_cells(maps: list[torch.Tensor], cells: int) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def _prototypes_t(feats: torch.Tensor, weights_t: torch.Tensor) -> torch.Tensor:
-    """`class_prototypes` with classes-first weights: (B, G, D) features, (B, N, G) -> (B, N, D)."""
-    return torch.bmm(weights_t, feats) / weights_t.sum(2).clamp_min(1e-12)[..., None]
+def class_prototypes(feats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean feature of each class: (B, G, D) features, (B, N, G) cell weights -> (B, N, D)."""
+    check_shape(feats, "B G D", "feats")
+    check_shape(weights, "B N G", "weights")
+    return torch.bmm(weights, feats) / weights.sum(2).clamp_min(1e-12)[..., None]
 
 
-def _cosine_t(feats: torch.Tensor, protos: torch.Tensor, cell_valid: torch.Tensor | None,
-              class_valid: torch.Tensor) -> torch.Tensor:
-    """`cosine_heatmap`, classes first: (B, G, D) features, (B, N, D) prototypes -> (B, N, G).
+def cosine_heatmap(feats: torch.Tensor, protos: torch.Tensor, cell_valid: torch.Tensor | None,
+                   class_valid: torch.Tensor) -> torch.Tensor:
+    """Cosine of every cell to every prototype, min-max per class over valid cells (None: all valid).
+
+    (B, G, D) features, (B, N, D) prototypes -> (B, N, G), 0 on padded cells and classes.
 
     One GEMM over the features and no normalised copy of them: cos(f, v) = (f . v/|v|) / |f|
     (both norms guarded at 1e-12), the same value as normalising f first up to float rounding.
@@ -452,7 +432,7 @@ def _wss_heatmap(items, grids, weights_t, cell_valid, class_valid) -> torch.Tens
             raise ShapeError(f"WSS map {level} has different channel counts in one batch: "
                              f"{sorted({m.shape[0] for m in level_maps})}")
         feats = _resized_cells(level_maps, grids, weights_t.shape[2])
-        heat = _cosine_t(feats, _prototypes_t(feats, weights_t), cell_valid, class_valid)
+        heat = cosine_heatmap(feats, class_prototypes(feats, weights_t), cell_valid, class_valid)
         total = heat if total is None else total + heat
     heat = minmax_last(total / n_maps, cell_valid)
     return heat * class_valid[:, :, None].to(heat.dtype)

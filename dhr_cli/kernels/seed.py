@@ -29,21 +29,21 @@ def ot_rebalance_cams(cams: list[torch.Tensor], sinkhorn: SinkhornConfig) -> lis
     out = list(cams)
     if not multi:
         return out
-    flat = [cams[i].flatten(1).T for i in multi]  # (h*w, K)
-    # Pad pixels and classes: (b, M, K).
-    m = max(f.shape[0] for f in flat)
-    k = max(f.shape[1] for f in flat)
-    sim = flat[0].new_zeros(len(flat), m, k)
+    flat = [cams[i].flatten(1) for i in multi]  # (K, h*w): classes first
+    # Pad classes and pixels: (b, K, M).
+    k = max(f.shape[0] for f in flat)
+    m = max(f.shape[1] for f in flat)
+    sim = flat[0].new_zeros(len(flat), k, m)
     pv = torch.zeros(len(flat), m, dtype=torch.bool, device=sim.device)
     cv = torch.zeros(len(flat), k, dtype=torch.bool, device=sim.device)
     for j, f in enumerate(flat):
         sim[j, : f.shape[0], : f.shape[1]] = f
-        pv[j, : f.shape[0]] = True
-        cv[j, : f.shape[1]] = True
+        pv[j, : f.shape[1]] = True
+        cv[j, : f.shape[0]] = True
     factor = f_ot(sim, sinkhorn, pixel_valid=pv, class_valid=cv)
     for j, i in enumerate(multi):
         kk, h, w = cams[i].shape
-        out[i] = cams[i] * factor[j, : h * w, :kk].T.reshape(kk, h, w)
+        out[i] = cams[i] * factor[j, :kk, : h * w].reshape(kk, h, w)
     return out
 
 

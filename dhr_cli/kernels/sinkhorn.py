@@ -1,20 +1,19 @@
-"""The OT operator f_OT of METHOD.md, batched over padded problems.
+"""The OT operator f_OT of docs/method.md, batched over padded problems, classes first.
 
-Each problem b is an M_b x N_b similarity matrix (pixels x classes) padded into (B, M, N) with
+Each problem b is an N_b x M_b similarity matrix (classes x pixels) padded into (B, N, M) with
 boolean masks. Cost C = 1 - S, kernel K = exp(-C / eps), marginals a = 1/M_b per pixel and b
 (uniform 1/N_b, or given), Sinkhorn scaling with the authors' stopping rule (mean |r - r_prev| <
-tol after both updates, at most max_iter), plan T = diag(r) K diag(c), then each column min-max
-normalised over its problem's pixels. Every problem stops on its own rule: finished problems
-are frozen while the others go on.
+tol after both updates, at most max_iter), plan T = diag(c) K diag(r), then each class's row
+min-max normalised over its problem's pixels. Every problem stops on its own rule: finished
+problems are frozen while the others go on.
+
+Classes come first everywhere (the one layout of the kernels): the long pixel axis is then the
+contiguous one, and the reductions over pixels and the matrix-vector products of the scaling
+run several times faster on the CPU than across a short trailing class axis.
 
 The scaling runs in float64: K spans e^-20..1 for cosine costs and r, c reach 1/(M K); float64
-holds both without under- or overflow. `solver="pot"` hands each problem to POT's converged,
-log-stabilised `ot.sinkhorn` instead (the exact plan, not the authors' two-iteration one).
-
-Internally the problems are kept classes first, (B, N, M) (`f_ot_t`, `minmax_last`): the long
-pixel axis is then the contiguous one, and the reductions over pixels and the matrix-vector
-products of the scaling run several times faster on the CPU than across a short trailing class
-axis. `f_ot`, `sinkhorn` and `minmax_columns` keep the (B, M, N) interface.
+holds both without under- or overflow. `solver="pot"` hands each problem to POT's log-stabilised
+`ot.sinkhorn` instead (converged by default: the exact plan, not the authors' two-iteration one).
 """
 
 from __future__ import annotations
@@ -28,57 +27,52 @@ from dhr_cli.config import SinkhornConfig
 from dhr_cli.kernels.checks import check_shape
 
 MINMAX_EPS = 1e-5
+_DHR = SinkhornConfig()  # the defaults of the signatures below (docs/method.md's 0.1, 100, 1e-2)
+_POT = SinkhornConfig(solver="pot")
 
 
 @dataclass(frozen=True)
 class SinkhornResult:
-    plan: torch.Tensor  # (B, M, N) transport plan, 0 on padding
+    plan: torch.Tensor  # (B, N, M) transport plan, 0 on padding
     n_iter: torch.Tensor  # (B,) iterations each problem ran
-    err: torch.Tensor  # (B,) last mean |r - r_prev|
+    err: torch.Tensor  # (B,) last mean |r - r_prev| (0 from POT)
 
 
 def _masks(sim: torch.Tensor, pixel_valid, class_valid):
-    b, m, n = sim.shape
-    pv = torch.ones(b, m, dtype=torch.bool, device=sim.device) if pixel_valid is None else pixel_valid.to(sim.device, torch.bool)
-    cv = torch.ones(b, n, dtype=torch.bool, device=sim.device) if class_valid is None else class_valid.to(sim.device, torch.bool)
+    b, n, m = sim.shape
+    dev = sim.device
+    pv = torch.ones(b, m, dtype=torch.bool, device=dev) if pixel_valid is None else pixel_valid.to(dev, torch.bool)
+    cv = torch.ones(b, n, dtype=torch.bool, device=dev) if class_valid is None else class_valid.to(dev, torch.bool)
     return pv, cv
 
 
 def sinkhorn(sim: torch.Tensor, *, pixel_valid: torch.Tensor | None = None, class_valid: torch.Tensor | None = None,
-             class_marginal: torch.Tensor | None = None, eps: float = 0.1, max_iter: int = 100,
-             tol: float = 1e-2) -> SinkhornResult:
+             class_marginal: torch.Tensor | None = None, eps: float = _DHR.eps, max_iter: int = _DHR.max_iter,
+             tol: float = _DHR.tol) -> SinkhornResult:
     """Batched Sinkhorn with the authors' stopping rule.
 
     Args:
-        sim: (B, M, N) similarities; cost is 1 - sim.
+        sim: (B, N, M) similarities, classes first; cost is 1 - sim.
         pixel_valid: (B, M) bool, False on padded pixels.
         class_valid: (B, N) bool, False on padded classes.
         class_marginal: (B, N) class masses b (renormalised over valid classes); uniform if None.
-        eps, max_iter, tol: METHOD.md's 0.1, 100, 1e-2.
+        eps, max_iter, tol: SinkhornConfig's defaults (docs/method.md).
 
     Returns:
-        SinkhornResult with the plan on sim's device, in sim's dtype (float32 for half inputs).
+        SinkhornResult with the (B, N, M) plan on sim's device, in sim's dtype (float32 for half inputs).
     """
-    check_shape(sim, "B M N", "sim")
-    plan, n_iter, err = _sinkhorn_t(sim.transpose(1, 2), pixel_valid, class_valid, class_marginal, eps, max_iter, tol,
-                                    stacklevel=3)
+    check_shape(sim, "B N M", "sim")
+    plan, n_iter, err = _sinkhorn(sim, pixel_valid, class_valid, class_marginal, eps, max_iter, tol, stacklevel=3)
     out_dtype = sim.dtype if sim.dtype in (torch.float32, torch.float64) else torch.float32  # fp16 plans underflow
-    return SinkhornResult(plan.transpose(1, 2).to(out_dtype).contiguous(), n_iter, err.to(out_dtype))
+    return SinkhornResult(plan.to(out_dtype), n_iter, err.to(out_dtype))
 
 
-def _sinkhorn_t(sim_t: torch.Tensor, pixel_valid, class_valid, class_marginal, eps: float, max_iter: int, tol: float,
-                stacklevel: int = 2):
-    """`sinkhorn` on the transposed layout (B, N, M), classes first: returns (plan (B, N, M) float64, n_iter, err).
-
-    Classes first keeps the long pixel axis contiguous: reductions over pixels (min-max, the
-    pixel marginals) and the matrix-vector products then run several times faster on the CPU
-    than across a short trailing class axis.
-    """
-    b_, n, m = sim_t.shape
-    dev = sim_t.device
-    pv = torch.ones(b_, m, dtype=torch.bool, device=dev) if pixel_valid is None else pixel_valid.to(dev, torch.bool)
-    cv = torch.ones(b_, n, dtype=torch.bool, device=dev) if class_valid is None else class_valid.to(dev, torch.bool)
-    s = sim_t.to(torch.float64)
+def _sinkhorn(sim: torch.Tensor, pixel_valid, class_valid, class_marginal, eps: float, max_iter: int, tol: float,
+              stacklevel: int = 2):
+    """`sinkhorn`'s work: returns (plan (B, N, M) float64, n_iter, err)."""
+    pv, cv = _masks(sim, pixel_valid, class_valid)
+    dev = sim.device
+    s = sim.to(torch.float64)
     pvf, cvf = pv.to(s.dtype), cv.to(s.dtype)
     valid = cvf[:, :, None] * pvf[:, None, :]  # (B, N, M) 0/1
     log_kernel = (s - 1.0) / eps  # -C/eps; (s - 1) is exactly -(1 - s)
@@ -92,17 +86,17 @@ def _sinkhorn_t(sim_t: torch.Tensor, pixel_valid, class_valid, class_marginal, e
     # the scalings run in the log domain, with the same updates and the same stopping rule.
     log_domain = bool(s.numel()) and float(torch.where(valid > 0, log_kernel, 0.0).amin()) < -700.0
     if log_domain:
-        log_kernel = log_kernel.masked_fill(valid == 0, -torch.inf).transpose(1, 2)
+        log_kernel = log_kernel.masked_fill(valid == 0, -torch.inf)
         r_scale, c_scale, (n_iter, err, active) = _scale_log(log_kernel, a, b, pv, cv, max_iter, tol)
-        plan = (r_scale[:, :, None] + log_kernel + c_scale[:, None, :]).exp().transpose(1, 2)
+        plan = (c_scale[:, :, None] + log_kernel + r_scale[:, None, :]).exp()
         plan = torch.where(valid > 0, plan, 0.0)
     else:
         kernel = torch.where(valid > 0, log_kernel.exp_(), 0.0)  # 0 on padding, whatever sim holds there
-        r_scale, c_scale, (n_iter, err, active) = _scale_linear_t(kernel, a, b, pv, cv, max_iter, tol)
+        r_scale, c_scale, (n_iter, err, active) = _scale_linear(kernel, a, b, pv, cv, max_iter, tol)
         if not bool(torch.isfinite(r_scale).all() & torch.isfinite(c_scale).all()):
             warnings.warn("Sinkhorn produced non-finite scalings; raise --sinkhorn-eps or check the inputs",
                           RuntimeWarning, stacklevel=stacklevel)
-        plan = kernel.mul_(r_scale[:, None, :]).mul_(c_scale[:, :, None])  # r K c, in place: the kernel is ours
+        plan = kernel.mul_(r_scale[:, None, :]).mul_(c_scale[:, :, None])  # c K r, in place: the kernel is ours
     if bool(active.any()):
         warnings.warn(f"Sinkhorn stopped at the iteration cap ({max_iter}) before mean |r - r_prev| < {tol} on "
                       f"{int(active.sum())} of {len(active)} problems; raise --sinkhorn-max-iter or --sinkhorn-tol",
@@ -111,29 +105,25 @@ def _sinkhorn_t(sim_t: torch.Tensor, pixel_valid, class_valid, class_marginal, e
 
 
 def _scale_linear(kernel, a, b, pv, cv, max_iter: int, tol: float):
-    """The authors' updates r = a / (K c), c = b / (K^T r) on a (B, M, N) kernel (0 on padding)."""
-    return _scale_linear_t(kernel.transpose(1, 2), a, b, pv, cv, max_iter, tol)
+    """The authors' updates r = a / (K^T c), c = b / (K r) on a (B, N, M) kernel, 0 on padding.
 
-
-def _scale_linear_t(kernel_t, a, b, pv, cv, max_iter: int, tol: float):
-    """The authors' updates on a (B, N, M) kernel, 0 on padding; each problem stops on its own rule.
-
-    a and b are 0 on padded pixels and classes, so r and c stay 0 there without masking.
+    Each problem stops on its own rule. a and b are 0 on padded pixels and classes, so r and c
+    stay 0 there without masking.
     """
-    zero = kernel_t.new_zeros(())
-    r, c = pv.to(kernel_t.dtype), cv.to(kernel_t.dtype)
-    n_pix = pv.sum(1).clamp_min(1).to(kernel_t.dtype)
+    zero = kernel.new_zeros(())
+    r, c = pv.to(kernel.dtype), cv.to(kernel.dtype)
+    n_pix = pv.sum(1).clamp_min(1).to(kernel.dtype)
     active = pv.any(1) & cv.any(1)
-    n_iter = torch.zeros(len(active), dtype=torch.long, device=kernel_t.device)
-    err = kernel_t.new_zeros(len(active))
+    n_iter = torch.zeros(len(active), dtype=torch.long, device=kernel.device)
+    err = kernel.new_zeros(len(active))
     for _ in range(max_iter):
         if not bool(active.any()):
             break
         r_prev = r
-        kc = torch.bmm(c[:, None, :], kernel_t)[:, 0]  # (B, M): sum_j K_ij c_j
+        kc = torch.bmm(c[:, None, :], kernel)[:, 0]  # (B, M): sum_j K_ji c_j
         r_new = torch.where(kc > 0, a / kc.clamp_min(1e-300), zero)
-        ktr = torch.bmm(kernel_t, r_new[:, :, None])[..., 0]  # (B, N): sum_i K_ij r_i
-        c_new = torch.where(ktr > 0, b / ktr.clamp_min(1e-300), zero)
+        kr = torch.bmm(kernel, r_new[:, :, None])[..., 0]  # (B, N): sum_i K_ji r_i
+        c_new = torch.where(kr > 0, b / kr.clamp_min(1e-300), zero)
         act = active[:, None]
         r = torch.where(act, r_new, r)
         c = torch.where(act, c_new, c)
@@ -145,7 +135,7 @@ def _scale_linear_t(kernel_t, a, b, pv, cv, max_iter: int, tol: float):
 
 
 def _scale_log(log_kernel, a, b, pv, cv, max_iter: int, tol: float):
-    """The same updates on log r, log c (log-sum-exp); the rule still reads mean |r - r_prev|."""
+    """The same updates on log r, log c (log-sum-exp), (B, N, M); the rule still reads mean |r - r_prev|."""
     ninf = log_kernel.new_full((), -torch.inf)
     log_a = torch.where(pv, a.clamp_min(1e-300).log(), ninf)
     log_b = torch.where(cv, b.clamp_min(1e-300).log(), ninf)
@@ -159,8 +149,8 @@ def _scale_log(log_kernel, a, b, pv, cv, max_iter: int, tol: float):
         if not bool(active.any()):
             break
         lr_prev = lr
-        lr_new = torch.where(pv, log_a - torch.logsumexp(log_kernel + lc[:, None, :], dim=2), ninf)
-        lc_new = torch.where(cv, log_b - torch.logsumexp(log_kernel + lr_new[:, :, None], dim=1), ninf)
+        lr_new = torch.where(pv, log_a - torch.logsumexp(log_kernel + lc[:, :, None], dim=1), ninf)
+        lc_new = torch.where(cv, log_b - torch.logsumexp(log_kernel + lr_new[:, None, :], dim=2), ninf)
         act = active[:, None]
         lr = torch.where(act, lr_new, lr)
         lc = torch.where(act, lc_new, lc)
@@ -173,12 +163,15 @@ def _scale_log(log_kernel, a, b, pv, cv, max_iter: int, tol: float):
     return lr, lc, (n_iter, err, active)
 
 
-def sinkhorn_pot(sim: torch.Tensor, *, pixel_valid=None, class_valid=None, class_marginal=None, eps: float = 0.1,
-                 max_iter: int = 1000, tol: float = 1e-9) -> SinkhornResult:
-    """POT's log-stabilised Sinkhorn, problem by problem (the converged reference)."""
+def sinkhorn_pot(sim: torch.Tensor, *, pixel_valid=None, class_valid=None, class_marginal=None, eps: float = _POT.eps,
+                 max_iter: int = _POT.max_iter, tol: float = _POT.tol) -> SinkhornResult:
+    """POT's log-stabilised Sinkhorn, problem by problem, on (B, N, M) (the converged reference).
+
+    max_iter and tol go to POT as numItermax and stopThr (POT's rule: the marginal violation).
+    """
     import ot
 
-    check_shape(sim, "B M N", "sim")
+    check_shape(sim, "B N M", "sim")
     pv, cv = _masks(sim, pixel_valid, class_valid)
     plan = torch.zeros_like(sim, dtype=torch.float64)
     n_iter = torch.zeros(sim.shape[0], dtype=torch.long, device=sim.device)
@@ -186,22 +179,17 @@ def sinkhorn_pot(sim: torch.Tensor, *, pixel_valid=None, class_valid=None, class
         pi, ci = pv[i].nonzero()[:, 0], cv[i].nonzero()[:, 0]
         if len(pi) == 0 or len(ci) == 0:
             continue
-        cost = 1.0 - sim[i][pi][:, ci].to(torch.float64)
+        cost = 1.0 - sim[i][ci][:, pi].T.to(torch.float64)  # (pixels, classes): POT's a x b
         a = torch.full((len(pi),), 1.0 / len(pi), dtype=torch.float64, device=sim.device)
         if class_marginal is None:
             b = torch.full((len(ci),), 1.0 / len(ci), dtype=torch.float64, device=sim.device)
         else:
             b = class_marginal[i][ci].to(torch.float64)
             b = b / b.sum()
-        t, log = ot.sinkhorn(a, b, cost, eps, method="sinkhorn_log", numItermax=max(max_iter, 1000), stopThr=tol, log=True)
-        plan[i, pi[:, None], ci[None, :]] = t
+        t, log = ot.sinkhorn(a, b, cost, eps, method="sinkhorn_log", numItermax=max_iter, stopThr=tol, log=True)
+        plan[i, ci[:, None], pi[None, :]] = t.T
         n_iter[i] = int(log.get("niter", 0))
     return SinkhornResult(plan.to(sim.dtype), n_iter, torch.zeros(sim.shape[0], dtype=sim.dtype, device=sim.device))
-
-
-def minmax_columns(x: torch.Tensor, row_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, M, N): each column (x - min) / max(max - min, 1e-5) over valid rows; padded rows -> 0."""
-    return minmax_last(x.transpose(1, 2), row_valid).transpose(1, 2).contiguous()
 
 
 def minmax_last(x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -217,35 +205,26 @@ def minmax_last(x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Ten
     return out.masked_fill_(pad, 0.0)
 
 
-def f_ot(sim: torch.Tensor, cfg: SinkhornConfig = SinkhornConfig(), *, pixel_valid: torch.Tensor | None = None,
+def f_ot(sim: torch.Tensor, cfg: SinkhornConfig = _DHR, *, pixel_valid: torch.Tensor | None = None,
          class_valid: torch.Tensor | None = None, class_marginal: torch.Tensor | None = None) -> torch.Tensor:
-    """METHOD.md's f_OT: the Sinkhorn plan of `sim` (B, M, N), min-max normalised per column.
+    """docs/method.md's f_OT: the Sinkhorn plan of `sim` (B, N, M), min-max normalised per class.
 
-    Padded pixels and classes come out 0.
+    Returns (B, N, M) in sim's dtype; padded pixels and classes come out 0.
 
-    >>> x = torch.tensor([[[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]]])
+    >>> x = torch.tensor([[[0.9, 0.2, 0.5], [0.1, 0.8, 0.5]]])
     >>> f_ot(x).shape
-    torch.Size([1, 3, 2])
+    torch.Size([1, 2, 3])
     """
-    out = f_ot_t(sim.transpose(1, 2), cfg, pixel_valid=pixel_valid, class_valid=class_valid,
-                 class_marginal=class_marginal)
-    return out.transpose(1, 2).contiguous()
-
-
-def f_ot_t(sim_t: torch.Tensor, cfg: SinkhornConfig = SinkhornConfig(), *, pixel_valid: torch.Tensor | None = None,
-           class_valid: torch.Tensor | None = None, class_marginal: torch.Tensor | None = None) -> torch.Tensor:
-    """`f_ot` on the transposed layout: sim_t (B, N, M), classes first -> (B, N, M) in sim_t's dtype."""
-    check_shape(sim_t, "B N M", "sim_t")
+    check_shape(sim, "B N M", "sim")
     if cfg.solver == "pot":
-        plan = sinkhorn_pot(sim_t.transpose(1, 2), pixel_valid=pixel_valid, class_valid=class_valid,
-                            class_marginal=class_marginal, eps=cfg.eps).plan.transpose(1, 2)
+        plan = sinkhorn_pot(sim, pixel_valid=pixel_valid, class_valid=class_valid, class_marginal=class_marginal,
+                            eps=cfg.eps, max_iter=cfg.max_iter, tol=cfg.tol).plan
         plan = plan if plan.dtype in (torch.float32, torch.float64) else plan.float()
     else:
-        plan = _sinkhorn_t(sim_t, pixel_valid, class_valid, class_marginal, cfg.eps, cfg.max_iter, cfg.tol,
-                           stacklevel=4)[0]
-        if sim_t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        plan = _sinkhorn(sim, pixel_valid, class_valid, class_marginal, cfg.eps, cfg.max_iter, cfg.tol, stacklevel=3)[0]
+        if sim.dtype in (torch.float32, torch.float16, torch.bfloat16):
             plan = plan.float()  # the plan in the caller's precision (float32 for half inputs: fp16 plans underflow)
     out = minmax_last(plan, pixel_valid)
     if class_valid is not None:
         out = out * class_valid[:, :, None].to(out.dtype)
-    return out.to(sim_t.dtype)
+    return out.to(sim.dtype)
