@@ -22,9 +22,22 @@ def test_demo_runs_every_step_and_rewrites_the_readme_block(tmp_path):
         assert all(0 <= scores[k] <= 1 for k in ("miou", "mfpr", "mfnr", "vanishing_rate"))
         assert abs(scores["miou"] + scores["mfpr"] + scores["mfnr"] - 1) < 1e-6  # the authors' identity
     assert (out / "report" / "index.html").exists()
+    table = (out / "summary.md").read_text()  # what `make demo` leaves for you, README untouched
+    assert "| DHR |" in table and "| CAM + CRF |" in table and "Wall time per step" in table
     text = readme.read_text()
+    assert table.strip() in text
     assert "old" not in text and text.startswith("# title") and text.rstrip().endswith("after")
     assert "| DHR |" in text and "| CAM + CRF |" in text and "Wall time per step" in text
     # a second run refuses to overwrite without --overwrite
     r = CliRunner().invoke(app, ["demo", "--out", str(out), "--features", "simulated", "--quiet"])
     assert r.exit_code == 1 and "already exists" in r.output
+
+
+def test_make_demo_leaves_tracked_files_alone():
+    """`make demo` runs the demo without --readme: refreshing README.md is `make readme-demo`."""
+    from pathlib import Path
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    demo_recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    assert "dhr demo" in demo_recipe and "--readme" not in demo_recipe
+    assert "--readme README.md" in makefile.split("\nreadme-demo:", 1)[1].split("\n\n", 1)[0]

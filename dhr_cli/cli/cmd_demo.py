@@ -20,14 +20,16 @@ def demo_cmd(
     n_images: Annotated[int, typer.Option("--n-images", min=4, help="Images in the procedural dataset.")] = 48,
     features: Annotated[Literal["auto", "lite0", "simulated"], typer.Option("--features", help="Where CAMs and features come from (auto: lite0 when installed).")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the procedural dataset.")] = 0,
-    readme: Annotated[Optional[Path], typer.Option("--readme", help="Rewrite the demo block of this README with the numbers.")] = None,
+    readme: Annotated[Optional[Path], typer.Option("--readme", help=(
+        "Also rewrite the demo block of this README with the numbers (`make readme-demo`); the table is always "
+        "written to OUT/summary.md."))] = None,
     device: Device = "auto",
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     from rich.table import Table
 
-    from dhr_cli.pipeline.demo import DemoConfig, run_demo
+    from dhr_cli.pipeline.demo import DemoConfig, run_demo, summary_markdown
 
     summary = run_demo(out_dir, DemoConfig(n_images=n_images, seed=seed, features=features, device=device, quiet=quiet),
                        overwrite=overwrite)
@@ -39,21 +41,16 @@ def demo_cmd(
     out.print(table)
     err.print(f"report: {summary['report']}")
     if readme is not None:
-        _update_readme(readme, summary)
+        _update_readme(readme, summary_markdown(summary))
 
 
-def _update_readme(path: Path, summary: dict) -> None:
+def _update_readme(path: Path, table: str) -> None:
     from dhr_cli.errors import InputError
 
     text = path.read_text()
     if _BEGIN not in text or _END not in text:
         raise InputError(f"{path}: has no {_BEGIN} ... {_END} block to update")
-    lines = [_BEGIN, "", f"`make demo`, {summary['images']} procedural train images; {summary['features']}.", "",
-             "| method | mIoU | mFPR | mFNR | vanishing rate |", "|---|---:|---:|---:|---:|"]
-    for name, m in summary["methods"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * m[k]:.1f}" for k in ("miou", "mfpr", "mfnr", "vanishing_rate")) + " |")
-    t = summary["timings_s"]
-    lines += ["", "Wall time per step (s, 2-core CPU): " + ", ".join(f"{k} {v}" for k, v in t.items()), "", _END]
+    lines = [_BEGIN, "", table, "", _END]
     head, rest = text.split(_BEGIN, 1)
     tail = rest.split(_END, 1)[1]
     tmp = path.with_name(path.name + ".tmp")
