@@ -186,6 +186,25 @@ def test_features_store_for_names_and_paths(data, tmp_path, monkeypatch):
         features_store_for(tmp_path / "nope.h5", ds)
 
 
+def test_a_store_made_by_dhr_cams_is_what_the_cache_reuses(data, tmp_path):
+    """`dhr cams --uss dino` under the cache's name is taken by `--uss dino`, not refused or recomputed."""
+    import torch
+
+    from dhr_cli.config import CamsConfig
+    from dhr_cli.pipeline.cams import features_store_for
+
+    torch.save(_tiny_vit_state(4), tmp_path / "dino.pth")
+    cache = tmp_path / "dino-uss-val.h5"
+    r = invoke("cams", "--data", data, "--split", "val", "--uss", "dino", "--uss-weights", tmp_path / "dino.pth",
+               "--scales", "1.0", "--no-flip", "--device", "cpu", "--out", cache, "--quiet")
+    assert r.exit_code == 0, r.output
+    mtime = cache.stat().st_mtime_ns
+    ds = open_dataset(data, "val")
+    got = features_store_for("dino", ds, weights=tmp_path / "dino.pth", cache_dir=tmp_path,
+                             cfg=CamsConfig(uss_scales=(1.0,), flip=False))
+    assert got == cache and cache.stat().st_mtime_ns == mtime
+
+
 def test_images_without_labels_get_no_cams(data, tmp_path):
     import json
     import shutil

@@ -69,9 +69,8 @@ def cams_cmd(
     from dhr_cli.errors import InputError
     from dhr_cli.io.datasets import open_dataset
     from dhr_cli.io.runtime import resolve_device
-    from dhr_cli.io.store import make_provenance
-    from dhr_cli.models import resolve_source
-    from dhr_cli.pipeline.cams import run_cams
+    from dhr_cli.models import canonical
+    from dhr_cli.pipeline.cams import cams_provenance, open_source, run_cams
 
     if (wss is None) == (uss is None):
         raise InputError("give exactly one of --wss NET or --uss NET")
@@ -105,24 +104,15 @@ def cams_cmd(
     if train_head and head:
         raise InputError("--train-head and --head exclude each other")
     if train_head:
-        from dhr_cli.models.lite0 import fit_lite0_head
-
         err.print(f"fitting the lite0 CAM head on {len(ds)} images ({cfg.head_steps} steps)", markup=False)
-        source = fit_lite0_head(ds, steps=cfg.head_steps, device=dev, lr=cfg.head_lr, side=cfg.head_side,
-                                train_last_stage=cfg.head_last_stage, batch_size=batch_size, quiet=quiet)
-        if save_head:
-            source.save_head(save_head)
-    else:
-        source = resolve_source(name, weights, dev, kind=kind, trust=trust_checkpoint, head=head,
-                                backbone_weights=backbone_weights,
-                                classes=[c for i, c in enumerate(ds.classes) if not (i == 0 and ds.has_background)])
-        if save_head:
-            source.save_head(save_head)
-    inputs = {"data": str(data), **({"weights": str(weights)} if weights else {}), **({"head": str(head)} if head else {}),
-              **({"backbone_weights": str(backbone_weights)} if backbone_weights else {})}
-    prov = make_provenance("cams", cfg, inputs=inputs)
-    prov.update({"network": name, "network_kind": kind, "split": split, "trained_head": train_head,
-                 "trust_checkpoint": trust_checkpoint})
+    source = open_source(name, ds, kind=kind, weights=weights, device=dev, cfg=cfg,
+                         train_head=train_head, head_batch_size=batch_size, quiet=quiet, trust=trust_checkpoint,
+                         head=head, backbone_weights=backbone_weights)
+    if save_head:
+        source.save_head(save_head)
+    prov = cams_provenance(canonical(name), source, ds, cfg, weights,
+                           inputs={"head": head or "", "backbone_weights": backbone_weights or ""},
+                           split=split, trained_head=train_head, trust_checkpoint=trust_checkpoint)
     summary = run_cams(ds, source, out_path, cfg, device=dev, provenance=prov, overwrite=overwrite,
                        resume=resume, quiet=quiet)
     out.print(f"{summary['kind']} store {out_path}: {summary['written']} images written"

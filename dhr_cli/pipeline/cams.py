@@ -161,6 +161,43 @@ def run_features(dataset, source, out, cfg: CamsConfig = CamsConfig(), **kw) -> 
     return run_cams(dataset, source, out, cfg, **kw)
 
 
+def store_inputs(dataset, weights=None, **extra) -> dict:
+    """The inputs a CAMs / features store records: what `features_store_for` checks before reusing it."""
+    inputs = {"data": Path(dataset.root).resolve(), "split": dataset.split or "",
+              "weights": Path(weights).resolve() if weights else ""}
+    inputs.update({k: str(v) for k, v in extra.items() if v})
+    return inputs
+
+
+def open_source(name: str, dataset, *, kind: str | None, weights=None, device="cpu", cfg: CamsConfig = CamsConfig(),
+                train_head: bool = False, head_batch_size: int = 16, quiet: bool = True, **source_kw):
+    """The network `name` as a feature source for `dataset`.
+
+    train_head (lite0 WSS): its CAM head fitted first on the dataset's image labels (cfg.head_*);
+    otherwise `resolve_source` with `weights` and `source_kw` (trust, head, backbone_weights).
+    """
+    from dhr_cli.models import resolve_source
+
+    if train_head:
+        from dhr_cli.models.lite0 import fit_lite0_head
+
+        logger.info("lite0: fitting its CAM head on %d images (%d steps)", len(dataset), cfg.head_steps)
+        return fit_lite0_head(dataset, steps=cfg.head_steps, device=device, lr=cfg.head_lr, side=cfg.head_side,
+                              train_last_stage=cfg.head_last_stage, batch_size=head_batch_size, quiet=quiet)
+    classes = [c for i, c in enumerate(dataset.classes) if not (i == 0 and dataset.has_background)]
+    return resolve_source(name, weights, device, kind=kind, classes=classes, **source_kw)
+
+
+def cams_provenance(name: str, source, dataset, cfg: CamsConfig, weights=None, *, inputs: dict | None = None,
+                    **extra) -> dict:
+    """The provenance of a store `run_cams` writes: the same for `dhr cams` and the features cache."""
+    from dhr_cli.io.store import make_provenance
+
+    provenance = make_provenance("cams", cfg, inputs=store_inputs(dataset, weights, **(inputs or {})))
+    provenance.update({"network": name, "network_kind": source.kind, **extra})
+    return provenance
+
+
 def features_store_for(spec: str | Path, dataset, *, role: str = "uss", weights=None, cache: str | Path | None = None,
                        cache_dir: str | Path = ".", announce=None, device="cpu", cfg: CamsConfig = CamsConfig(),
                        quiet: bool = True, **source_kw) -> Path:
@@ -173,8 +210,8 @@ def features_store_for(spec: str | Path, dataset, *, role: str = "uss", weights=
     `announce(cache)` is called before a computation starts. `source_kw` go to `resolve_source`
     (backbone_weights, trust, head).
     """
-    from dhr_cli.io.store import make_provenance, open_store
-    from dhr_cli.models import canonical, resolve_source
+    from dhr_cli.io.store import open_store
+    from dhr_cli.models import canonical
 
     path = Path(spec)
     if path.is_file():
@@ -185,8 +222,7 @@ def features_store_for(spec: str | Path, dataset, *, role: str = "uss", weights=
         raise InputError(f"{path}: no such store (--{role})")
     name = canonical(str(spec))
     cache = Path(cache) if cache else Path(cache_dir) / f"{name}-{role}-{dataset.split or 'all'}.h5"
-    inputs = {"data": Path(dataset.root).resolve(), "split": dataset.split or "",
-              "weights": Path(weights).resolve() if weights else ""}
+    inputs = store_inputs(dataset, weights)
     if cache.is_file():
         with open_store(cache) as store:
             made, network = store.provenance.get("inputs", {}), store.provenance.get("network")
@@ -199,18 +235,11 @@ def features_store_for(spec: str | Path, dataset, *, role: str = "uss", weights=
         return cache
     if announce is not None:
         announce(cache)
-    classes = [c for i, c in enumerate(dataset.classes) if not (i == 0 and dataset.has_background)]
     kind = role if role in ("uss", "wss") else None
-    if name == "lite0" and kind == "wss" and not source_kw.get("head"):
-        from dhr_cli.models.lite0 import fit_lite0_head
-
-        logger.info("--%s lite0: fitting its CAM head on %d images first", role, len(dataset))
-        source = fit_lite0_head(dataset, steps=cfg.head_steps, device=device, lr=cfg.head_lr, side=cfg.head_side,
-                                train_last_stage=cfg.head_last_stage, quiet=quiet)
-    else:
-        source = resolve_source(name, weights, device, kind=kind, classes=classes, **source_kw)
-    provenance = make_provenance("cams", cfg, inputs=inputs)
-    provenance.update({"network": name, "network_kind": source.kind})
+    train_head = name == "lite0" and kind == "wss" and not source_kw.get("head")
+    source = open_source(name, dataset, kind=kind, weights=weights, device=device, cfg=cfg, train_head=train_head,
+                         quiet=quiet, **source_kw)
+    provenance = cams_provenance(name, source, dataset, cfg, weights)
     cache.parent.mkdir(parents=True, exist_ok=True)
     from dhr_cli.io.distributed import (
         interrupted,  # this rank's own .partial under torchrun
