@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -228,3 +230,15 @@ def test_images_without_labels_get_no_cams(data, tmp_path):
     assert "1 without labels left out" in r.output
     with open_store(tmp_path / "c.h5") as s:
         assert empty not in s and len(s) == len(ds) - 1
+
+
+def test_wss_weights_pair_with_the_named_networks_in_order(tmp_path):
+    from dhr_cli.errors import InputError
+    from dhr_cli.pipeline.cams import pair_weights
+
+    store = tmp_path / "wss.h5"
+    store.write_bytes(b"")
+    assert pair_weights(["mctformer", str(store), "resnet"], [Path("a.pth"), Path("b.pth")]) == {
+        "mctformer": Path("a.pth"), "resnet": Path("b.pth")}
+    with pytest.raises(InputError, match="2 --wss-weights for 1 networks"):
+        pair_weights([str(store), "resnet"], [Path("a.pth"), Path("b.pth")])

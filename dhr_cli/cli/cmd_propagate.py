@@ -84,6 +84,7 @@ def propagate_cmd(
     quiet: Quiet = False,
 ) -> None:
     from dhr_cli.errors import InputError
+    from dhr_cli.pipeline.cams import pair_weights
     from dhr_cli.pipeline.propagate import run_propagate
 
     try:
@@ -97,10 +98,7 @@ def propagate_cmd(
     except ValueError as e:
         raise InputError(str(e)) from None
     wss, wss_weights = (list(wss or []) if step3 else []), list(wss_weights or [])
-    named_wss = [w for w in wss if not Path(w).is_file()]
-    if len(wss_weights) > len(named_wss):
-        raise InputError(f"{len(wss_weights)} --wss-weights for {len(named_wss)} networks named by --wss")
-    weights_of = dict(zip(named_wss, wss_weights))
+    weights_of = pair_weights(wss, wss_weights)
     where = dict(data=data, split=split, features_dir=features_dir or out.parent, device=device, quiet=quiet,
                  trust=trust_checkpoint, backbone_weights=backbone_weights)
     uss = str(network_store(uss, "uss", weights=uss_weights, **where))

@@ -161,6 +161,14 @@ def run_features(dataset, source, out, cfg: CamsConfig = CamsConfig(), **kw) -> 
     return run_cams(dataset, source, out, cfg, **kw)
 
 
+def pair_weights(specs: list[str | Path], weights: list[Path]) -> dict[str, Path]:
+    """{network name: weights file}: the weights files go, in order, to the specs that are not store files."""
+    named = [str(s) for s in specs if not Path(s).is_file()]
+    if len(weights) > len(named):
+        raise InputError(f"{len(weights)} --wss-weights for {len(named)} networks named by --wss")
+    return dict(zip(named, weights))
+
+
 def store_inputs(dataset, weights=None, **extra) -> dict:
     """The inputs a CAMs / features store records: what `features_store_for` checks before reusing it."""
     inputs = {"data": Path(dataset.root).resolve(), "split": dataset.split or "",
