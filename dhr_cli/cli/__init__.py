@@ -22,11 +22,7 @@ from dhr_cli.cli import (  # noqa: E402,F401
     cmd_seed,
     cmd_train,
 )
-from dhr_cli.cli.options import app
-
-
-def main() -> None:
-    app()
+from dhr_cli.cli.app import app, main
 
 
 __all__ = ["app", "main"]

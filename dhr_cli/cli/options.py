@@ -1,72 +1,16 @@
-"""The Typer app, options shared by several commands (declared once), and error mapping."""
+"""Options shared by several commands (declared once, as Annotated aliases; choices as Literal
+types, so Typer reports a bad value as a usage error and --help lists them), and the helpers that
+turn them into configs."""
 
 from __future__ import annotations
 
-import functools
-import logging
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-from dhr_cli import __version__
+from dhr_cli.cli.app import app, err, out, user_errors  # noqa: F401  (re-exported: the commands import them here)
 from dhr_cli.config import MissingPolicy, OTSolver
-from dhr_cli.errors import DhrError
-
-app = typer.Typer(
-    name="dhr",
-    help="Dense pseudo segmentation masks from image-level labels (DHR, ECCV 2024).\n\n"
-    "Typical run: dhr cams -> dhr seed -> dhr propagate -> dhr eval / dhr export.",
-    no_args_is_help=True,
-    pretty_exceptions_show_locals=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-    rich_markup_mode="rich",
-)
-
-# Results go to stdout; messages, progress and errors to stderr.
-out = Console()
-err = Console(stderr=True)
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"dhr {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: Annotated[
-        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
-    ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens, step by step.")] = False,
-) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
-
-
-def user_errors(fn):
-    """Turn DhrError (and OS errors on the user's files) into `Error: ...` and exit status 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except DhrError as e:
-            _fail(str(e))
-        except OSError as e:  # permission denied, disk full, ...: the user's to fix
-            _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
-        except KeyboardInterrupt:
-            _fail("interrupted; what was written is kept, rerun with --resume to continue", code=130)
-
-    return wrapper
-
-
-def _fail(message: str, code: int = 1) -> None:
-    # One line, no markup interpretation (paths may contain brackets).
-    print(f"Error: {' '.join(message.split())}", file=sys.stderr)
-    raise typer.Exit(code)
 
 
 # ---- options shared by several commands (declared once) -------------------------------------
