@@ -20,6 +20,7 @@ from dhr_cli.cli.options import (
     TrustCheckpoint,
     UssWeights,
     app,
+    parse_scales,
     err,
     out,
     user_errors,
@@ -53,7 +54,7 @@ def cams_cmd(
     save_head: Annotated[Optional[Path], typer.Option("--save-head", help="lite0 WSS: write the fitted head to this .pt file.")] = None,
     head_steps: Annotated[int, typer.Option("--head-steps", min=1, help="Optimisation steps of --train-head.")] = _D.head_steps,
     trust_checkpoint: TrustCheckpoint = False,
-    scales: Annotated[Optional[str], typer.Option("--scales", help=(
+    scales: Annotated[Optional[str], typer.Option("--scales", callback=parse_scales, help=(
         "Comma-separated input scales (default: " + ",".join(map(str, _D.scales)) + " for CAMs, as IRN; "
         + ",".join(map(str, _D.uss_scales)) + " for USS features, as DHR)."))] = None,
     side: Annotated[Optional[int], typer.Option("--side", min=16, help=(
@@ -74,10 +75,7 @@ def cams_cmd(
 
     if (wss is None) == (uss is None):
         raise InputError("give exactly one of --wss NET or --uss NET")
-    try:
-        scale_list = None if scales is None else tuple(float(s) for s in scales.split(",") if s.strip())
-    except ValueError as e:
-        raise InputError(f"--scales {scales!r}: {e}") from None
+    scale_list = scales  # a tuple: parsed by the option
     try:
         extra = {} if scale_list is None else ({"scales": scale_list} if wss else {"uss_scales": scale_list})
         cfg = CamsConfig(flip=not no_flip, batch_size=batch_size, device=device, head_steps=head_steps, side=side,

@@ -16,6 +16,7 @@ from dhr_cli.cli.options import (
     Resume,
     Split,
     app,
+    parse_scales,
     out,
     user_errors,
 )
@@ -35,7 +36,7 @@ def predict_cmd(
     data: DataRoot,
     out_store: OutStore,
     split: Split = None,
-    scales: Annotated[str, typer.Option("--scales", help="Comma-separated test scales.")] = ",".join(str(s) for s in _D.scales),
+    scales: Annotated[str, typer.Option("--scales", callback=parse_scales, help="Comma-separated test scales.")] = ",".join(str(s) for s in _D.scales),
     flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Average with horizontally flipped copies.")] = _D.flip,
     class_threshold: Annotated[float, typer.Option("--class-threshold", help="Keep a class if its max probability exceeds this.")] = _D.class_threshold,
     restrict_to_labels: Annotated[bool, typer.Option("--restrict-to-labels", help="Keep only the image-level labels (and background).")] = _D.restrict_to_labels,
@@ -50,7 +51,7 @@ def predict_cmd(
     from dhr_cli.pipeline.predict import run_predict
 
     try:
-        cfg = PredictConfig(scales=tuple(float(s) for s in scales.split(",") if s.strip()), flip=flip,
+        cfg = PredictConfig(scales=scales, flip=flip,
                             class_threshold=class_threshold, restrict_to_labels=restrict_to_labels, use_crf=crf,
                             use_ema=ema, device=device)
     except ValueError as e:

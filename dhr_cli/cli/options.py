@@ -33,6 +33,19 @@ SinkhornTol = Annotated[Optional[float], typer.Option("--sinkhorn-tol", show_def
 SinkhornEps = Annotated[float, typer.Option("--sinkhorn-eps", help="Entropic regularisation of the OT.")]
 
 
+def parse_scales(value: str | None) -> tuple[float, ...] | None:
+    """--scales "1,0.5,1.5" -> (1.0, 0.5, 1.5) (the one parser of both commands); else a usage error."""
+    if value is None:
+        return None
+    try:
+        scales = tuple(float(s) for s in value.split(",") if s.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: expected comma-separated numbers, e.g. 1.0,0.5,1.5") from None
+    if not scales or any(not s > 0 for s in scales):
+        raise typer.BadParameter(f"{value!r}: expected one or more scales > 0")
+    return scales
+
+
 def sinkhorn_config(solver: str, max_iter: int | None, tol: float | None, eps: float):
     """The SinkhornConfig of the options; max_iter / tol None: the solver's own defaults."""
     from dhr_cli.config import SinkhornConfig
