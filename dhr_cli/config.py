@@ -106,6 +106,7 @@ class PropagateConfig:
     marginals: Marginals = "seeded"  # METHOD.md decision; "uniform" reproduces the authors
     min_marginal: float = 0.02  # floor of a class's share under seeded marginals
     recover_missing: bool = True  # prototype from the CAM peak for labelled classes that win no cell
+    recover_peak: float = 0.8  # the recovered prototype's cells: CAM >= recover_peak * its maximum
     # Labelled classes survive the CRF and the final argmax (METHOD.md decision): a class that held
     # pixels before (the argmax before the CRF, else its seed pixels) and none after takes them back.
     restore_classes: bool = True

@@ -197,14 +197,14 @@ def _wss_maps(item: PropagateItem) -> list[torch.Tensor]:
     return item.wss
 
 
-def _recovery_weights(item: PropagateItem, label: int, grid: tuple[int, int]) -> torch.Tensor | None:
-    """Cells at the class's highest CAM response (>= 0.8 of its peak on the USS grid), or None."""
+def _recovery_weights(item: PropagateItem, label: int, grid: tuple[int, int], peak: float) -> torch.Tensor | None:
+    """Cells at the class's highest CAM response (>= peak times its maximum on the USS grid), or None."""
     if item.cams is None or item.cam_labels is None or label not in item.cam_labels:
         return None
     cam = resize(torch.relu(item.cams[item.cam_labels.index(label)].float())[None], grid)[0].flatten()
     if float(cam.max()) <= 0:
         return None
-    return (cam >= 0.8 * cam.max()).double()
+    return (cam >= peak * cam.max()).double()
 
 
 def pooled_cells(item: PropagateItem) -> torch.Tensor:
@@ -261,7 +261,7 @@ def _class_setup(items: list[PropagateItem], cfg: PropagateConfig, background: i
         if cfg.recover_missing:
             for label in it.labels:
                 if label not in won[i]:
-                    w = _recovery_weights(it, label, grid)
+                    w = _recovery_weights(it, label, grid, cfg.recover_peak)
                     if w is not None:
                         extra[label] = w
         classes = sorted(set(won[i]) | set(extra)) or [background]  # nothing to propagate from: all background

@@ -20,7 +20,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dhr_cli.config import RandomWalkConfig
 from dhr_cli.errors import ShapeError
+
+_RW = RandomWalkConfig()  # the defaults of the signatures below
 
 __all__ = ["affinity", "transition", "random_walk", "random_walk_mask"]
 
@@ -39,7 +42,7 @@ def _pair_mask(h: int, w: int, radius: int, device) -> torch.Tensor:
     return d2 < radius * radius
 
 
-def affinity(feats: torch.Tensor, *, beta: float = 8.0, kind: str = "cosine", radius: int = 5,
+def affinity(feats: torch.Tensor, *, beta: float = _RW.beta, kind: str = _RW.affinity, radius: int = _RW.radius,
              valid: torch.Tensor | None = None) -> torch.Tensor:
     """Pairwise affinities of grid cells, raised to beta.
 
@@ -100,8 +103,8 @@ def _walk(x: torch.Tensor, trans: torch.Tensor, logt: int, power: str) -> torch.
 
 
 def random_walk(cams: torch.Tensor, feats: torch.Tensor, *, class_mask: torch.Tensor | None = None,
-                valid: torch.Tensor | None = None, beta: float = 8.0, logt: int = 6, bg: float = 0.39,
-                kind: str = "cosine", radius: int = 5, power: str = "auto") -> torch.Tensor:
+                valid: torch.Tensor | None = None, beta: float = _RW.beta, logt: int = _RW.logt, bg: float = _RW.bg,
+                kind: str = _RW.affinity, radius: int = _RW.radius, power: str = _RW.power) -> torch.Tensor:
     """Propagate CAMs over the feature grid with a random walk (PSA).
 
     Args:
@@ -139,8 +142,9 @@ def random_walk(cams: torch.Tensor, feats: torch.Tensor, *, class_mask: torch.Te
 
 
 def random_walk_mask(cams: torch.Tensor, feats: torch.Tensor, labels, image_size: tuple[int, int], *,
-                     beta: float = 8.0, logt: int = 6, bg: float = 0.39, kind: str = "cosine", radius: int = 5,
-                     power: str = "auto", max_side: int = 64) -> torch.Tensor:
+                     beta: float = _RW.beta, logt: int = _RW.logt, bg: float = _RW.bg, kind: str = _RW.affinity,
+                     radius: int = _RW.radius,
+                     power: str = _RW.power, max_side: int = _RW.max_side) -> torch.Tensor:
     """One image: CAMs and features on their own grids -> (H, W) int64 mask of label values (0 = background).
 
     Args:

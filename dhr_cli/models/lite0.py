@@ -23,9 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dhr_cli.config import CamsConfig
 from dhr_cli.errors import CheckpointError, DatasetError
 from dhr_cli.models.base import IMAGENET_MEAN, IMAGENET_STD, FeatureSource, check_images
 from dhr_cli.models.checkpoints import load_strict
+
+_CAMS = CamsConfig()  # the head-fitting defaults of fit_lite0_head
 
 logger = logging.getLogger(__name__)
 
@@ -182,9 +185,9 @@ def image_tensor(image, device) -> torch.Tensor:
     return (x - mean) / std
 
 
-def fit_lite0_head(dataset, split: str | None = None, classes: list[str] | None = None, steps: int = 300,
-                   device="cpu", *, lr: float = 0.01, weight_decay: float = 1e-4, side: int = 224,
-                   train_last_stage: bool = False, batch_size: int = 16, seed: int = 0, quiet: bool = True,
+def fit_lite0_head(dataset, split: str | None = None, classes: list[str] | None = None,
+                   steps: int = _CAMS.head_steps, device="cpu", *, lr: float = _CAMS.head_lr, weight_decay: float = 1e-4,
+                   side: int = _CAMS.head_side, train_last_stage: bool = _CAMS.head_last_stage, batch_size: int = 16, seed: int = 0, quiet: bool = True,
                    backbone: nn.Module | None = None) -> Lite0Source:
     """Fit the lite0 CAM head on a dataset's image-level labels (multilabel soft-margin loss).
 
