@@ -7,7 +7,7 @@ Paper defaults are marked (paper); defaults we chose by measurement say where it
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 
 IGNORE_INDEX = 255  # the one label value meaning "unsure / ignore" in every mask
@@ -181,11 +181,6 @@ class CamsConfig:
         _check(self.store_dtype in ("float16", "float32"), f"store_dtype must be float16 or float32, got {self.store_dtype!r}")
         _check(self.head_steps >= 1, f"head_steps must be >= 1, got {self.head_steps}")
         _check(self.head_side >= 32, f"head_side must be >= 32, got {self.head_side}")
-
-
-def as_dict(cfg) -> dict:
-    """A config as plain JSON-able data (for provenance)."""
-    return asdict(cfg)
 
 
 @dataclass(frozen=True)

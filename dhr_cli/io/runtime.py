@@ -1,10 +1,7 @@
-"""Run-time choices shared by every command: the device and reproducible seeding."""
+"""Run-time choices shared by every command: the device."""
 
 from __future__ import annotations
 
-import random
-
-import numpy as np
 import torch
 
 from dhr_cli.errors import InputError
@@ -24,9 +21,3 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

@@ -19,9 +19,3 @@ def check_shape(x: torch.Tensor, layout: str, name: str = "input") -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != len(dims):
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ShapeError(f"{name}: expected ({', '.join(dims)}), got {got}")
-
-
-def check_same_batch(*tensors: torch.Tensor) -> None:
-    sizes = {t.shape[0] for t in tensors if t is not None}
-    if len(sizes) > 1:
-        raise ShapeError(f"batch sizes differ: {sorted(sizes)}")

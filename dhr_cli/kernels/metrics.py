@@ -171,10 +171,6 @@ class ConfusionMatrix:
         self.counts += c_np
         return c_np
 
-    def add(self, counts: np.ndarray) -> None:
-        """Add counts computed elsewhere (same K)."""
-        self.counts += np.asarray(counts, dtype=np.int64)
-
     def scores(self) -> ClassScores:
         return class_scores(self.counts)
 

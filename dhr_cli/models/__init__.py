@@ -41,11 +41,7 @@ SOURCES: dict[str, tuple[str, str | None]] = {
 ALIASES = {"dinov2": "dinov2_vitb14", "mctformer_v2": "mctformer", "mctformerv2": "mctformer", "irn": "resnet50",
            "deeplab": "dhr"}
 
-__all__ = ["SOURCES", "FeatureSource", "available", "resolve_source"]
-
-
-def available() -> list[str]:
-    return list(SOURCES)
+__all__ = ["SOURCES", "FeatureSource", "resolve_source"]
 
 
 def _need(name: str, weights) -> Path:

@@ -107,5 +107,3 @@ class ResNetCAM(FeatureSource):
         load_strict(net, sd, path)
         return net
 
-
-ResNetCAMSource = ResNetCAM

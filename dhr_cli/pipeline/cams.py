@@ -1,8 +1,8 @@
 """`dhr cams`: CAMs (WSS network) or features (USS network) for every image of a split, into a store.
 
 Library entry points: `run_cams(dataset, source, out, cfg)` (either kind, decided by
-`source.kind`), `run_features` (the same, for USS sources), and `features_store_for(spec, ...)`,
-which turns a `--uss` / `--wss` value (a store path, or a network name plus weights) into a store path,
+`source.kind`), `open_source` (a network by name, lite0 with a fitted head), `cams_provenance`,
+and `features_store_for(spec, ...)`, which turns a `--uss` / `--wss` value (a store path, or a network name plus weights) into a store path,
 computing the store once when a name is given.
 """
 
@@ -152,13 +152,6 @@ def _process(loaded, dataset, source, w, cfg, channel, wss, dtype, device, amp):
             w.write(item_id, arrays, attrs)
             grid = tuple(feats.shape)
     return grid
-
-
-def run_features(dataset, source, out, cfg: CamsConfig = CamsConfig(), **kw) -> dict:
-    """`run_cams` for a USS source (a features store); raises InputError for a WSS source."""
-    if source.kind != "uss":
-        raise InputError(f"network {source.name!r} is a WSS source; use run_cams for its CAMs")
-    return run_cams(dataset, source, out, cfg, **kw)
 
 
 def pair_weights(specs: list[str | Path], weights: list[Path]) -> dict[str, Path]:

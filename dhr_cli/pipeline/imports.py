@@ -51,14 +51,11 @@ def _allowed_globals() -> dict:
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[(mod, "_reconstruct")] = _real_np("_reconstruct")
         allowed[(mod, "scalar")] = _real_np("scalar")
-    try:
-        import torch  # IRN files hold torch tensors; torch is a dependency anyway
+    import torch  # IRN files hold torch tensors (torch ships with dhr)
 
-        allowed[("torch._utils", "_rebuild_tensor_v2")] = torch._utils._rebuild_tensor_v2
-        allowed[("torch._utils", "_rebuild_tensor")] = torch._utils._rebuild_tensor
-        allowed[("torch.storage", "_load_from_bytes")] = _torch_storage_from_bytes
-    except ImportError:  # pragma: no cover
-        pass
+    allowed[("torch._utils", "_rebuild_tensor_v2")] = torch._utils._rebuild_tensor_v2
+    allowed[("torch._utils", "_rebuild_tensor")] = torch._utils._rebuild_tensor
+    allowed[("torch.storage", "_load_from_bytes")] = _torch_storage_from_bytes
     return allowed
 
 
