@@ -113,8 +113,16 @@ def test_unknown_split_and_ids_without_images(tmp_path):
         open_dataset(root, "train")
 
 
-def test_colour_masks_are_refused(tmp_path):
+def test_colour_masks_in_voc_colours_are_read_others_refused(tmp_path):
+    """One PNG reader for GT, --masks and eval: VOC colours are labels, other colours an error."""
     root = make_flat(tmp_path / "d")
-    Image.fromarray(np.zeros((24, 32, 3), np.uint8)).save(root / "masks" / "a.png")
-    with pytest.raises(DatasetError, match="colour image"):
+    rgb = np.zeros((24, 32, 3), np.uint8)
+    rgb[:, 16:] = (128, 0, 0)  # VOC colour of label 1
+    Image.fromarray(rgb).save(root / "masks" / "a.png")
+    expected = np.zeros((24, 32), np.uint8)
+    expected[:, 16:] = 1
+    np.testing.assert_array_equal(open_dataset(root).gt("a"), expected)
+    rgb[0, 0] = (1, 2, 3)
+    Image.fromarray(rgb).save(root / "masks" / "a.png")
+    with pytest.raises(DatasetError, match=r"colour \(1, 2, 3\), which is not a VOC palette colour"):
         open_dataset(root).gt("a")

@@ -137,25 +137,47 @@ class Dataset:
 
 
 def read_index_png(path: Path) -> np.ndarray:
-    """A label PNG (palette or grayscale) as class indices; colour (RGB) masks are refused."""
+    """(H, W) uint8 labels from a palette, grayscale or 16-bit PNG, or an RGB PNG in VOC colours.
+
+    The one mask reader: dataset ground truth, `dhr train --masks`, `dhr eval --pred DIR`, imports.
+    """
+    from dhr_cli.io.palette import palette_array
+
     try:
         with Image.open(path) as im:
-            if im.mode in ("RGB", "RGBA"):
-                raise DatasetError(f"{path}: mask is an {im.mode} colour image; expected palette or grayscale class indices")
-            if im.mode not in ("P", "L"):
-                im = im.convert("L") if im.mode in ("1",) else im
-            mask = np.asarray(im)
+            im.load()
+            mode = im.mode
+            if mode == "RGBA":
+                im = im.convert("RGB")
+                mode = "RGB"
+            arr = np.asarray(im)
     except FileNotFoundError:
         raise DatasetError(f"{path}: mask not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DatasetError(f"{path}: cannot decode mask ({e.__class__.__name__})") from None
-    if mask.ndim != 2:
-        raise DatasetError(f"{path}: mask has shape {mask.shape}, expected a single channel")
-    if mask.dtype != np.uint8:
-        if mask.max(initial=0) > 255 or mask.min(initial=0) < 0:
+    if mode == "RGB":
+        code = (arr[..., 0].astype(np.int32) << 16) | (arr[..., 1].astype(np.int32) << 8) | arr[..., 2]
+        pal = palette_array().astype(np.int32)
+        pal_code = (pal[:, 0] << 16) | (pal[:, 1] << 8) | pal[:, 2]
+        lut = {int(c): i for i, c in reversed(list(enumerate(pal_code)))}  # first index wins
+        colours, inverse = np.unique(code, return_inverse=True)
+        unknown = [int(c) for c in colours if int(c) not in lut]
+        if unknown:
+            rgb = ((unknown[0] >> 16) & 255, (unknown[0] >> 8) & 255, unknown[0] & 255)
+            raise DatasetError(f"{path}: RGB mask holds colour {rgb}, which is not a VOC palette colour; save masks as palette or grayscale PNGs")
+        return np.array([lut[int(c)] for c in colours], np.uint8)[inverse.reshape(code.shape)]
+    if arr.ndim != 2:
+        raise DatasetError(f"{path}: mask has shape {arr.shape}, expected a single channel")
+    if arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
             raise DatasetError(f"{path}: mask values outside 0..255")
-        mask = mask.astype(np.uint8)
-    return mask
+        arr = arr.astype(np.uint8)
+    return arr
+
+
+def class_key(name: str) -> str:
+    """The one rule for matching class names across stores, datasets and GT: lower case, letters and digits."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
 def _read_list(path: Path) -> list[str]:

@@ -14,17 +14,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from dhr_cli.config import IGNORE_INDEX, EvalConfig
 from dhr_cli.errors import DatasetError, InputError
+from dhr_cli.io.datasets import class_key, read_index_png
 from dhr_cli.kernels.metrics import class_scores, confusion_matrix, mean_over_present
 
 logger = logging.getLogger(__name__)
@@ -65,7 +64,7 @@ class Predictions:
             return None
         if self._store is not None:
             return self._store.read(item_id, names=()).mask
-        return read_mask_png(self._pngs[item_id])
+        return read_index_png(self._pngs[item_id])
 
     def close(self) -> None:
         if self._store is not None:
@@ -83,55 +82,15 @@ def open_predictions(path: str | os.PathLike, classes: list[str]) -> Predictions
     return Predictions(path, classes)
 
 
-def _norm(name: str) -> str:
-    return re.sub(r"[\s_\-]", "", name.lower())
-
-
 def _check_classes(path: Path, store_classes: list[str], classes: list[str]) -> None:
     if len(store_classes) != len(classes):
         raise InputError(
             f"{path}: holds {len(store_classes)} classes but the dataset has {len(classes)}; "
             "the masks were made for another class list"
         )
-    diff = [(a, b) for a, b in zip(store_classes, classes) if _norm(a) != _norm(b)]
+    diff = [(a, b) for a, b in zip(store_classes, classes) if class_key(a) != class_key(b)]
     if diff:
         raise InputError(f"{path}: class names differ from the dataset's, e.g. {diff[0][0]!r} vs {diff[0][1]!r}")
-
-
-def read_mask_png(path: Path) -> np.ndarray:
-    """(H, W) uint8 labels from a palette, grayscale or 16-bit PNG, or an RGB PNG in VOC colours."""
-    from dhr_cli.io.palette import palette_array
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            if mode == "RGBA":
-                im = im.convert("RGB")
-                mode = "RGB"
-            arr = np.asarray(im)
-    except FileNotFoundError:
-        raise InputError(f"{path}: mask not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise InputError(f"{path}: cannot decode mask ({e.__class__.__name__})") from None
-    if mode == "RGB":
-        code = (arr[..., 0].astype(np.int32) << 16) | (arr[..., 1].astype(np.int32) << 8) | arr[..., 2]
-        pal = palette_array().astype(np.int32)
-        pal_code = (pal[:, 0] << 16) | (pal[:, 1] << 8) | pal[:, 2]
-        lut = {int(c): i for i, c in reversed(list(enumerate(pal_code)))}  # first index wins
-        colours, inverse = np.unique(code, return_inverse=True)
-        unknown = [int(c) for c in colours if int(c) not in lut]
-        if unknown:
-            rgb = ((unknown[0] >> 16) & 255, (unknown[0] >> 8) & 255, unknown[0] & 255)
-            raise InputError(f"{path}: RGB mask holds colour {rgb}, which is not a VOC palette colour; save masks as palette or grayscale PNGs")
-        return np.array([lut[int(c)] for c in colours], np.uint8)[inverse.reshape(code.shape)]
-    if arr.ndim != 2:
-        raise InputError(f"{path}: mask has shape {arr.shape}, expected a single channel")
-    if arr.dtype != np.uint8:
-        if arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise InputError(f"{path}: mask values outside 0..255")
-        arr = arr.astype(np.uint8)
-    return arr
 
 
 # ---- results --------------------------------------------------------------------------------

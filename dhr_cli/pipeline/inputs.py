@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dhr_cli.errors import InputError, StoreError
-from dhr_cli.io.datasets import Dataset
+from dhr_cli.io.datasets import Dataset, class_key
 from dhr_cli.io.store import Store, open_store
 
 logger = logging.getLogger(__name__)
@@ -22,13 +22,9 @@ logger = logging.getLogger(__name__)
 Missing = Literal["fail", "skip"]
 
 
-def _norm(name: str) -> str:
-    return "".join(ch for ch in name.lower() if ch.isalnum())
-
-
 def check_classes(store: Store, dataset: Dataset) -> None:
     """A store's class list must be the dataset's (case, spaces and punctuation aside)."""
-    if [_norm(c) for c in store.classes] != [_norm(c) for c in dataset.classes]:
+    if [class_key(c) for c in store.classes] != [class_key(c) for c in dataset.classes]:
         raise StoreError(f"{store.path}: its {len(store.classes)} classes ({', '.join(store.classes[:4])}, ...) differ "
                          f"from the dataset's {len(dataset.classes)} ({', '.join(dataset.classes[:4])}, ...) at {dataset.root}")
 
