@@ -10,7 +10,7 @@ not depend on what the numbers mean.
 1. Throughput (images/s, CPU unless --device says otherwise), measured in one run on the
    same items: the batched kernels (dhr_cli.kernels.propagate.propagate_items, --batch-size images
    at a time) with and without the CRF, the same kernels one image at a time, and the
-   per-image reference implementation of METHOD.md (dhr_cli/testing/oracle.py). Target: batched >= 5x
+   per-image reference implementation of docs/method.md (dhr_cli/testing/oracle.py). Target: batched >= 5x
    the per-image path without the CRF. The batched and per-image masks are compared too.
    Timings are the best of --rounds interleaved rounds (a shared machine stalls torch's thread
    pool far more than the single-threaded reference); the batched path is also timed on one

@@ -322,7 +322,7 @@ def table_html(rows: list[dict], title: str) -> str:
 
 
 def score(ctx: Context, done: dict[str, Path], split: str | None):
-    """({method: CONTRACTS.md eval JSON}, EvalResult) of the finished methods on a split."""
+    """({method: docs/contracts.md eval JSON}, EvalResult) of the finished methods on a split."""
     from dhr_cli.pipeline.evaluate import run_eval
 
     res = run_eval([str(p) for p in done.values()], ctx.data, split, names=list(done))

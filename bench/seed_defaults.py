@@ -1,4 +1,4 @@
-"""Choose `dhr seed`'s defaults by measurement (METHOD.md step 1.4), and keep the measurement.
+"""Choose `dhr seed`'s defaults by measurement (docs/method.md step 1.4), and keep the measurement.
 
 On the procedural set (real-photo statistics: background covers most pixels, small objects touch
 large ones, CAMs at stride 16 that bleed across touching objects), sweep the background power

@@ -79,7 +79,7 @@ class SeedConfig:
     sinkhorn: SinkhornConfig = field(default_factory=SinkhornConfig)
     crf: CRFConfig = field(default_factory=CRFConfig)
     use_crf: bool = True
-    # Background competes with the classes (METHOD.md decision): score (1 - max_k A_k)^bg_power.
+    # Background competes with the classes (docs/method.md decision): score (1 - max_k A_k)^bg_power.
     # Both defaults measured by bench/seed_defaults.py (procedural set, DHR mIoU of the final
     # masks, tuned on one dataset seed, reported on another): bg_power 1..6 x confidence 0.4..0.7.
     bg_power: float = 2.0
@@ -103,7 +103,7 @@ class PropagateConfig:
     use_crf: bool = True
     tau: float = 0.8  # prototype cosine above which classes share a USS group (paper)
     step3: bool = True  # intra-class rebalancing with WSS features; off: Step 2 alone, no WSS needed
-    marginals: Marginals = "seeded"  # METHOD.md decision; "uniform" reproduces the authors
+    marginals: Marginals = "seeded"  # docs/method.md decision; "uniform" reproduces the authors
     min_marginal: float = 0.02  # floor of a class's share under seeded marginals
     recover_missing: bool = True  # prototype from the CAM peak for labelled classes that win no cell
     recover_peak: float = 0.8  # the recovered prototype's cells: CAM >= recover_peak * its maximum

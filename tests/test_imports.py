@@ -1,4 +1,4 @@
-"""`dhr import`: peer CAM / feature / mask files round-trip into stores (PEERS.md 3.2 formats)."""
+"""`dhr import`: peer CAM / feature / mask files round-trip into stores (docs/peers.md)."""
 
 from __future__ import annotations
 

@@ -118,7 +118,7 @@ def test_upsample_argmax_equals_resize_then_argmax(device):
         ref = labels_from_probs(resize(maps.float(), (37, 45)), classes)
         assert out.dtype == torch.int64 and out.device == maps.device and out.shape == (37, 45)
         assert torch.equal(out, ref)
-        # METHOD.md's resize in float64 (the oracle's), also when shrinking or keeping the size
+        # docs/method.md's resize in float64 (the oracle's), also when shrinking or keeping the size
         for size in [(37, 45), (4, 5), (6, 7), (1, 1)]:
             expected = classes.cpu().numpy()[np.argmax(oracle.resize_bilinear(maps.cpu().numpy(), size), 0)]
             np.testing.assert_array_equal(upsample_argmax(maps, size, classes).cpu().numpy(), expected)

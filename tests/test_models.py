@@ -26,7 +26,7 @@ def tiny_vit(seed=0, **kw) -> DinoViT:
 
 
 def test_official_vit_key_shapes():
-    """Full-size key/shape lists as PEERS.md 4.1/4.2 give them (no forward)."""
+    """Full-size key/shape lists as docs/peers.md give them (no forward)."""
     for name, (d, depth, _, p, img, ls, mt) in ARCHS.items():
         with torch.device("meta"):
             sd = build_vit(name).state_dict()

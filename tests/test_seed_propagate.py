@@ -1,4 +1,4 @@
-"""Batched kernels and the seed/propagate commands agree with the per-image oracle of METHOD.md."""
+"""Batched kernels and the seed/propagate commands agree with the per-image oracle of docs/method.md."""
 
 from __future__ import annotations
 

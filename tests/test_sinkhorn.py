@@ -70,7 +70,7 @@ def test_authors_stopping_rule_matches_a_plain_loop():
         expected = oracle.f_ot(p)
         got = f_ot(_t(p))[0].numpy().T
         np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
-    # About 1000 pixels stop after two iterations, as METHOD.md says.
+    # About 1000 pixels stop after two iterations, as docs/method.md says.
     assert int(sinkhorn(_t(rng.random((1000, 3)))).n_iter[0]) == 2
 
 

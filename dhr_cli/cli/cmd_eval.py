@@ -25,7 +25,7 @@ def eval_cmd(
     data: DataRoot,
     split: Split = None,
     compare: Annotated[Optional[list[Path]], typer.Option("--compare", help="Another prediction source to compare with (repeatable).")] = None,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON (CONTRACTS.md fields and more).")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON (docs/contracts.md fields and more).")] = None,
     report: Annotated[Optional[Path], typer.Option("--report", help="Write a static HTML report with overlays into this folder.")] = None,
     names: Annotated[Optional[list[str]], typer.Option("--name", help="Display name of each prediction source, in order.")] = None,
     on_size_mismatch: Annotated[Literal["fail", "skip"], typer.Option("--on-size-mismatch", help="Prediction and GT of different sizes: fail or skip (listed).")] = _D.on_size_mismatch,

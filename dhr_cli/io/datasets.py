@@ -1,4 +1,4 @@
-"""Dataset readers for the layouts of CONTRACTS.md, detected from what is inside ROOT.
+"""Dataset readers for the layouts of docs/contracts.md, detected from what is inside ROOT.
 
     flat   ROOT/classes.txt, images/<id>.jpg|png, [masks/<id>.png], [labels.json], [splits/<S>.txt]
     voc    PASCAL VOC 2012: JPEGImages/, SegmentationClass(Aug)/, ImageSets/Segmentation/<S>.txt, Annotations/*.xml

@@ -1,4 +1,4 @@
-"""HDF5 artifact stores (CONTRACTS.md, version 1): one file per artifact, one group per image.
+"""HDF5 artifact stores (docs/contracts.md, version 1): one file per artifact, one group per image.
 
     root attrs: dhr_format="dhr.store", dhr_version=1, kind, classes (JSON), ignore_index=255,
                 provenance (JSON), and e.g. source for features stores

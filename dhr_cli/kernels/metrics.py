@@ -1,4 +1,4 @@
-"""Segmentation metrics in the DHR authors' sense (METHOD.md, Evaluation).
+"""Segmentation metrics in the DHR authors' sense (docs/method.md, Evaluation).
 
 Counts are accumulated in a confusion matrix of shape (K, K + 1):
 

@@ -295,7 +295,7 @@ def step3_needed(item: PropagateItem, cfg: PropagateConfig, *, background: int =
 
 def propagate_items(items: list[PropagateItem], cfg: PropagateConfig, *, background: int = 0,
                     crf=None) -> list[torch.Tensor]:
-    """Steps 2 and 3 of METHOD.md for a batch of images -> masks (H_i, W_i) long, no 255."""
+    """Steps 2 and 3 of docs/method.md for a batch of images -> masks (H_i, W_i) long, no 255."""
     dev = items[0].uss.device
     n_img = len(items)
     setup = _class_setup(items, cfg, background)

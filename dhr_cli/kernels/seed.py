@@ -50,7 +50,7 @@ def ot_rebalance_cams(cams: list[torch.Tensor], sinkhorn: SinkhornConfig) -> lis
 def seed_probabilities(cams: torch.Tensor, bg_power: float) -> torch.Tensor:
     """[background, classes] probabilities from (K, H, W) CAMs in [0, 1]: (1 + K, H, W).
 
-    Background competes (METHOD.md decision): its score is (1 - max_k A_k) ** bg_power.
+    Background competes (docs/method.md decision): its score is (1 - max_k A_k) ** bg_power.
     """
     bg = (1 - cams.amax(0, keepdim=True)).clamp_min(0) ** bg_power
     scores = torch.cat([bg, cams], 0)

@@ -69,7 +69,7 @@ def labels_from_probs(probs: torch.Tensor, classes: torch.Tensor) -> torch.Tenso
 
 @functools.lru_cache(maxsize=64)
 def _bilinear_axis(n_in: int, n_out: int, device: torch.device):
-    """Bilinear resizing along one axis, align_corners=False, in float64 as METHOD.md's reference.
+    """Bilinear resizing along one axis, align_corners=False, in float64 as docs/method.md's reference.
 
     Returns lo, hi (n_out,) source indices, lam (n_out,) weight of hi, and per source index i
     the outputs strictly between i and i + 1 (lo = i, lam > 0): pos (n_in, k) (the last one
@@ -95,7 +95,7 @@ def upsample_argmax(maps: torch.Tensor, size: tuple[int, int], classes: torch.Te
     """Label values of the argmax of bilinearly upsampled maps: (N, h, w), (N,) -> (H, W) int64.
 
     The same as `labels_from_probs(resize(maps, size), classes)` up to float rounding (it is
-    METHOD.md's resize in the maps' dtype, float64 here, and its argmax), computed without
+    docs/method.md's resize in the maps' dtype, float64 here, and its argmax), computed without
     resizing every channel to full resolution: see `upsample_argmax_batch`.
     """
     check_shape(maps, "N h w", "maps")

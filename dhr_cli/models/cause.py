@@ -1,4 +1,4 @@
-"""CAUSE-TR (ByungKwanLee/Causal-Unsupervised-Segmentation) on DINOv2 ViT-B/14, as DHR runs it (PEERS.md 4.4).
+"""CAUSE-TR (ByungKwanLee/Causal-Unsupervised-Segmentation) on DINOv2 ViT-B/14, as DHR runs it (docs/peers.md).
 
 DHR's packed `CAUSE_{dataset}.pt` = {'decoder': Segment_TR state dict (head_ema.* only),
 'codebook': (2048, D) mediator codebook}. The head (`head_ema`):

@@ -1,4 +1,4 @@
-"""STEGO (mhamilton723/STEGO, MIT): DINO features through the cluster projection (PEERS.md 4.3).
+"""STEGO (mhamilton723/STEGO, MIT): DINO features through the cluster projection (docs/peers.md).
 
 Two file layouts load strictly:
 - the authors' Lightning checkpoint (`*.ckpt`, ['state_dict']): `net.model.<DINO keys>`,

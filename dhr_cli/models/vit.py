@@ -1,4 +1,4 @@
-"""DINO ViT-S/B (patch 8/16) and DINOv2 ViT-B/14 backbones with DINO's state-dict names (PEERS.md 4.1, 4.2).
+"""DINO ViT-S/B (patch 8/16) and DINOv2 ViT-B/14 backbones with DINO's state-dict names (docs/peers.md).
 
 The transformer blocks are timm's (`VisionTransformer`, the same parameter names as DINO:
 cls_token, pos_embed, patch_embed.proj, blocks.{i}.norm1/attn.qkv/attn.proj/norm2/mlp.fc1/mlp.fc2,

@@ -3,7 +3,7 @@
 One random geometry per sample (random resize of the longer side, horizontal flip, random crop
 padded to the crop size) is drawn once and applied to everything that belongs to the image:
 the RGB image (bilinear), masks (nearest, padding 255) and feature maps on their own grid
-(bilinear sampling at the centres of the output cells). METHOD.md decision: the released code
+(bilinear sampling at the centres of the output cells). docs/method.md decision: the released code
 pools USS features of the un-augmented image against the augmented crop; here the feature map
 goes through the same resize, flip and crop as the image.
 

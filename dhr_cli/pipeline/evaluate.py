@@ -5,7 +5,7 @@
 
 Predictions come from a masks (or seeds) store or from a folder of PNG masks (<id>.png, palette,
 grayscale, or RGB in VOC colours), so masks written by other tools are scored by the same code.
-The protocol is DHR's (METHOD.md): counts over the whole split, GT 255 ignored, background a
+The protocol is DHR's (docs/method.md): counts over the whole split, GT 255 ignored, background a
 class, means over classes with union > 0; prediction 255 is "no class" (a false negative).
 """
 
@@ -259,7 +259,7 @@ class EvalResult:
         return sorted(rows, key=lambda r: (-abs(r["diff"]), r["id"]))
 
     def to_json(self, top: int = 20) -> dict[str, Any]:
-        """CONTRACTS.md report: the first method's scores at the top level, others under 'compare'."""
+        """docs/contracts.md report: the first method's scores at the top level, others under 'compare'."""
         doc = self.methods[0].to_json()
         doc["split"] = self.split
         doc["protocol"] = self.protocol()
@@ -329,7 +329,7 @@ def run_eval(
 
     Args:
         preds: masks/seeds stores or folders of <id>.png masks; the first is the main one.
-        data: dataset folder (any layout of CONTRACTS.md); split: its split name.
+        data: dataset folder (any layout of docs/contracts.md); split: its split name.
         cfg: protocol options (size mismatch, missing predictions, background-only images).
         names: display names of the methods (default: file stems).
         quiet: no progress bar.

@@ -1,4 +1,4 @@
-"""`dhr import`: CAMs, features and masks written by other tools, into dhr stores (PEERS.md 3.2).
+"""`dhr import`: CAMs, features and masks written by other tools, into dhr stores (docs/peers.md).
 
     irn       {id}.npy: np.save'd dict {'keys': LongTensor (K,) 0-based, 'cam': (K, h/4, w/4), 'high_res': (K, H, W)}
     mctformer {id}.npy: dict {int class 0-based: float32 (H, W)}

@@ -1,4 +1,4 @@
-"""`dhr propagate` as a library: Steps 2 and 3 of METHOD.md over a whole split, in batches.
+"""`dhr propagate` as a library: Steps 2 and 3 of docs/method.md over a whole split, in batches.
 
     run_propagate(PropagateConfig(), seeds="seeds.h5", data="data/voc", uss="uss.h5",
                   wss=["cams.h5"], out="masks.h5", cams="cams.h5")

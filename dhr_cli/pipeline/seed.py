@@ -1,4 +1,4 @@
-"""`dhr seed` as a library: Step 1 of METHOD.md over a whole split, streamed in batches.
+"""`dhr seed` as a library: Step 1 of docs/method.md over a whole split, streamed in batches.
 
     run_seed(SeedConfig(), "cams.h5", "data/voc", "seeds.h5", split="train")
 """

@@ -1,4 +1,4 @@
-"""`dhr train`: DeepLabv3+ trained with DHR's recursive learning (METHOD.md, "Recursive learning").
+"""`dhr train`: DeepLabv3+ trained with DHR's recursive learning (docs/method.md, "Recursive learning").
 
 Every iteration, without gradient, the pseudo-mask of every crop in the batch is regenerated
 from the live network: Step 1 (OT seeds from the CAM head, pasted over the fixed input masks),

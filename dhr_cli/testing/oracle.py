@@ -1,6 +1,6 @@
-"""A straightforward per-image implementation of METHOD.md steps 1-3, the reference for the kernels.
+"""A straightforward per-image implementation of docs/method.md steps 1-3, the reference for the kernels.
 
-Written from METHOD.md alone, in float64 numpy with plain loops (cells, classes, groups, Sinkhorn
+Written from docs/method.md alone, in float64 numpy with plain loops (cells, classes, groups, Sinkhorn
 iterations), sharing no code with dhr_cli.kernels: the batched kernels must agree with it pixel
 for pixel (up to float rounding) with the CRF off. Slow on purpose: it is also the "per-image
 path" the propagation benchmark compares against.

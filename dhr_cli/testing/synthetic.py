@@ -5,7 +5,7 @@ that touch it (the paper's failure case: a minor class swallowed by a major one)
 groups (animals: cat, dog; vehicles: car, bus; person alone), so that the USS features tell the
 groups apart but not the classes inside a group, and the WSS features do the opposite.
 
-Written in the flat layout of CONTRACTS.md, plus three stores beside it that imitate what real
+Written in the flat layout of docs/contracts.md, plus three stores beside it that imitate what real
 networks give: `cams.h5` (low-resolution CAMs that peak on a discriminative part, bleed into
 touching objects and under-cover small ones), `uss.h5` (group-level features on a stride-8 grid)
 and `wss.h5` (class-level but blurrier features on a stride-16 grid). These are simulations, not
