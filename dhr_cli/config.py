@@ -107,10 +107,10 @@ class PropagateConfig:
     min_marginal: float = 0.02  # floor of a class's share under seeded marginals
     recover_missing: bool = True  # prototype from the CAM peak for labelled classes that win no cell
     recover_peak: float = 0.8  # the recovered prototype's cells: CAM >= recover_peak * its maximum
-    # Labelled classes survive the CRF and the final argmax (METHOD.md decision): a class that held
+    # Labelled classes survive the CRF and the final argmax (docs/method.md decision): a class that held
     # pixels before (the argmax before the CRF, else its seed pixels) and none after takes them back.
     restore_classes: bool = True
-    # Heat-maps to image resolution: "bilinear" (METHOD.md), or "guided": bilinear then He et al.'s
+    # Heat-maps to image resolution: "bilinear" (docs/method.md), or "guided": bilinear then He et al.'s
     # colour guided filter with the image (radius in pixels, eps in (0..1)^2 colour units).
     upsample: Literal["bilinear", "guided"] = "bilinear"
     guided_radius: int = 8

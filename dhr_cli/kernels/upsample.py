@@ -221,7 +221,7 @@ def guided_upsample(maps: torch.Tensor, image: torch.Tensor, radius: int, eps: f
 
 
 def restore_classes(mask: torch.Tensor, labels: list[int], references: list[torch.Tensor]) -> torch.Tensor:
-    """Put back the labelled classes that a refinement step erased (METHOD.md: labelled classes survive).
+    """Put back the labelled classes that a refinement step erased (docs/method.md: labelled classes survive).
 
     A label in `labels` with no pixel in `mask` takes back its pixels in the first of `references`
     (label masks of the same size, most trusted first, e.g. the argmax before the CRF, then the
