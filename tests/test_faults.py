@@ -262,8 +262,6 @@ def test_disk_full_from_the_command_line_is_one_line_with_exit_1(synth, tmp_path
     monkeypatch.setattr(os, "statvfs", real)
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN BUG (open): after the seed CLI stops on disk full, its partial "
-                   "does not reopen (the library-level tmpfs test above resumes fine); see report-faults.md")
 def test_disk_full_from_the_command_line_leaves_a_resumable_partial(synth, tmp_path, monkeypatch):
     test_disk_full_from_the_command_line_is_one_line_with_exit_1(synth, tmp_path, monkeypatch)
     out = tmp_path / "s.h5"
