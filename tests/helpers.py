@@ -109,3 +109,12 @@ def write_plain_store(path: Path, kind: str, classes, items: dict, version: int 
             for k, v in attrs.items():
                 ds.attrs[k] = v
     return path
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (bind to port 0 and let the kernel choose)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

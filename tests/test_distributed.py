@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from dhr_cli.cli import app
 from dhr_cli.errors import StoreError
+from tests.helpers import free_port
 from dhr_cli.io.distributed import Rank, interrupted, merge_stores, shard, shard_path
 from dhr_cli.io.store import create_store, open_store
 
@@ -74,7 +75,7 @@ def test_torchrun_two_ranks_write_one_store(tmp_path):
                 w.write(i, {{"mask": np.full((2, 2), int(i[3:]), np.uint8)}})
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531", str(script)],
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()), str(script)],
                           capture_output=True, text=True, timeout=180, env=env, cwd=os.getcwd())
     assert proc.returncode == 0, proc.stderr[-2000:]
     with open_store(tmp_path / "out.h5") as s:
@@ -164,10 +165,11 @@ def test_torchrun_cams_matches_one_process_and_resumes(tmp_path):
         ids = s.ids
         source_attrs = {"source": s.attrs["source"], "source_kind": s.attrs["source_kind"]}
         classes = s.classes
+        prov = s.provenance  # the same command, options and inputs: --resume accepts the shards
     kept = shard(ids, Rank(0, 2)) + shard(ids, Rank(1, 2))[:1]
-    w0 = create_store(shard_path(two, Rank(0, 2)), "features", classes, provenance={"command": "t"},
+    w0 = create_store(shard_path(two, Rank(0, 2)), "features", classes, provenance=prov,
                       root_attrs=source_attrs)
-    w1 = create_store(shard_path(two, Rank(1, 2)), "features", classes, provenance={"command": "t"},
+    w1 = create_store(shard_path(two, Rank(1, 2)), "features", classes, provenance=prov,
                       root_attrs=source_attrs)
     for i in kept:  # 7.0 marks an item that must not be recomputed
         (w0 if i in shard(ids, Rank(0, 2)) else w1).write(i, {"features": np.full((304, 3, 4), 7, np.float16)},

@@ -131,7 +131,7 @@ def test_interrupted_run_leaves_only_partial_and_resumes(tmp_path):
     with pytest.raises(StoreError, match="rerun it with --resume"):
         open_store(out)
     written = []
-    with create_store(out, "masks", CLASSES, provenance={}, resume=True) as w:
+    with create_store(out, "masks", CLASSES, provenance={"command": "t"}, resume=True) as w:
         assert w.done == {"a", "b"}
         for item_id in ["a", "b", "c", "d"]:
             if item_id not in w:

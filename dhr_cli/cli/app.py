@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from typing import Annotated, Optional
 
@@ -50,16 +51,38 @@ def user_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _terminate_like_interrupt()
         try:
             return fn(*args, **kwargs)
         except DhrError as e:
+            if getattr(e, "hdf5_unsound", False):  # a write failed inside HDF5: leave before it frees handles
+                print(f"Error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+                os._exit(1)
             _fail(str(e))
         except OSError as e:  # permission denied, disk full, ...: the user's to fix
             _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+        except _Terminated:
+            _fail("terminated (SIGTERM); what was written is kept, rerun with --resume to continue", code=143)
         except KeyboardInterrupt:
             _fail("interrupted; what was written is kept, rerun with --resume to continue", code=130)
 
     return wrapper
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is so that the writers close as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
+def _terminate_like_interrupt() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _fail(message: str, code: int = 1) -> None:

@@ -17,6 +17,8 @@ def info_cmd(
     path: Annotated[Path, typer.Argument(help="A store (.h5) or a dataset folder.")],
     split: Split = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Read every item of a store and check its checksums; "
+                                         "one line per bad item, exit status 1 if any.")] = False,
 ) -> None:
     from rich.table import Table
 
@@ -25,6 +27,20 @@ def info_cmd(
 
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
+    if verify:
+        import sys
+
+        from dhr_cli.io.store import open_store, verify_store
+
+        with open_store(path) as store:
+            n = len(store)
+        bad = verify_store(path)
+        for line in bad:
+            print(line, file=sys.stderr)
+        if bad:
+            raise typer.Exit(1)
+        out.print(f"{path}: {n} items, all checksums verified")
+        return
     summary = describe(path, split)
     if as_json:
         out.print_json(json.dumps(summary, default=str))

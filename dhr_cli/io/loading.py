@@ -49,6 +49,38 @@ def _as_list(batch: list) -> list:
     return batch
 
 
+def die_with_parent(_worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: the worker gets SIGKILL when its parent dies (SIGKILL, OOM kill),
+    so no orphan keeps input stores or the output partial open. Linux: prctl(PR_SET_PDEATHSIG);
+    elsewhere a watchdog thread polls the parent PID."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != parent:  # the parent died before prctl took effect
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, daemon=True, name="dhr-parent-watchdog").start()
+
+
 def iterate_batches(ids: Sequence[str], load: Callable[[str], T], batch_size: int,
                     workers: int | None = None) -> Iterator[list[T]]:
     """Yield lists of `load(id)` for consecutive ids, `batch_size` at a time, in order.
@@ -62,7 +94,7 @@ def iterate_batches(ids: Sequence[str], load: Callable[[str], T], batch_size: in
             yield [load(i) for i in ids[start : start + batch_size]]
         return
     loader = DataLoader(_Items(ids, load), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=_as_list, prefetch_factor=2)
+                        collate_fn=_as_list, prefetch_factor=2, worker_init_fn=die_with_parent)
     for batch in loader:
         for entry in batch:
             if isinstance(entry, _Failure):

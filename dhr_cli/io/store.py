@@ -13,8 +13,12 @@ item that was cut off half-written.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import socket
+import stat
 import sys
 import time
 from dataclasses import asdict, is_dataclass
@@ -34,6 +38,10 @@ KINDS = ("cams", "features", "seeds", "masks")
 # The dataset every item of a kind must hold.
 MAIN_DATASET = {"cams": "cams", "features": "features", "seeds": "mask", "masks": "mask"}
 _TMP_PREFIX = ".writing-"  # an item group's name until all its datasets are written
+_UNSURE = "dhr_unsure"  # item attribute set when an I/O error struck while it was written
+_ROOM_MARGIN = 256 << 10  # bytes kept free beyond an item's raw size (HDF5 metadata, chunk index)
+# Options that may change between a run and its --resume without changing a result.
+RESUME_FREE = frozenset({"device", "workers", "num_workers", "batch_size", "quiet", "log_every"})
 
 
 # ---- reading --------------------------------------------------------------------------------
@@ -217,10 +225,15 @@ def open_store(path: str | os.PathLike, expect: str | tuple[str, ...] | None = N
 def dataset_kwargs(array: np.ndarray) -> dict:
     """Chunked gzip level 1 for every dataset (bench/store_memory.py, VOC-like mask + fp16 USS
     features: gzip1 169 KB/item, write 4.4 ms, read 1.5 ms; gzip4 168 KB, 5.4 ms, 2.0 ms;
-    lzf 187 KB; byte shuffle gained nothing). Gzip is readable by every HDF5 build."""
-    if array.ndim == 0 or array.size < 64:
+    lzf 187 KB; byte shuffle gained nothing). Gzip is readable by every HDF5 build.
+
+    Every non-scalar dataset carries HDF5's fletcher32 checksum per chunk: h5py and any other HDF5
+    reader verify it transparently, `dhr info --verify` and `--resume` read every item to check it."""
+    if array.ndim == 0 or array.size == 0:
         return {}
-    return {"compression": "gzip", "compression_opts": 1, "chunks": True}
+    if array.size < 64:
+        return {"fletcher32": True, "chunks": True}
+    return {"compression": "gzip", "compression_opts": 1, "chunks": True, "fletcher32": True}
 
 
 def _validate_item(kind: str, path: Path, item_id: str, arrays: dict, attrs: dict) -> None:
@@ -257,12 +270,18 @@ class StoreWriter:
         self.kind = kind
         self.classes = list(classes)
         self.partial = _partial(self.path)
-        if self.path.is_dir():
-            raise StoreError(f"{self.path}: is a directory, expected an output file name")
-        if not self.path.parent.exists():
-            raise StoreError(f"{self.path}: folder {self.path.parent} does not exist")
         if overwrite and resume:
             raise StoreError(f"{self.path}: --overwrite and --resume exclude each other")
+        check_output_path(self.path)
+        # The lock comes before any file is touched and is released on every way out of here.
+        self._lock = OutputLock(self.path)
+        try:
+            self._open(kind, provenance, overwrite, resume, root_attrs)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, kind, provenance, overwrite, resume, root_attrs) -> None:
         moved = False
         if resume:
             if self.path.exists() and not self.partial.exists():
@@ -274,12 +293,15 @@ class StoreWriter:
             raise StoreError(f"{self.partial}: an interrupted run is there; pass --resume to continue it or --overwrite to start again")
         if resume and self.partial.exists():
             try:
-                self._file = self._open_partial_for_resume()
+                self._file = self._open_partial_for_resume(provenance)
             except StoreError:
                 if moved:  # give the user's complete store back untouched
                     os.replace(self.partial, self.path)
                 raise
         else:
+            if self.partial.exists() or self.partial.is_symlink():
+                check_output_path(self.partial)
+                self.partial.unlink()  # a new file, never a truncation of one a reader still has open
             self._file = _open_h5(self.partial, "w")
             a = self._file.attrs
             a["dhr_format"] = FORMAT
@@ -295,20 +317,30 @@ class StoreWriter:
         self._items = self._file["items"]
         self.done: set[str] = {k for k in self._items.keys() if not k.startswith(_TMP_PREFIX)}
 
-    def _open_partial_for_resume(self) -> h5py.File:
+    def _open_partial_for_resume(self, provenance: dict) -> h5py.File:
         try:
             f = _open_h5(self.partial, "a")
         except OSError:
-            raise StoreError(f"{self.partial}: damaged by the interruption; delete it or rerun with --overwrite") from None
-        kind = _attr_str(f.attrs.get("kind"))
-        classes = json.loads(_attr_str(f.attrs.get("classes")) or "[]")
-        if kind != self.kind or classes != self.classes:
+            raise StoreError(f"{self.partial}: damaged by the interruption (not readable as HDF5); "
+                             "delete it or rerun with --overwrite") from None
+        try:
+            kind = _attr_str(f.attrs.get("kind"))
+            classes = json.loads(_attr_str(f.attrs.get("classes")) or "[]")
+            if kind != self.kind or classes != self.classes:
+                raise StoreError(f"{self.partial}: holds {kind!r} with classes {classes}, which does not match this run; use --overwrite")
+            prov = _decode_attr("provenance", f.attrs.get("provenance", "{}"))
+            differ = provenance_differences(prov if isinstance(prov, dict) else {}, provenance)
+            if differ:
+                raise StoreError(f"{self.partial}: --resume with options or inputs that differ from the partial run: "
+                                 f"{'; '.join(differ)}; rerun with the same options or use --overwrite")
+            # Drop an item cut off half-written, one an I/O error left unsure, and one whose checksum fails.
+            items = f["items"]
+            for key in list(items.keys()):
+                if key.startswith(_TMP_PREFIX) or _UNSURE in items[key].attrs or _item_problem(items[key]) is not None:
+                    del items[key]
+        except BaseException:
             f.close()
-            raise StoreError(f"{self.partial}: holds {kind!r} with classes {classes}, which does not match this run; use --overwrite")
-        # Drop an item cut off half-written.
-        for key in [k for k in f["items"].keys() if k.startswith(_TMP_PREFIX)]:
-            del f["items"][key]
-        prov = _decode_attr("provenance", f.attrs.get("provenance", "{}"))
+            raise
         if isinstance(prov, dict):
             prov.setdefault("resumed_at", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             f.attrs["provenance"] = json.dumps(prov, default=str)
@@ -327,24 +359,69 @@ class StoreWriter:
         # Written under a temporary name and renamed when complete: an item cut off half-written
         # never appears under its own name, and --resume deletes the leftover.
         tmp = _TMP_PREFIX + item_id
-        if tmp in self._items:
-            del self._items[tmp]
-        group = self._items.create_group(tmp)
-        for name, array in arrays.items():
-            array = np.ascontiguousarray(array)
-            ds = group.create_dataset(name, data=array, **dataset_kwargs(array))
-            for k, v in attrs.get(name, {}).items():
-                ds.attrs[k] = v
-        self._items.move(tmp, item_id)
-        self._file.flush()
+        # Checked before HDF5 meets ENOSPC: after a failed write libhdf5 can crash the process when
+        # its handles are freed, so running out of room is detected while the file is still sound.
+        need = sum(np.asarray(a).nbytes for a in arrays.values()) + _ROOM_MARGIN
+        try:
+            free = os.statvfs(self.partial).f_bavail * os.statvfs(self.partial).f_frsize
+        except OSError:
+            free = None
+        if free is not None and free < need:
+            self.broken = True
+            raise StoreError(f"{self.partial}: disk full ({free // 1024} KiB left, item {item_id!r} needs up to "
+                             f"{need // 1024} KiB); the items written so far are kept, free space and rerun with --resume")
+        try:
+            if tmp in self._items:
+                del self._items[tmp]
+            group = self._items.create_group(tmp)
+            for name, array in arrays.items():
+                array = np.ascontiguousarray(array)
+                ds = group.create_dataset(name, data=array, **dataset_kwargs(array))
+                for k, v in attrs.get(name, {}).items():
+                    ds.attrs[k] = v
+            self._items.move(tmp, item_id)
+            self._file.flush()
+        except (OSError, RuntimeError, ValueError) as e:
+            self._failed(item_id, e)
         self.done.add(item_id)
 
+    def _failed(self, item_id: str, error: Exception) -> None:
+        """An I/O error mid-item (disk full, ...): what HDF5 holds in memory is unsure, so the file is
+        closed without the rename and the last item and every item written after the last good
+        flush are redone by --resume (it drops items that fail their checksum or carry the mark)."""
+        self.broken = True
+        try:
+            for key in (_TMP_PREFIX + item_id, item_id):
+                if key in self._items:
+                    self._items[key].attrs[_UNSURE] = 1
+        except Exception:  # noqa: BLE001 - best effort; the checksums catch the rest
+            pass
+        try:
+            self._file.close()
+        except Exception:  # noqa: BLE001
+            pass
+        full = isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error)
+        what = "disk full" if full else f"write failed ({' '.join(str(error).split())[:200]})"
+        error = StoreError(f"{self.partial}: {what} while writing item {item_id!r}; the items written so far are kept, "
+                           "free space and rerun with --resume")
+        error.hdf5_unsound = True  # the command line exits at once: libhdf5 may crash while tearing down
+        raise error from None
+
+    broken = False
+
     def close(self, complete: bool) -> None:
-        if not self._file.id.valid:
-            return
-        self._file.close()
-        if complete:
-            os.replace(self.partial, self.path)
+        try:
+            if self._file.id.valid:
+                try:
+                    self._file.close()
+                except (OSError, RuntimeError) as e:
+                    self.broken = True
+                    if complete:
+                        raise StoreError(f"{self.partial}: could not be closed ({e}); free space and rerun with --resume") from None
+                if complete and not self.broken:
+                    os.replace(self.partial, self.path)
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> "StoreWriter":
         return self
@@ -362,14 +439,179 @@ def make_provenance(command: str, config=None, inputs: dict[str, Any] | None = N
     """What produced a store: command line, options, version, input stores, time."""
     if is_dataclass(config):
         config = asdict(config)
+    inputs = {k: str(v) for k, v in (inputs or {}).items()}
     return {
         "command": command,
         "argv": sys.argv,
         "options": config or {},
         "dhr_version": __version__,
-        "inputs": {k: str(v) for k, v in (inputs or {}).items()},
+        "inputs": inputs,
+        "input_ids": {k: _file_id(v) for k, v in inputs.items()},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _file_id(path: str) -> str:
+    """Size and modification time of an input file (a folder or missing path: its name alone)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return ""
+    return f"{st.st_size}:{st.st_mtime_ns}" if stat.S_ISREG(st.st_mode) else ""
+
+
+def option_differences(saved: dict, now: dict, free=RESUME_FREE, prefix: str = "") -> list[str]:
+    """The options whose values differ, as 'name: saved (partial) vs now (this run)', nested
+    dataclass options flattened with dots; names in `free` may differ. Shared with `dhr train`."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        if key in free:
+            continue
+        a, b = saved.get(key, "<unset>"), now.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += option_differences(a, b, free, f"{prefix}{key}.")
+        elif _canon(a) != _canon(b):
+            out.append(f"{prefix}{key}: {a} (partial) vs {b} (this run)")
+    return out
+
+
+def _canon(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def provenance_differences(saved: dict, now: dict) -> list[str]:
+    """What makes a partial store's run differ from this one: command, options, input paths and ids."""
+    out = []
+    if saved.get("command") != now.get("command"):
+        out.append(f"command: {saved.get('command')} (partial) vs {now.get('command')} (this run)")
+    out += option_differences(saved.get("options") or {}, now.get("options") or {})
+    out += option_differences(saved.get("inputs") or {}, now.get("inputs") or {}, free=(), prefix="input ")
+    if "input_ids" in saved:  # stores of older dhr versions carry no input ids
+        ids_then, ids_now = saved.get("input_ids") or {}, now.get("input_ids") or {}
+        for key in sorted(set(ids_then) & set(ids_now)):
+            if ids_then[key] != ids_now[key] and (saved.get("inputs") or {}).get(key) == (now.get("inputs") or {}).get(key):
+                out.append(f"input {key}: {now['inputs'][key]} changed since the partial run (size/mtime)")
+    return out
+
+
+# ---- safety: output paths, locks, integrity ------------------------------------------------
+def check_output_path(path: Path) -> None:
+    """OUT must name a regular file (or nothing yet) in an existing folder: never a device, FIFO,
+    directory, or a symlink to one of those."""
+    path = Path(path)
+    if path.is_dir():
+        raise StoreError(f"{path}: is a directory, expected an output file name")
+    if os.path.lexists(path):
+        try:
+            st = os.stat(path)
+        except OSError:
+            raise StoreError(f"{path}: is a dangling symlink, expected an output file name") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"{path}: is not a regular file (a device, FIFO or socket); choose an output file name")
+    if not path.parent.exists():
+        raise StoreError(f"{path}: folder {path.parent} does not exist")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OutputLock:
+    """OUT.lock, created with O_CREAT|O_EXCL and holding 'PID HOST': one writer per output. A lock
+    whose process is gone (same host, PID not alive) is stale: it is named and taken over."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out).with_name(Path(out).name + ".lock")
+        self.held = False
+        self.pid = os.getpid()
+        host = socket.gethostname()
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid, owner = self._owner()
+                if pid is not None and (owner != host or _pid_alive(pid)) and pid != os.getpid():
+                    where = f" on {owner}" if owner else ""
+                    raise StoreError(f"{self.path}: {out} is being written by PID {pid}{where} (a live process); "
+                                     "wait for it, or stop it and rerun with --resume") from None
+                if pid == os.getpid():  # taken further up by this process (rank 0 around its merge)
+                    return
+                print(f"note: {self.path}: stale lock of PID {pid} on {owner or '?'} (not running); taking it over",
+                      file=sys.stderr)
+                try:
+                    os.unlink(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            except OSError as e:
+                raise StoreError(f"{self.path}: cannot create the lock file ({e.strerror})") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} {host}\n")
+            self.held = True
+            self.pid = os.getpid()
+            return
+        raise StoreError(f"{self.path}: could not take the lock (another writer keeps racing for it)")
+
+    def _owner(self) -> tuple[int | None, str]:
+        try:
+            text = self.path.read_text().split()
+            return int(text[0]), (text[1] if len(text) > 1 else "")
+        except (OSError, ValueError, IndexError):
+            # Being written right now, or garbage: treat an empty, fresh one as live.
+            try:
+                if time.time() - self.path.stat().st_mtime < 5:
+                    time.sleep(0.2)
+                    text = self.path.read_text().split()
+                    return int(text[0]), (text[1] if len(text) > 1 else "")
+            except (OSError, ValueError, IndexError):
+                pass
+            return None, ""
+
+    def release(self) -> None:
+        # Only the process that took it (not a forked child) removes it.
+        if self.held and os.getpid() == self.pid:
+            self.held = False
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def _item_problem(group) -> str | None:
+    """None when every dataset of an item group reads back (checksums verified), else what fails."""
+    try:
+        for name, ds in group.items():
+            if isinstance(ds, h5py.Dataset):
+                ds[()]
+    except (OSError, RuntimeError, ValueError) as e:
+        return f"{name}: {' '.join(str(e).split())[:160]}"
+    return None
+
+
+def verify_store(path) -> list[str]:
+    """Read every dataset of every item (HDF5 verifies the fletcher32 checksums); one line per bad item."""
+    path = Path(path)
+    bad = []
+    with open_store(path) as store:
+        items = store._items
+        for key in store.ids:
+            group = items[key]
+            if key.startswith(_TMP_PREFIX):
+                bad.append(f"{path}: item {key[len(_TMP_PREFIX):]!r} was cut off half-written")
+                continue
+            if _UNSURE in group.attrs:
+                bad.append(f"{path}: item {key!r} was being written when an I/O error struck")
+                continue
+            problem = _item_problem(group)
+            if problem is not None:
+                bad.append(f"{path}: item {key!r} is damaged ({problem})")
+    return bad
 
 
 # ---- helpers --------------------------------------------------------------------------------

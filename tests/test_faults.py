@@ -1,0 +1,384 @@
+"""Faults while writing (issue 13): two writers, bad output paths, mismatched resumes, damaged items,
+disk full, SIGTERM and SIGKILL mid-run. Each test reproduces a fault that broke a store before."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from dhr_cli.cli import app
+from dhr_cli.errors import StoreError
+from dhr_cli.io.store import create_store, open_store
+from dhr_cli.testing.synthetic import make_dataset
+from tests.helpers import free_port
+
+runner = CliRunner()
+CLASSES = ["background", "cat"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result) -> str:
+    text = (result.stderr if hasattr(result, "stderr") else result.output).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) >= 1 and lines[-1].startswith("Error: "), text[-1500:]
+    assert "Traceback" not in text, text[-1500:]
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("faults") / "data", n_images=12, seed=5)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+# ---- 1. two writers, one output ------------------------------------------------------------
+def test_second_writer_is_refused_naming_lock_and_pid_and_overwrite_truncates_nothing(synth, tmp_path):
+    out = tmp_path / "s.h5"
+    assert invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", out, "--no-crf", "-q").exit_code == 0
+    before = out.read_bytes()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "s.h5.lock").write_text(f"{holder.pid} {socket.gethostname()}\n")
+        r = invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", out, "--no-crf", "-q", "--overwrite")
+        assert r.exit_code == 1
+        line = one_line_error(r)
+        assert "s.h5.lock" in line and f"PID {holder.pid}" in line and "live" in line
+        assert out.read_bytes() == before and not (tmp_path / "s.h5.partial").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_lock_is_taken_before_anything_and_released_on_every_exit(tmp_path):
+    out = tmp_path / "m.h5"
+    with create_store(out, "masks", CLASSES, provenance={}) as w:
+        assert (tmp_path / "m.h5.lock").read_text().split()[0] == str(os.getpid())
+        w.write("a", {"mask": np.zeros((2, 2), np.uint8)})
+    assert not (tmp_path / "m.h5.lock").exists()
+    with pytest.raises(RuntimeError):
+        with create_store(out, "masks", CLASSES, provenance={}, overwrite=True):
+            raise RuntimeError("boom")
+    assert not (tmp_path / "m.h5.lock").exists()
+    with pytest.raises(StoreError):  # refused after the lock was taken: released too
+        create_store(out, "masks", CLASSES, provenance={})
+    assert not (tmp_path / "m.h5.lock").exists()
+
+
+def test_stale_lock_is_named_and_taken_over(tmp_path, capfd):
+    out = tmp_path / "m.h5"
+    dead = _dead_pid()
+    (tmp_path / "m.h5.lock").write_text(f"{dead} {socket.gethostname()}\n")
+    with create_store(out, "masks", CLASSES, provenance={}) as w:
+        w.write("a", {"mask": np.ones((2, 2), np.uint8)})
+    assert f"stale lock of PID {dead}" in capfd.readouterr().err
+    assert not (tmp_path / "m.h5.lock").exists()
+    with open_store(out) as s:
+        assert s.ids == ["a"]
+
+
+# ---- 5. --out must be a regular file -------------------------------------------------------
+@pytest.mark.parametrize("what", ["devnull", "fifo", "dir", "symlink-to-device"])
+def test_out_must_be_a_regular_file(synth, tmp_path, what):
+    # A character device of our own, like /dev/null (1, 3): a broken writer replaces only this one.
+    device = tmp_path / "null"
+    try:
+        os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("needs root to make a device node")  # CI runs as root
+    if what == "devnull":
+        out = device
+    elif what == "fifo":
+        out = tmp_path / "pipe.h5"
+        os.mkfifo(out)
+    elif what == "dir":
+        out = tmp_path / "folder.h5"
+        out.mkdir()
+    else:
+        out = tmp_path / "link.h5"
+        out.symlink_to(device)
+    r = invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", out, "--no-crf", "-q", "--overwrite")
+    assert r.exit_code == 1
+    assert str(out) in one_line_error(r)
+    assert stat.S_ISCHR(os.stat(device).st_mode)
+    assert not Path(str(out) + ".partial").exists()
+
+
+# ---- 3. resume compares options and inputs -------------------------------------------------
+def test_resume_with_other_options_is_refused_naming_them(synth, tmp_path):
+    out = tmp_path / "s.h5"
+    assert invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", out, "--no-crf", "-q").exit_code == 0
+    before = out.read_bytes()
+    r = invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", out, "--crf", "-q", "--resume")
+    assert r.exit_code == 1
+    assert "use_crf: False (partial) vs True (this run)" in one_line_error(r)
+    assert out.read_bytes() == before  # the complete store is given back untouched
+    # Options that do not change a result may change.
+    r = invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", out, "--no-crf", "-q", "--resume",
+               "--batch-size", "3")
+    assert r.exit_code == 0, r.output
+
+
+# ---- 2. per-item integrity, disk full ------------------------------------------------------
+def _corrupt(path: Path, item: str, name: str) -> None:
+    with h5py.File(path, "r") as f:
+        info = f[f"items/{item}/{name}"].id.get_chunk_info(0)
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + info.size // 2)
+        byte = fh.read(1)
+        fh.seek(info.byte_offset + info.size // 2)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_info_verify_names_each_damaged_item_and_resume_redoes_it(synth, tmp_path):
+    out = tmp_path / "s.h5"
+    assert invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", out, "--no-crf", "-q").exit_code == 0
+    clean = tmp_path / "clean.h5"
+    out.rename(clean)
+
+    shutil.copy(clean, out)
+    r = invoke("info", "--verify", out)
+    assert r.exit_code == 0 and "all checksums verified" in r.output
+    with open_store(out) as s:
+        ids = s.ids
+    _corrupt(out, ids[1], "mask")
+    _corrupt(out, ids[4], "mask")
+    r = invoke("info", "--verify", out)
+    assert r.exit_code == 1
+    bad = [line for line in r.output.splitlines() if "damaged" in line]
+    assert len(bad) == 2 and repr(ids[1]) in bad[0] and repr(ids[4]) in bad[1]
+    r = invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", out, "--no-crf", "-q", "--resume")
+    assert r.exit_code == 0, r.output
+    assert invoke("info", "--verify", out).exit_code == 0
+    _same_store(clean, out)
+
+
+def _same_store(a: Path, b: Path) -> None:
+    with open_store(a) as x, open_store(b) as y:
+        assert x.ids == y.ids
+        for i in x.ids:
+            ax, ay = x.read(i).arrays, y.read(i).arrays
+            assert sorted(ax) == sorted(ay)
+            for name in ax:
+                np.testing.assert_array_equal(ax[name], ay[name], err_msg=f"{i}/{name}")
+
+
+def _payload(i: int) -> np.ndarray:
+    return np.random.default_rng(i).integers(0, 255, (256, 256), dtype=np.uint8)  # incompressible, 64 KiB
+
+
+_DISK_FULL = """
+import os, sys
+from dhr_cli.errors import StoreError
+from dhr_cli.io.store import create_store
+from tests.test_faults import _payload
+out, start, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+resume = start > 0
+try:
+    with create_store(out, "masks", ["background", "cat"], provenance={"command": "t"}, resume=resume) as w:
+        for i in range(stop):
+            if f"i{i:02d}" not in w:
+                w.write(f"i{i:02d}", {"mask": _payload(i)})
+except StoreError as e:
+    print("Error:", e, file=sys.stderr, flush=True)
+    os._exit(1)
+"""
+
+
+def _small_disk(tmp_path: Path) -> Path | None:
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        return None
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)], capture_output=True)
+    return mnt if r.returncode == 0 else None
+
+
+def test_disk_full_is_one_line_and_resume_after_freeing_space_gives_correct_items(tmp_path):
+    mnt = _small_disk(tmp_path)
+    if mnt is None:
+        pytest.skip("needs root to mount a 2 MB tmpfs")  # CI runs as root
+    try:
+        (mnt / "filler").write_bytes(b"\0" * 900_000)
+        out = mnt / "m.h5"
+        run = lambda *a: subprocess.run([sys.executable, "-c", _DISK_FULL, str(out), *map(str, a)], capture_output=True,
+                                        text=True, timeout=60, cwd=Path(__file__).parents[1])
+        # Through the CLI wrapper's error mapping: exercise the library here, the one line below.
+        r = run(0, 30)
+        assert r.returncode == 1, r.stderr[-1500:]
+        assert "disk full" in r.stderr and "--resume" in r.stderr
+        assert (mnt / "m.h5.partial").exists() and not out.exists() and not (mnt / "m.h5.lock").exists()
+        (mnt / "filler").unlink()
+        shutil.move(mnt / "m.h5.partial", tmp_path / "m.h5.partial")  # more room: continue it on the big disk
+        out = tmp_path / "m.h5"
+        r = run(1, 30)
+        assert r.returncode == 0, r.stderr[-2000:]
+        with open_store(out) as s:
+            assert s.ids == [f"i{i:02d}" for i in range(30)]
+            for i in range(30):
+                np.testing.assert_array_equal(s.read(f"i{i:02d}").mask, _payload(i))  # no item holds another's data
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_disk_full_from_the_command_line_is_one_line_with_exit_1(synth, tmp_path, monkeypatch):
+    # The disk fills up after 3 items (statvfs reports no room), in-process so the CLI mapping is seen.
+    real = os.statvfs
+    calls = {"n": 0}
+
+    class Full:
+        f_bavail, f_frsize = 0, 4096
+
+    def statvfs(path):
+        calls["n"] += 1
+        return Full() if calls["n"] > 6 and str(path).endswith(".partial") else real(path)
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    out = tmp_path / "s.h5"
+    r = invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", out, "--no-crf", "-q")
+    assert r.exit_code == 1
+    assert "disk full" in one_line_error(r)
+    assert (tmp_path / "s.h5.partial").exists() and not (tmp_path / "s.h5.lock").exists()
+    monkeypatch.setattr(os, "statvfs", real)
+
+
+def test_disk_full_from_the_command_line_leaves_a_resumable_partial(synth, tmp_path, monkeypatch):
+    test_disk_full_from_the_command_line_is_one_line_with_exit_1(synth, tmp_path, monkeypatch)
+    out = tmp_path / "s.h5"
+    # Resumed in a fresh process (as a user would): this one still holds the first run's loader state.
+    r = subprocess.run([sys.executable, "-m", "dhr_cli", "seed", "--cams", str(synth / "cams.h5"), "--data", str(synth),
+                        "--out", str(out), "--no-crf", "-q", "--resume"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-1500:]
+    clean = tmp_path / "clean.h5"
+    assert invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", clean, "--no-crf", "-q").exit_code == 0
+    _same_store(clean, out)
+
+
+# ---- 4. SIGTERM, SIGKILL, orphaned workers; kill-and-resume from the command line ----------
+def _items_in(partial: Path) -> int:
+    try:
+        with h5py.File(partial, "r", locking=False) as f:
+            return sum(1 for k in f["items"].keys() if not k.startswith("."))
+    except (OSError, KeyError, RuntimeError):
+        return 0
+
+
+def _orphans(marker: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if marker.encode() in (d / "environ").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def _kill_mid_run(args: list, partial: Path, n_items: int, sig: int, seed: int, torchrun: bool = False):
+    """Start ARGS, wait until a seeded number of items (>= 1, < n_items) is in PARTIAL, send SIG."""
+    at = random.Random(seed).randint(1, max(1, n_items - 2))
+    marker = f"DHR_FAULT_TEST={os.getpid()}-{seed}-{sig}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", marker.split("=")[0]: marker.split("=")[1]}
+    head = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+            "-m", "dhr_cli"] if torchrun else [sys.executable, "-m", "dhr_cli"]
+    proc = subprocess.Popen(head + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and _items_in(partial) < at:
+        time.sleep(0.02)
+    assert proc.poll() is None, f"finished before the kill point: {proc.stderr.read()[-1500:]}"
+    if torchrun:  # the whole job dies at once (a node's OOM kill): launcher, ranks, their workers
+        for pid in _orphans(marker):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+    else:
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    time.sleep(1.5)
+    left = _orphans(marker)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes outlived their parent: {left}"
+    return proc.returncode, err
+
+
+def _slow_seed(synth, out):
+    return ["seed", "--cams", synth / "cams.h5", "--data", synth, "--out", out, "--crf", "--batch-size", "1", "-q"]
+
+
+@pytest.mark.slow
+def test_sigterm_is_one_line_and_resume_completes(synth, tmp_path):
+    clean, out = tmp_path / "clean.h5", tmp_path / "s.h5"
+    assert invoke(*_slow_seed(synth, clean)).exit_code == 0
+    code, err = _kill_mid_run(_slow_seed(synth, out), tmp_path / "s.h5.partial", 12, signal.SIGTERM, seed=1)
+    assert code == 143, err[-1500:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "terminated" in lines[0] and "--resume" in lines[0], err[-1500:]
+    assert not (tmp_path / "s.h5.lock").exists()
+    assert invoke(*_slow_seed(synth, out), "--resume").exit_code == 0
+    _same_store(clean, out)
+
+
+def _propagate(synth, seeds, out):
+    return ["propagate", "--seeds", seeds, "--data", synth, "--uss", synth / "uss.h5", "--wss", synth / "wss.h5",
+            "--out", out, "--batch-size", "1", "-q"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["seed", "propagate"])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(synth, tmp_path, command):
+    seeds = tmp_path / "seeds.h5"
+    assert invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", seeds, "--no-crf", "-q").exit_code == 0
+    build = (lambda o: _slow_seed(synth, o)) if command == "seed" else (lambda o: _propagate(synth, seeds, o))
+    clean, out = tmp_path / "clean.h5", tmp_path / "out.h5"
+    r = invoke(*build(clean))
+    assert r.exit_code == 0, r.output
+    code, err = _kill_mid_run(build(out), tmp_path / "out.h5.partial", 12, signal.SIGKILL, seed=2)
+    assert code == -9
+    assert (tmp_path / "out.h5.lock").exists()  # stale now: the next run names it and takes it over
+    r = subprocess.run([sys.executable, "-m", "dhr_cli", *map(str, build(out)), "--resume"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "stale lock" in r.stderr and "damaged" not in r.stderr
+    _same_store(clean, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["seed", "propagate"])
+def test_sigkill_under_torchrun_then_resume_equals_an_uninterrupted_run(synth, tmp_path, command):
+    seeds = tmp_path / "seeds.h5"
+    assert invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", seeds, "--no-crf", "-q").exit_code == 0
+    build = (lambda o: _slow_seed(synth, o)) if command == "seed" else (lambda o: _propagate(synth, seeds, o))
+    clean, out = tmp_path / "clean.h5", tmp_path / "out.h5"
+    assert invoke(*build(clean)).exit_code == 0
+    shard0 = tmp_path / "out.rank0-of-2.h5.partial"
+    _kill_mid_run(build(out), shard0, 6, signal.SIGKILL, seed=3, torchrun=True)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(free_port()), "-m", "dhr_cli", *map(str, build(out)), "--resume"], capture_output=True,
+                       text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    _same_store(clean, out)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == ["out.h5"]
