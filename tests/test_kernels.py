@@ -171,3 +171,22 @@ def test_cells_pooled_by_a_loader_give_the_same_masks():
     cfg = PropagateConfig(use_crf=False, tau=-1.0)
     for a, b in zip(propagate_items(items, cfg), propagate_items(given, cfg)):
         assert torch.equal(a, b)
+
+
+def test_crf_padded_splits_portrait_and_landscape():
+    """Portrait and landscape images are never padded into one square batch; results keep their order."""
+    from dhr_cli.kernels.seed import crf_padded
+
+    calls = []
+
+    def fake_crf(img, probs, channel_valid, pixel_valid):
+        calls.append(tuple(img.shape[-2:]))
+        return probs * 2
+
+    shapes = [(2, 4, 6), (3, 6, 4), (2, 5, 6), (2, 6, 3)]
+    probs = [torch.rand(s) for s in shapes]
+    images = [torch.rand(3, h, w) for _, h, w in shapes]
+    out = crf_padded(fake_crf, images, probs)
+    assert sorted(calls) == [(5, 6), (6, 4)]  # landscape group padded to 5x6, portrait to 6x4
+    for p, o in zip(probs, out):
+        assert o.shape == p.shape and torch.equal(o, p * 2)

@@ -83,7 +83,22 @@ def seed_masks(cams: list[torch.Tensor], labels: list[list[int]], sizes: list[tu
 
 
 def crf_padded(crf, images: list[torch.Tensor], probs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Run a batched CRF over images of different sizes and channel counts (padded, masked)."""
+    """Run a batched CRF over images of different sizes and channel counts (padded, masked).
+
+    Portrait and landscape images go in separate calls: padded together, a batch of 480x640
+    and 640x480 images would become 640x640 each (a third more pixels to pad and mask).
+    """
+    groups: dict[bool, list[int]] = {}
+    for i, p in enumerate(probs):
+        groups.setdefault(p.shape[1] > p.shape[2], []).append(i)
+    out: list[torch.Tensor] = [probs[0]] * len(probs)
+    for idx in groups.values():
+        for i, res in zip(idx, _crf_padded_group(crf, [images[i] for i in idx], [probs[i] for i in idx])):
+            out[i] = res
+    return out
+
+
+def _crf_padded_group(crf, images: list[torch.Tensor], probs: list[torch.Tensor]) -> list[torch.Tensor]:
     b = len(probs)
     hmax = max(p.shape[1] for p in probs)
     wmax = max(p.shape[2] for p in probs)

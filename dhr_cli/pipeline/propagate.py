@@ -11,7 +11,6 @@ The kernels are in `dhr_cli.kernels.propagate` (`propagate_batch` is what `dhr t
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -25,7 +24,7 @@ from dhr_cli.config import PropagateConfig
 from dhr_cli.errors import InputError, StoreError
 from dhr_cli.io.datasets import open_dataset
 from dhr_cli.io.distributed import device_for_rank, output_store, shard
-from dhr_cli.io.loading import iterate_batches
+from dhr_cli.io.loading import iterate_batches, kernel_threads
 from dhr_cli.io.progress import track
 from dhr_cli.io.runtime import resolve_device
 from dhr_cli.io.store import Store, make_provenance, open_store
@@ -120,7 +119,7 @@ def run_propagate(cfg: PropagateConfig, *, seeds: Path, data: Path, uss: str | P
             load = functools.partial(_load_item, dataset, reader, cfg, with_image, background)
             workers = _loader_workers(device)
             batches = iterate_batches(todo, load, cfg.batch_size, workers=workers)
-            with _kernel_threads(device, workers if len(todo) > cfg.batch_size else 0):
+            with kernel_threads(device, workers if len(todo) > cfg.batch_size else 0):
                 for batch in track(batches, f"propagate ({cfg.method})", total=-(-len(todo) // cfg.batch_size),
                                    quiet=quiet):
                     items = [_to_item(reader, loaded, device) for loaded in batch]
@@ -140,29 +139,10 @@ def _loader_workers(device: torch.device) -> int:
     Reading a VOC-sized item (gzip decompression of seed, USS and, for Step 3, WSS maps) and
     pooling its seed costs about twice the CPU of the kernels (measured on 2 cores: ~9 vs ~4.5
     ms per item), so the loaders get most of the cores; the kernels keep the rest
-    (`_kernel_threads`), or run on the GPU.
+    (`dhr_cli.io.loading.kernel_threads`), or run on the GPU.
     """
     cores = os.cpu_count() or 1
     return 0 if cores < 2 else min(4, cores)
-
-
-@contextlib.contextmanager
-def _kernel_threads(device: torch.device, workers: int):
-    """Torch threads of this process while loader processes run beside it on the CPU.
-
-    An OpenMP thread pool waits for its slowest thread at every parallel operation; with the
-    loaders busy on the other cores those waits dominate (measured on 2 cores: several times
-    slower than one thread), so the kernels keep to the cores the loaders leave.
-    """
-    if device.type != "cpu" or workers == 0:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - workers)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class _Reader:

@@ -16,7 +16,7 @@ from dhr_cli.config import SeedConfig
 from dhr_cli.errors import InputError
 from dhr_cli.io.datasets import open_dataset, read_index_png
 from dhr_cli.io.distributed import device_for_rank, output_store, shard
-from dhr_cli.io.loading import iterate_batches
+from dhr_cli.io.loading import default_workers, iterate_batches, kernel_threads
 from dhr_cli.io.progress import track
 from dhr_cli.io.runtime import resolve_device
 from dhr_cli.io.store import make_provenance, open_store
@@ -84,9 +84,11 @@ def run_seed(cfg: SeedConfig, cams: Path, data: Path, out: Path, *, split: str |
                           resume=resume) as writer:
             todo = [i for i in ids if i not in writer]
             load = functools.partial(image_and_labels, dataset, crf is not None)
-            batches = iterate_batches(todo, load, cfg.batch_size)
-            for batch in track(batches, "seed", total=-(-len(todo) // cfg.batch_size), quiet=quiet):
-                _seed_batch(batch, dataset, cam_store, base, cfg, device, background, crf, writer)
+            workers = default_workers()
+            batches = iterate_batches(todo, load, cfg.batch_size, workers=workers)
+            with kernel_threads(device, workers if len(todo) > cfg.batch_size else 0):
+                for batch in track(batches, "seed", total=-(-len(todo) // cfg.batch_size), quiet=quiet):
+                    _seed_batch(batch, dataset, cam_store, base, cfg, device, background, crf, writer)
         return {"written": len(todo), "items": len(ids)}
     finally:
         cam_store.close()
