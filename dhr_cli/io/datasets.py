@@ -241,7 +241,9 @@ class FlatDataset(Dataset):
                 data = json.loads(self._labels_file.read_text())
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{self._labels_file}: not valid JSON ({e.msg}, line {e.lineno})") from None
-            if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+            if not isinstance(data, dict) or not all(
+                isinstance(v, list) and all(isinstance(n, str) for n in v) for v in data.values()
+            ):
                 raise DatasetError(f'{self._labels_file}: expected {{"<id>": ["class", ...], ...}}')
             index = set(classes)
             for item_id, names in data.items():
