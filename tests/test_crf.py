@@ -320,3 +320,16 @@ def test_reduced_grid_agrees_with_pydensecrf2(device, backend):
     out = dense_crf(img.to(device), probs.to(device), CRFConfig(max_side=64, backend=backend))[0].cpu()
     # a 64-px grid (3x coarser) smooths boundaries: a bounded, measured loss (bench/crf.py)
     assert (out.argmax(0) == ref.argmax(0)).float().mean() > 0.93
+
+
+def test_crf_cli_options_build_the_config():
+    from typer.testing import CliRunner
+
+    from dhr_cli.cli import app
+    from dhr_cli.cli.options import CrfBackend, CrfPreset, crf_config
+
+    cfg = crf_config(CrfPreset.authors, None, None)
+    assert (cfg.max_side, cfg.n_iter, cfg.bilateral_sxy, cfg.bilateral_srgb) == (0, 10, 67.0, 3.0)
+    assert crf_config(None, 96, CrfBackend.exact) == CRFConfig(max_side=96, backend="exact")
+    res = CliRunner().invoke(app, ["seed", "--cams", "x.h5", "--data", ".", "--out", "y.h5", "--crf-preset", "bogus"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
