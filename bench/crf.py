@@ -1,22 +1,22 @@
 """Dense CRF benchmark: dhr's PyTorch mean field vs pydensecrf2 (the authors' pydensecrf, rebuilt).
 
-Inputs: four photographs shipped with scikit-image (astronaut, coffee, chelsea, rocket)
-resized to 500x375 (PASCAL VOC's usual size), with CAM-like probability maps
+Inputs: photographs shipped with scikit-image (astronaut, coffee, chelsea, rocket; --photos
+picks how many) resized to 500x375 (PASCAL VOC's usual size), with CAM-like probability maps
 of 3 and 21 labels: colour-and-position k-means regions (5 of them, each given one label) as
 coarse one-hot maps at 1/16 resolution, upsampled bilinearly, plus low-frequency and pixel
-noise, softmax. CRF parameters: the authors' (CRFConfig defaults, 10 iterations).
+noise, softmax. Worst case: a flat-coloured procedural scene (dhr_cli.testing.synthetic's
+layout, each region painted one colour, no noise), where an exact sparse bilateral kernel
+becomes nearly dense. CRF parameters: the authors' (10 iterations).
 
-Reported per label count, averaged over the photos:
-  - ms/img of pydensecrf2 (single-threaded C++), of dhr batch 1 and batch 4 (best of --rounds,
-    interleaved with pydensecrf2 on the same inputs, torch on --threads threads);
-  - agreement with pydensecrf2: share of pixels with the same argmax, mean total-variation
-    distance of the per-pixel distributions (0.5 * sum_l |p - q|), mean |p - q| over all
-    entries, and the share of the pixels
-    pydensecrf2 changes (argmax out != argmax in) that dhr changes the same way.
---max-side sweeps CRFConfig.max_side (the first value also gives the batch-4 timing).
+pydensecrf2 always runs at full resolution (single-threaded C++). Each dhr setting
+(backend x max_side, 0 = full resolution, i.e. EQUAL resolution and iterations) is timed on
+each torch thread count in --threads (best of --rounds) and reports:
+  - ms/img, speed-up over pydensecrf2 on the same photo;
+  - argmax agreement with pydensecrf2, mean |p - q|;
+  - flat-scene ms/img and its ratio to the photo time;
+  - minor page faults per call (fresh memory the call touches; 4 KiB pages).
 
     python bench/crf.py --out bench_out/crf                       # writes crf.json
-    python bench/crf.py --out /tmp/c --max-side 48 64 96 128      # sweep
 Needs scikit-image (photos); pydensecrf2 is optional (pip install pydensecrf2).
 """
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -109,16 +110,32 @@ def timed(fn, rounds: int):
     return best, res
 
 
+def flat_scene(h: int = 375, w: int = 500, seed: int = 0) -> np.ndarray:
+    """Procedural scene layout with each region painted one flat colour (no texture, no noise)."""
+    from dhr_cli.testing.synthetic import SceneSpec, make_scene
+
+    _, gt = make_scene(np.random.default_rng(seed), SceneSpec(height=h, width=w))
+    colours = np.array([[90, 120, 160], [200, 60, 50], [60, 170, 70], [220, 200, 60], [120, 70, 180], [40, 40, 40]],
+                       np.uint8)
+    return colours[np.where(gt == 255, 0, gt) % len(colours)]
+
+
+def faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--labels", type=int, nargs="+", default=[3, 21])
-    ap.add_argument("--max-side", type=int, nargs="+", default=[CRFConfig().max_side])
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (pydensecrf2 is single-threaded)")
+    ap.add_argument("--photos", type=int, default=2, help="how many photos (the CPU is shared: keep it short)")
+    ap.add_argument("--settings", nargs="+", default=["permutohedral:0", "permutohedral:128", "exact:128",
+                                                       "permutohedral:64", "exact:64"],
+                    help="backend:max_side pairs (0 = full resolution)")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch threads (pydensecrf2: 1)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
     try:
         import pydensecrf.densecrf  # noqa: F401
@@ -126,49 +143,49 @@ def main(argv=None) -> int:
     except ImportError:
         have_ref = False
         print("pydensecrf2 is not installed (pip install pydensecrf2): only dhr timings are reported")
-    ph = photos()
-    result = {"image_size": [375, 500], "photos": list(PHOTOS), "threads": args.threads, "device": str(dev),
+    ph = dict(list(photos().items())[: args.photos])
+    flat = flat_scene()
+    result = {"image_size": [375, 500], "photos": list(ph), "threads": args.threads, "device": str(dev),
               "pydensecrf2": have_ref, "config": vars(CRFConfig()), "runs": []}
+    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float()[None].to(dev)  # noqa: E731
     for n_lab in args.labels:
         items = [(name, img, cam_like(img, n_lab, seed)) for seed, (name, img) in enumerate(ph.items())]
-        ims = [torch.from_numpy(img).permute(2, 0, 1).float()[None].to(dev) for _, img, _ in items]
-        prs = [torch.from_numpy(p)[None].to(dev) for _, _, p in items]
+        fl_p = torch.from_numpy(cam_like(flat, n_lab, 7))[None].to(dev)
         ref_ms, refs = [], []
         if have_ref:
             for (_, img, p) in items:
                 t, q = timed(lambda: pydensecrf_run(img, p, CRFConfig()), args.rounds)
                 ref_ms.append(t * 1000)
                 refs.append(q)
-        for si, side in enumerate(args.max_side):
-            cfg = CRFConfig(max_side=side)
-            dense_crf(ims[0], prs[0], cfg)  # warm-up
-            ms1, agree, tv, mad, rec = [], [], [], [], []
-            for k, (_, _, p) in enumerate(items):
-                t, o = timed(lambda: dense_crf(ims[k], prs[k], cfg), args.rounds)
-                ms1.append(t * 1000)
+            ref_flat_ms = timed(lambda: pydensecrf_run(flat, fl_p[0].cpu().numpy(), CRFConfig()), args.rounds)[0] * 1000
+        for setting in args.settings:
+            backend, side = setting.split(":")
+            cfg = CRFConfig(max_side=int(side), backend=backend)
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                dense_crf(to_t(items[0][1]), torch.from_numpy(items[0][2])[None].to(dev), cfg)  # warm-up
+                ms, agree, mad, flt = [], [], [], []
+                for k, (_, img, p) in enumerate(items):
+                    im, pr = to_t(img), torch.from_numpy(p)[None].to(dev)
+                    f0 = faults()
+                    t, o = timed(lambda: dense_crf(im, pr, cfg), args.rounds)
+                    flt.append((faults() - f0) / args.rounds)
+                    ms.append(t * 1000)
+                    if have_ref:
+                        o = o[0].cpu().numpy()
+                        agree.append(float((o.argmax(0) == refs[k].argmax(0)).mean()))
+                        mad.append(float(np.abs(o - refs[k]).mean()))
+                flat_ms = timed(lambda: dense_crf(to_t(flat), fl_p, cfg), args.rounds)[0] * 1000
+                run = {"labels": n_lab, "backend": backend, "max_side": int(side), "threads": threads,
+                       "dhr_ms_per_img": float(np.mean(ms)), "flat_scene_ms": flat_ms,
+                       "flat_over_photo": flat_ms / float(np.mean(ms)), "minor_faults_per_call": float(np.mean(flt))}
                 if have_ref:
-                    o = o[0].cpu().numpy()
-                    q = refs[k]
-                    agree.append(float((o.argmax(0) == q.argmax(0)).mean()))
-                    tv.append(float(0.5 * np.abs(o - q).sum(0).mean()))
-                    mad.append(float(np.abs(o - q).mean()))
-                    ch = q.argmax(0) != p.argmax(0)
-                    rec.append(float(((o.argmax(0) == q.argmax(0)) & ch).sum() / max(int(ch.sum()), 1)))
-            run = {"labels": n_lab, "max_side": side, "dhr_ms_per_img_batch1": float(np.mean(ms1))}
-            if si == 0:
-                bi = torch.cat([ims[k % len(ims)] for k in range(4)])
-                bp = torch.cat([prs[k % len(prs)] for k in range(4)])
-                t, _ = timed(lambda: dense_crf(bi, bp, cfg), args.rounds)
-                run["dhr_ms_per_img_batch4"] = t * 1000 / 4
-            if have_ref:
-                run.update(pydensecrf2_ms_per_img=float(np.mean(ref_ms)),
-                           speedup_batch1=float(np.mean(ref_ms) / np.mean(ms1)),
-                           argmax_agreement=float(np.mean(agree)), argmax_agreement_min=float(np.min(agree)),
-                           mean_tv_distance=float(np.mean(tv)), mean_abs_diff=float(np.mean(mad)), changed_pixels_matched=float(np.mean(rec)),
-                           pydensecrf2_changed_share=float(np.mean([(q.argmax(0) != p.argmax(0)).mean()
-                                                                    for q, (_, _, p) in zip(refs, items)])))
-            result["runs"].append(run)
-            print(json.dumps(run), flush=True)
+                    run.update(pydensecrf2_ms_per_img=float(np.mean(ref_ms)), pydensecrf2_flat_ms=ref_flat_ms,
+                               speedup=float(np.mean(np.array(ref_ms) / np.array(ms))),
+                               argmax_agreement=float(np.mean(agree)), argmax_agreement_min=float(np.min(agree)),
+                               mean_abs_diff=float(np.mean(mad)))
+                result["runs"].append(run)
+                print(json.dumps(run), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "crf.json").write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out / 'crf.json'}")

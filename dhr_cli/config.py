@@ -61,16 +61,30 @@ class CRFConfig:
     bilateral_srgb: float = 3.0
     bilateral_compat: float = 4.0
     # Resolution the mean field runs at: the longer image side is scaled to at most this
-    # many pixels (spatial parameters are scaled with it), the result is upsampled back.
-    # Measured by bench/crf.py (4 photos at 500x375, 3 / 21 labels, vs pydensecrf2, 2 threads):
-    # 48: 23x / 19x faster, 98.0% / 96.6% argmax agreement; 64: 17x / 14x, 98.2% / 97.2%;
-    # 96: 4x / 6x, 98.6% / 97.8%.
+    # many pixels (spatial parameters are scaled with it), the result is upsampled back;
+    # 0 = full resolution (the authors' setting). Trade-off measured by bench/crf.py (2 photos
+    # 500x375, vs pydensecrf2 at full resolution, 1 torch thread, shared CPU), permutohedral:
+    # 0: 0.6x speed, 99.97% / 99.96% argmax agreement (3 / 21 labels); 128: 7.0x / 4.3x,
+    # 98.1% / 96.9%; 64: 12.9x / 8.0x, 97.1% / 95.6%. The choice for propagate is issue 12's.
     max_side: int = 64
+    # "permutohedral": bilateral term on a permutohedral lattice (cost ~ pixels x labels,
+    # whatever the colours); "exact": exact sparse bilateral kernel on the grid (cost grows
+    # as colours get flatter). Default chosen by bench/crf.py: on the flat-coloured scene at
+    # max_side 64 exact is 5-10x its photo time, permutohedral 0.7x (never slower than a photo).
+    backend: str = "permutohedral"
 
     def __post_init__(self) -> None:
         _check(self.n_iter >= 0, f"CRF n_iter must be >= 0, got {self.n_iter}")
-        _check(self.max_side >= 8, f"CRF max_side must be >= 8, got {self.max_side}")
+        _check(self.max_side == 0 or self.max_side >= 8, f"CRF max_side must be 0 (full resolution) or >= 8, got {self.max_side}")
+        _check(self.backend in CRF_BACKENDS, f"CRF backend must be one of {', '.join(CRF_BACKENDS)}, got {self.backend!r}")
+        for name in ("gauss_sxy", "bilateral_sxy", "bilateral_srgb"):
+            _check(getattr(self, name) > 0, f"CRF {name} must be > 0, got {getattr(self, name)}")
 
+
+CRF_BACKENDS = ("permutohedral", "exact")
+# Named CRF settings (--crf-preset): "authors" = pydensecrf's parameters at full resolution.
+CRF_PRESETS = {"authors": dict(n_iter=10, gauss_sxy=1.0, gauss_compat=3.0, bilateral_sxy=67.0, bilateral_srgb=3.0,
+                               bilateral_compat=4.0, max_side=0)}
 
 @dataclass(frozen=True)
 class SeedConfig:

@@ -10,6 +10,10 @@ import typer
 from dhr_cli.cli.options import (
     BatchSize,
     Crf,
+    CrfBackendOpt,
+    CrfMaxSide,
+    CrfPresetOpt,
+    crf_config,
     DataRoot,
     Device,
     FeaturesDir,
@@ -61,6 +65,9 @@ def propagate_cmd(
     tau: Annotated[float, typer.Option("--tau", help="Prototype cosine above which classes share a USS group (Step 3).")] = _P.tau,
     step3: Annotated[bool, typer.Option("--step3/--no-step3", help="Step 3 (classes alike in USS space told apart with WSS features); --no-step3 needs no --wss.")] = _P.step3,
     crf: Crf = _P.use_crf,
+    crf_preset: CrfPresetOpt = None,
+    crf_max_side: CrfMaxSide = None,
+    crf_backend: CrfBackendOpt = None,
     ot_marginals: Annotated[Marginals, typer.Option("--ot-marginals", help="seeded: class masses from the seed areas; uniform: the authors' equal shares.")] = _P.marginals,
     recover: Annotated[bool, typer.Option("--recover/--no-recover", help="Recover labelled classes that win no cell from their CAM peak (needs --cams).")] = _P.recover_missing,
     restore_classes: Annotated[bool, typer.Option("--restore-classes/--no-restore-classes", help="A labelled class that held pixels before the CRF / final argmax and none after takes them back.")] = _P.restore_classes,
@@ -89,7 +96,7 @@ def propagate_cmd(
 
     try:
         cfg = PropagateConfig(
-            sinkhorn=sinkhorn_config(ot_solver, sinkhorn_max_iter, sinkhorn_tol, sinkhorn_eps), use_crf=crf, tau=tau, step3=step3,
+            sinkhorn=sinkhorn_config(ot_solver, sinkhorn_max_iter, sinkhorn_tol, sinkhorn_eps), use_crf=crf, crf=crf_config(crf_preset, crf_max_side, crf_backend), tau=tau, step3=step3,
             marginals=ot_marginals, recover_missing=recover,
             restore_classes=restore_classes, upsample=upsample,
             guided_radius=guided_radius, guided_eps=guided_eps,

@@ -10,6 +10,10 @@ import typer
 from dhr_cli.cli.options import (
     BatchSize,
     Crf,
+    CrfBackendOpt,
+    CrfMaxSide,
+    CrfPresetOpt,
+    crf_config,
     DataRoot,
     Device,
     MissingItems,
@@ -41,6 +45,9 @@ def seed_cmd(
     out: OutStore,
     split: Split = None,
     crf: Crf = _S.use_crf,
+    crf_preset: CrfPresetOpt = None,
+    crf_max_side: CrfMaxSide = None,
+    crf_backend: CrfBackendOpt = None,
     init_masks: Annotated[Optional[Path], typer.Option("--init-masks", help="Masks of another WSS method (store or PNG folder): seeds overwrite them where a class wins.")] = None,
     bg_power: Annotated[float, typer.Option("--bg-power", help="Background score is (1 - max CAM) ** bg_power.")] = _S.bg_power,
     confidence: Annotated[float, typer.Option("--confidence", help="Pixels whose winning probability is below this become 255 (unsure).")] = _S.confidence,
@@ -60,7 +67,7 @@ def seed_cmd(
 
     try:
         cfg = SeedConfig(sinkhorn=sinkhorn_config(ot_solver, sinkhorn_max_iter, sinkhorn_tol, sinkhorn_eps),
-                         use_crf=crf, bg_power=bg_power, confidence=confidence, batch_size=batch_size, device=device)
+                         use_crf=crf, crf=crf_config(crf_preset, crf_max_side, crf_backend), bg_power=bg_power, confidence=confidence, batch_size=batch_size, device=device)
     except ValueError as e:
         raise InputError(str(e)) from None
     summary = run_seed(cfg, cams, data, out, split=split, init_masks=init_masks,

@@ -4,6 +4,7 @@ turn them into configs."""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,6 +24,41 @@ Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or aut
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images processed together.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 Crf = Annotated[bool, typer.Option("--crf/--no-crf", help="Refine with the dense CRF (the image is read for it).")]
+
+
+class CrfBackend(str, Enum):
+    permutohedral = "permutohedral"
+    exact = "exact"
+
+
+class CrfPreset(str, Enum):
+    authors = "authors"
+
+
+CrfMaxSide = Annotated[Optional[int], typer.Option("--crf-max-side", min=0, help=(
+    "CRF resolution: longer side of the grid the mean field runs on (spatial parameters scale with it); "
+    "0 = full resolution. Default: the config's."))]
+CrfBackendOpt = Annotated[Optional[CrfBackend], typer.Option("--crf-backend", help=(
+    "permutohedral: lattice bilateral filter, cost independent of the colours; exact: exact sparse kernel on the grid."))]
+CrfPresetOpt = Annotated[Optional[CrfPreset], typer.Option("--crf-preset", help=(
+    "authors: pydensecrf's parameters at full resolution, 10 iterations (slow, the paper's setting). "
+    "--crf-max-side / --crf-backend given with it still apply."))]
+
+
+def crf_config(preset: "CrfPreset | None", max_side: int | None, backend: "CrfBackend | None"):
+    """The CRFConfig of the shared CRF options (recorded in provenance with the command's config)."""
+    from dataclasses import replace
+
+    from dhr_cli.config import CRF_PRESETS, CRFConfig
+
+    cfg = CRFConfig() if preset is None else CRFConfig(**CRF_PRESETS[preset.value])
+    if max_side is not None:
+        cfg = replace(cfg, max_side=max_side)
+    if backend is not None:
+        cfg = replace(cfg, backend=backend.value)
+    return cfg
+
+
 MissingItems = Annotated[MissingPolicy, typer.Option("--missing", help="Images of the split missing from an input store: fail, or skip (listed).")]
 OTSolverOpt = Annotated[OTSolver, typer.Option("--ot-solver", help="dhr: the authors' Sinkhorn (batched, their stopping rule); pot: POT's converged log-domain solver.")]
 SinkhornMaxIter = Annotated[Optional[int], typer.Option("--sinkhorn-max-iter", min=1, show_default=False, help=(

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from dhr_cli.config import CRFConfig
 from dhr_cli.errors import ShapeError
 from dhr_cli.kernels.checks import check_shape
+from dhr_cli.kernels.permutohedral import Lattice
 
 __all__ = ["dense_crf", "crf_function"]
 
@@ -113,6 +114,9 @@ def dense_crf(images: torch.Tensor, probs: torch.Tensor, cfg: CRFConfig, *,
         out = torch.empty_like(p)
 
     img = images.to(dev, work)
+    if cfg.backend == "permutohedral":
+        _permutohedral(img, unary, pv, cv, cfg, out)
+        return _keep_padded(out, probs, pv, cmask, all_ch)
     items = []
     for i in range(b):
         box = (0, h, 0, w)
@@ -155,7 +159,7 @@ class _Grid:
         h, w = unary.shape[1:]
         dt, dev = unary.dtype, unary.device
         vf = torch.ones(1, h, w, dtype=dt, device=dev) if valid is None else valid[None].to(dt)
-        side = min(cfg.max_side, max(h, w))
+        side = max(h, w) if cfg.max_side == 0 else min(cfg.max_side, max(h, w))
         while True:
             scale = side / max(h, w)
             lh, lw = max(1, round(h * scale)), max(1, round(w * scale))
@@ -181,9 +185,9 @@ class _Grid:
         self.cells = cells[order]  # valid cells, sorted along the colour axis
         self.feats, self.proj, self.pairs = feats[order], proj, pairs
         self.g_taps = _gauss_taps(cfg.gauss_sxy, h / lh, w / lw, dt, dev)
-        # bilateral weight of a cell with itself: the share of its pixel pairs that are not
-        # self pairs (its pixels are taken to share the cell's colour); 0 at full resolution
-        self.self_weight = max(0.0, 1.0 - lh * lw / (h * w))
+        # bilateral weight of a cell with itself, in units of (pixels a) x (pixels b): all its
+        # pixel pairs, self pairs included as pydensecrf does (its pixels share the cell's colour)
+        self.self_weight = 1.0
 
     @staticmethod
     def _features(col, cells, h, w, lh, lw, cfg):
@@ -255,8 +259,7 @@ def _bilateral(grids: list[_Grid], compat: float):
 def _gauss_taps(sxy: float, step_y: float, step_x: float, dt, device):
     """1-D cell-to-cell Gaussian weights: sums over the pixel pairs of two cells of `step` pixels.
 
-    Returns ((taps_y, self_y), (taps_x, self_x)): taps over cell offsets -r..r, and the number of
-    pixel pairs of a cell with itself at distance 0 (removed in 2-D from the centre tap).
+    Returns ((taps_y, step_y), (taps_x, step_x)): taps over cell offsets -r..r, and the cell size.
     """
     out = []
     for step in (step_y, step_x):
@@ -272,13 +275,20 @@ def _gauss_taps(sxy: float, step_y: float, step_x: float, dt, device):
 
 
 def _gauss(x: torch.Tensor, taps) -> torch.Tensor:
-    """Cell-level Gaussian filter without the pixel self pairs: x (C, h, w) -> (C, h, w)."""
-    (ty, sy), (tx, sx) = taps
-    c, h, w = x.shape
-    y = x[:, None]
-    y = F.conv2d(y, ty.reshape(1, 1, -1, 1), padding=(ty.numel() // 2, 0))
-    y = F.conv2d(y, tx.reshape(1, 1, 1, -1), padding=(0, tx.numel() // 2))
-    return y[:, 0] - (sy * sx) * x
+    """Cell-level Gaussian filter, pixel self pairs included (as pydensecrf): (C, h, w) -> (C, h, w)."""
+    (ty, _), (tx, _) = taps
+    # separable, as shifted multiply-adds: a few taps on one channel, where conv2d is slow on CPU
+    return _filter1d(_filter1d(x, ty.tolist(), 1), tx.tolist(), 2)
+
+
+def _filter1d(x: torch.Tensor, taps: list[float], dim: int) -> torch.Tensor:
+    """Zero-padded 1-D correlation of x along dim with symmetric taps (centre in the middle)."""
+    r, n = len(taps) // 2, x.shape[dim]
+    y = x * taps[r]
+    for k in range(1, min(r, n - 1) + 1):
+        y.narrow(dim, 0, n - k).add_(x.narrow(dim, k, n - k), alpha=taps[r + k])
+        y.narrow(dim, k, n - k).add_(x.narrow(dim, 0, n - k), alpha=taps[r - k])
+    return y
 
 
 def _mean_field(grids: list[_Grid], cv: torch.Tensor, cfg: CRFConfig, out: torch.Tensor) -> None:
@@ -311,8 +321,12 @@ def _mean_field(grids: list[_Grid], cv: torch.Tensor, cfg: CRFConfig, out: torch
             blk = _gauss(qg[o:o + g.n].T.reshape(n_lab, *g.shape), g.g_taps).reshape(n_lab, -1).T
             pair[o:o + g.n].addcmul_(blk, gw[o:o + g.n])
         q = torch.softmax(logits0 + pair, 1)
-    pair = pair * vmask
-    # last step at full resolution: full unary + upsampled pairwise term (masked bilinear)
+    _finish(grids, offs, pair * vmask, cv, out)
+
+
+def _finish(grids, offs, pair: torch.Tensor, cv: torch.Tensor, out: torch.Tensor) -> None:
+    """Last step at full resolution: full unary + upsampled pairwise term (masked bilinear)."""
+    n_lab, dt = out.shape[1], pair.dtype
     for g, o in zip(grids, offs):
         y0, y1, x0, x1 = g.box
         h, w = y1 - y0, x1 - x0
@@ -331,6 +345,122 @@ def _mean_field(grids: list[_Grid], cv: torch.Tensor, cfg: CRFConfig, out: torch
         else:
             region = out[g.index, :, y0:y1, x0:x1]
             out[g.index, :, y0:y1, x0:x1] = torch.where(g.valid_full[None], res, region)
+
+
+# ---------------------------------------------------------------------------------------------
+# permutohedral backend
+
+MAX_CELLS = 2**21  # cells of the images filtered by one lattice (a chunk of the batch): bounds memory
+
+
+class _Cells:
+    """One image on its CRF grid (full resolution or reduced): pooled unary, colours, valid cells."""
+
+    def __init__(self, index, box, img, unary, valid, cfg: CRFConfig):
+        self.index, self.box, self.unary_full, self.valid_full = index, box, unary, valid
+        h, w = unary.shape[1:]
+        dt, dev = unary.dtype, unary.device
+        side = max(h, w) if cfg.max_side == 0 else min(cfg.max_side, max(h, w))
+        scale = side / max(h, w)
+        lh, lw = max(1, round(h * scale)), max(1, round(w * scale))
+        if (lh, lw) == (h, w):
+            vl = torch.ones(1, h, w, dtype=dt, device=dev) if valid is None else valid[None].to(dt)
+            col, self.unary = img, unary.reshape(-1, h * w)
+        else:
+            vf = torch.ones(1, h, w, dtype=dt, device=dev) if valid is None else valid[None].to(dt)
+            vl = F.adaptive_avg_pool2d(vf[None], (lh, lw))[0]
+            den = vl.clamp_min(1e-12)
+            col = F.adaptive_avg_pool2d((img * vf)[None], (lh, lw))[0] / den
+            self.unary = (F.adaptive_avg_pool2d((unary * vf)[None], (lh, lw))[0] / den).reshape(-1, lh * lw)
+        self.shape, self.n = (lh, lw), lh * lw
+        self.vmask = vl > 0
+        self.cells = torch.nonzero(self.vmask.flatten()).flatten()
+        # bilateral features of the cell centres in pixel units (x, y, r, g, b) / (sxy, sxy, srgb x 3):
+        # on a reduced grid the spatial parameters thus scale with the resolution
+        yy = (torch.arange(lh, device=dev, dtype=dt) + 0.5) * (h / lh)
+        xx = (torch.arange(lw, device=dev, dtype=dt) + 0.5) * (w / lw)
+        pos = torch.stack(torch.meshgrid(xx, yy, indexing="xy")).reshape(2, -1) / cfg.bilateral_sxy
+        self.feats = torch.cat([pos, col.reshape(3, -1) / cfg.bilateral_srgb])[:, self.cells].T.contiguous()
+        self.g_taps = _gauss_taps(cfg.gauss_sxy, h / lh, w / lw, dt, dev)
+
+
+def _permutohedral(img, unary, pv, cv, cfg: CRFConfig, out: torch.Tensor) -> None:
+    b, _, h, w = unary.shape
+    items = []
+    for i in range(b):
+        box = (0, h, 0, w)
+        if pv is not None:
+            rows, cols = pv[i].any(1), pv[i].any(0)
+            if not bool(rows.any()):
+                continue  # no valid pixel: the input stays
+            r, c = torch.nonzero(rows).flatten(), torch.nonzero(cols).flatten()
+            box = (int(r[0]), int(r[-1]) + 1, int(c[0]), int(c[-1]) + 1)
+        y0, y1, x0, x1 = box
+        valid = None if pv is None else pv[i, y0:y1, x0:x1]
+        if valid is not None and bool(valid.all()):
+            valid = None
+        items.append(_Cells(i, box, img[i, :, y0:y1, x0:x1], unary[i, :, y0:y1, x0:x1], valid, cfg))
+    chunk: list[_Cells] = []
+    for item in items + [None]:
+        if item is not None and (not chunk or sum(g.n for g in chunk) + item.n <= MAX_CELLS):
+            chunk.append(item)
+            continue
+        if chunk:
+            _lattice_mean_field(chunk, cv, cfg, out)
+        chunk = [item] if item is not None else []
+
+
+def _lattice_mean_field(grids: list[_Cells], cv: torch.Tensor, cfg: CRFConfig, out: torch.Tensor) -> None:
+    """Mean field of a chunk of images: bilateral term on one lattice, Gaussian term exact."""
+    n_lab = out.shape[1]
+    dt, dev = grids[0].unary.dtype, grids[0].unary.device
+    offs = [0]
+    for g in grids:
+        offs.append(offs[-1] + g.n)
+    total = offs[-1]
+    # flat layout (sum n, L): each image's grid cells in raster order
+    pts = torch.cat([g.cells + o for g, o in zip(grids, offs)])
+    group = torch.cat([torch.full((g.cells.numel(),), k, dtype=torch.int64, device=dev) for k, g in enumerate(grids)])
+    lat = Lattice(torch.cat([g.feats for g in grids]), group)
+    # symmetric normalisation (pydensecrf's NORMALIZE_SYMMETRIC): k'_ij = k_ij / sqrt(d_i d_j)
+    v = torch.zeros(lat.m + 1, n_lab, dtype=dt, device=dev)  # vertex values, row m stays 0
+    tmp, tmp2 = torch.empty(lat.m, n_lab, dtype=dt, device=dev), torch.empty(lat.m, n_lab, dtype=dt, device=dev)
+    splat, slice_ = lat.operators()
+    ones = torch.ones(lat.n, 1, dtype=dt, device=dev)
+    v1 = torch.zeros(lat.m + 1, 1, dtype=dt, device=dev)
+    torch.mm(splat, ones, out=v1[: lat.m])
+    lat.blur(v1, tmp[:, :1].clone(), tmp2[:, :1].clone())
+    deg = slice_ @ v1[: lat.m]
+    norm = torch.rsqrt(deg[:, 0].clamp_min(0) + 1e-20)
+    splat, slice_ = lat.operators(norm, cfg.bilateral_compat, index=pts, size=total)
+    del v1, deg, ones
+
+    unary = torch.cat([g.unary.T for g in grids])
+    cmask = torch.cat([cv[g.index].expand(g.n, n_lab) for g in grids])
+    vmask = torch.cat([g.vmask.reshape(-1, 1) for g in grids]).to(dt)
+    logits0 = torch.where(cmask, -unary, torch.full_like(unary, float("-inf")))
+    del unary
+    gnorm = torch.cat([(torch.rsqrt(_gauss(g.vmask.to(dt), g.g_taps).clamp_min(0) + 1e-20) * g.vmask).reshape(-1, 1)
+                       for g in grids])
+    gw = gnorm * cfg.gauss_compat
+    q = torch.softmax(logits0, 1)
+    pair = torch.empty_like(q)
+    qg = torch.empty_like(q)
+    for _ in range(cfg.n_iter):
+        torch.mm(splat, q, out=v[: lat.m])
+        lat.blur(v, tmp, tmp2)
+        torch.mm(slice_, v[: lat.m], out=pair)
+        torch.mul(q, gnorm, out=qg)
+        for g, o in zip(grids, offs):
+            blk = _gauss(qg[o:o + g.n].T.reshape(n_lab, *g.shape), g.g_taps).reshape(n_lab, -1).T
+            pair[o:o + g.n].addcmul_(blk, gw[o:o + g.n])
+        # q = softmax(logits0 + pair), in place
+        torch.add(logits0, pair, out=q)
+        q.sub_(q.amax(1, keepdim=True)).exp_()
+        q.div_(q.sum(1, keepdim=True))
+    if cfg.n_iter == 0:
+        pair.zero_()
+    _finish(grids, offs, pair.mul_(vmask), cv, out)
 
 
 def crf_function(cfg: CRFConfig) -> Callable:
