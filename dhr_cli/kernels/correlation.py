@@ -44,15 +44,15 @@ def correlation_loss(f1: torch.Tensor, f2: torch.Tensor, c1: torch.Tensor, c2: t
 
 
 def super_perm(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A random permutation of range(n) with no fixed point (n >= 2): each image meets another one."""
+    """A random permutation of range(n) with no fixed point (n >= 2): each image meets another one.
+
+    Images in random order, each sent to the next (one random cycle). STEGO's own `super_perm`
+    bumps fixed points by one, which can pair two images with the same partner; this cannot."""
     if n < 2:
         raise ShapeError(f"super_perm needs n >= 2, got {n}")
-    perm = torch.randperm(n, generator=generator)
-    fixed = perm == torch.arange(n)
-    perm[fixed] = (perm[fixed] + 1) % n
-    # (p + 1) % n can land on its own index only if p == i - 1; shifting again fixes that
-    still = perm == torch.arange(n)
-    perm[still] = (perm[still] + 1) % n
+    order = torch.randperm(n, generator=generator)
+    perm = torch.empty(n, dtype=torch.long)
+    perm[order] = order.roll(-1)
     return perm
 
 
