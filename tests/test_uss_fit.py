@@ -190,6 +190,7 @@ def test_backbone_without_weights(data, tmp_path):
     new = _fails(["--data", data, "--out", tmp_path / "h.pt", "--backbone", "dino_vits8"], tmp_path,
                  "--backbone-weights")
     assert not new
+    assert not _fails(["--data", data, "--out", tmp_path / "h.pt", "--backbone", "resnet50"], tmp_path, "lite0", "dino")
     new = _fails(["--data", data, "--out", tmp_path / "h.pt", "--backbone", "dino",
                   "--backbone-weights", tmp_path / "nope.pth"], tmp_path, "nope.pth", "not found")
     assert not new

@@ -197,7 +197,11 @@ def check_backbone_weights(backbone: str, weights) -> None:
     """A one-line error before any work when a DINO backbone has no weights file (or a missing one)."""
     from dhr_cli.models import canonical
 
+    from dhr_cli.models.uss_head import BACKBONES
+
     name = canonical(backbone)
+    if name not in BACKBONES:
+        raise InputError(f"--backbone {backbone!r}: a fitted head needs one of {', '.join(BACKBONES)}")
     if name != "lite0" and weights is None:
         raise CheckpointError(f"--backbone {backbone}: needs its weights file (--backbone-weights); dhr never downloads")
     if weights is not None and not Path(weights).exists():
