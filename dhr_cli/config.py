@@ -334,3 +334,42 @@ class RefineConfig:
         _check(0 <= self.stability_score_thresh <= 1,
                f"stability_score_thresh must be in [0, 1], got {self.stability_score_thresh}")
         _check(0 < self.coverage <= 1, f"coverage must be in (0, 1], got {self.coverage}")
+
+
+@dataclass(frozen=True)
+class UssFitConfig:
+    """`dhr uss fit`: a STEGO head (linear + non-linear 1x1) on frozen backbone features, no labels.
+
+    Loss weights, shifts, neighbour count, samples, lr, batch and dim are STEGO's
+    (src/configs/train_config.yml, the active "vit small" set); docs/uss_fit.md explains each.
+    """
+
+    dim: int = 70  # code dimension (STEGO)
+    steps: int = 1000  # Adam steps (STEGO: 5000 on a GPU; features are cached here, CPU-friendly)
+    batch_size: int = 16  # images per step (STEGO)
+    lr: float = 5e-4  # (STEGO)
+    neighbours: int = 7  # kNN positives drawn from the 7 nearest images, cosine of pooled features (STEGO)
+    feature_samples: int = 11  # 11 x 11 random points per image enter the correlation (STEGO)
+    neg_samples: int = 5  # random-image pairings per step (STEGO)
+    pos_intra_weight: float = 0.67  # self pairs (STEGO)
+    pos_inter_weight: float = 0.25  # kNN pairs (STEGO)
+    neg_inter_weight: float = 0.63  # random pairs (STEGO)
+    pos_intra_shift: float = 0.18  # (STEGO)
+    pos_inter_shift: float = 0.12  # (STEGO)
+    neg_inter_shift: float = 0.46  # (STEGO)
+    dropout: float = 0.1  # Dropout2d on the features, head input and loss signal (STEGO)
+    scales: tuple[float, ...] = (2.0, 1.0)  # views cached per image (+ flips); 2.0 is the grid `dhr cams` stores
+    flip: bool = True
+    side: int | None = None  # longer side at scale 1.0: None = the backbone's default, as `dhr cams`
+    checkpoint_every: int = 100  # steps between resume states (OUT.partial)
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.dim >= 1 and self.steps >= 1 and self.batch_size >= 2, "dim, steps >= 1 and batch_size >= 2")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.neighbours >= 1, f"neighbours must be >= 1, got {self.neighbours}")
+        _check(self.feature_samples >= 1 and self.neg_samples >= 0, "feature_samples >= 1, neg_samples >= 0")
+        _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(len(self.scales) >= 1 and all(s > 0 for s in self.scales), f"scales must be > 0, got {self.scales}")
+        _check(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")

@@ -21,6 +21,7 @@ from dhr_cli.cli import (  # noqa: E402,F401
     cmd_refine,
     cmd_seed,
     cmd_train,
+    cmd_uss,
 )
 from dhr_cli.cli.app import app, main
 

@@ -29,7 +29,7 @@ from dhr_cli.config import CamsConfig
 
 _D = CamsConfig()
 _WSS = "lite0, resnet (resnet50, resnet101), mctformer, dhr"
-_USS = "lite0, stego, cause, dino (dino_vits8, dino_vits16, dino_vitb8, dino_vitb16, dinov2_vitb14)"
+_USS = "lite0, stego, fitted (a `dhr uss fit` head), cause, dino (dino_vits8, dino_vits16, dino_vitb8, dino_vitb16, dinov2_vitb14)"
 
 
 @app.command("cams", help=(

@@ -28,6 +28,7 @@ SOURCES: dict[str, tuple[str, str | None]] = {
     "stego": ("uss", "a STEGO Lightning checkpoint (mhamilton723/STEGO src/download_models.py, e.g. "
                      "cocostuff27_vit_base_5.ckpt) or DHR's packed STEGO_VOC2012.pt plus --backbone-weights "
                      "(" + _DINO + "dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth)"),
+    "fitted": ("uss", "a USS head file written by `dhr uss fit` (its backbone is recorded in it)"),
     "cause": ("uss", "DHR's packed CAUSE_{dataset}.pt ({'decoder', 'codebook'}, shjo-april/DHR README) plus "
                      "--backbone-weights (" + _DINOV2 + ")"),
     "resnet": ("wss", "a ResNet-50/101 CAM checkpoint (torchvision keys + classifier.weight, or IRN's res50_cam.pth); "
@@ -39,7 +40,7 @@ SOURCES: dict[str, tuple[str, str | None]] = {
     "dhr": ("wss", "a `dhr train` run folder or its model.pt"),
 }
 ALIASES = {"dinov2": "dinov2_vitb14", "mctformer_v2": "mctformer", "mctformerv2": "mctformer", "irn": "resnet50",
-           "deeplab": "dhr"}
+           "deeplab": "dhr", "uss_head": "fitted"}
 
 __all__ = ["SOURCES", "FeatureSource", "resolve_source"]
 
@@ -99,6 +100,10 @@ def resolve_source(name: str, weights=None, device="cpu", *, kind: str | None = 
         from dhr_cli.models.stego import StegoSource
 
         src = StegoSource.from_checkpoint(_need(key, weights), backbone_weights=kw.get("backbone_weights"), trust=trust)
+    elif key == "fitted":
+        from dhr_cli.models.uss_head import FittedUssSource
+
+        src = FittedUssSource.from_checkpoint(_need(key, weights), backbone_weights=kw.get("backbone_weights"), trust=trust)
     elif key == "cause":
         from dhr_cli.models.cause import CauseSource
 

@@ -53,9 +53,13 @@ class StegoSource(FeatureSource):
         return {"features": [self.net(self.vit.patch_features(images))], "cams": None}
 
     @classmethod
-    def from_checkpoint(cls, path, backbone_weights=None, trust: bool = False) -> "StegoSource":
+    def from_checkpoint(cls, path, backbone_weights=None, trust: bool = False) -> "FeatureSource":
         """A Lightning .ckpt (net.model.*, net.cluster1/2.*) or DHR's packed {cluster1, cluster2} + backbone."""
         obj = read_checkpoint(path, trust)
+        from dhr_cli.models.uss_head import FittedUssSource, is_fitted_head
+
+        if is_fitted_head(obj):  # a head fitted by `dhr uss fit` (STEGO's recipe, any backbone)
+            return FittedUssSource.from_checkpoint(path, backbone_weights, trust, obj=obj)
         if isinstance(obj, dict) and "cluster1" in obj and "cluster2" in obj:
             if not all(isinstance(obj[k], dict) for k in ("cluster1", "cluster2")):
                 raise CheckpointError(f"{path}: 'cluster1' / 'cluster2' are not state dicts")
