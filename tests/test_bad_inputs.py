@@ -81,6 +81,12 @@ _CASES = {
     "merge: existing output": lambda d, t: (["merge", d / "uss.h5", "--out", _existing(t)], "exists.h5", None),
     "predict: corrupt model.pt": lambda d, t: (["predict", "--model", _png(t), "--data", d, "--out", t / "o.h5"],
                                                "model.pt", t / "o.h5"),
+    # output paths checked before the work starts (issue 13: these failed only after the work)
+    "eval: --json is a folder": lambda d, t: (["eval", "--pred", d.parent / "seeds.h5", "--data", d, "--json", t],
+                                              str(t), None),
+    "cams: --save-head in a missing folder": lambda d, t: (["cams", "--data", d, "--wss", "lite0", "--train-head",
+                                                            "--save-head", t / "nodir" / "h.pt", "--out", t / "o.h5"],
+                                                           "nodir", t / "o.h5"),
 }
 
 
