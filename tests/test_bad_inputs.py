@@ -17,3 +17,88 @@ def test_labels_json_with_non_string_labels_is_one_line(tmp_path, bad):
     with pytest.raises(DatasetError) as e:
         open_dataset(root)
     assert "labels.json" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---- the commands, end to end: exit 1 (2 for usage errors), one line naming the file, no output --------
+from pathlib import Path  # noqa: E402
+
+from typer.testing import CliRunner  # noqa: E402
+
+from dhr_cli.cli import app  # noqa: E402
+from dhr_cli.testing.synthetic import make_dataset  # noqa: E402
+
+_runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = make_dataset(tmp_path_factory.mktemp("bad") / "data", n_images=4, seed=5)
+    seeds = root.parent / "seeds.h5"
+    r = _runner.invoke(app, ["seed", "--cams", str(root / "cams.h5"), "--data", str(root), "--out", str(seeds),
+                             "--no-crf", "-q"])
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def _corrupt(tmp: Path) -> Path:
+    p = tmp / "corrupt.h5"
+    p.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00garbage" * 64)
+    return p
+
+
+def _png(tmp: Path) -> Path:
+    from PIL import Image
+
+    p = tmp / "model.pt"
+    Image.new("RGB", (4, 4)).save(p, format="PNG")
+    return p
+
+
+def _existing(tmp: Path) -> Path:
+    p = tmp / "exists.h5"
+    p.write_bytes(b"keep me")
+    return p
+
+
+# (command, args builder(data, tmp) -> (args, the file the message must name, the output that must not appear))
+_CASES = {
+    "seed: missing --cams": lambda d, t: (["seed", "--cams", t / "nope.h5", "--data", d, "--out", t / "o.h5"],
+                                          "nope.h5", t / "o.h5"),
+    "seed: corrupt --cams": lambda d, t: (["seed", "--cams", _corrupt(t), "--data", d, "--out", t / "o.h5"],
+                                          "corrupt.h5", t / "o.h5"),
+    "seed: wrong-kind --cams": lambda d, t: (["seed", "--cams", d / "uss.h5", "--data", d, "--out", t / "o.h5"],
+                                             "uss.h5", t / "o.h5"),
+    "propagate: wrong-kind --uss": lambda d, t: (["propagate", "--seeds", d.parent / "seeds.h5", "--data", d, "--uss",
+                                                  d / "cams.h5", "--wss", d / "wss.h5", "--out", t / "o.h5", "--no-crf"],
+                                                 "cams.h5", t / "o.h5"),
+    "propagate: existing output": lambda d, t: (["propagate", "--seeds", d.parent / "seeds.h5", "--data", d, "--uss",
+                                                 d / "uss.h5", "--wss", d / "wss.h5", "--out", _existing(t), "--no-crf"],
+                                                "exists.h5", None),
+    "export: missing store": lambda d, t: (["export", t / "nope.h5", "--out", t / "png"], "nope.h5", t / "png"),
+    "export: corrupt store": lambda d, t: (["export", _corrupt(t), "--out", t / "png"], "corrupt.h5", t / "png"),
+    "export: --out is a file": lambda d, t: (["export", d.parent / "seeds.h5", "--out", _existing(t)], "exists.h5", None),
+    "merge: kind mismatch": lambda d, t: (["merge", d / "uss.h5", d / "cams.h5", "--out", t / "o.h5"], ".h5", t / "o.h5"),
+    "merge: existing output": lambda d, t: (["merge", d / "uss.h5", "--out", _existing(t)], "exists.h5", None),
+    "predict: corrupt model.pt": lambda d, t: (["predict", "--model", _png(t), "--data", d, "--out", t / "o.h5"],
+                                               "model.pt", t / "o.h5"),
+    # output paths checked before the work starts (issue 13: these failed only after the work)
+    "eval: --json is a folder": lambda d, t: (["eval", "--pred", d.parent / "seeds.h5", "--data", d, "--json", t],
+                                              str(t), None),
+    "cams: --save-head in a missing folder": lambda d, t: (["cams", "--data", d, "--wss", "lite0", "--train-head",
+                                                            "--save-head", t / "nodir" / "h.pt", "--out", t / "o.h5"],
+                                                           "nodir", t / "o.h5"),
+}
+
+
+@pytest.mark.parametrize("case", list(_CASES))
+def test_bad_input_is_one_line_naming_the_file(synth, tmp_path, case):
+    args, named, output = _CASES[case](synth, tmp_path)
+    if args[0] != "merge":
+        args = args + ["-q"]  # no progress bar: the error is the only line
+    r = _runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == 1, r.output
+    assert isinstance(r.exception, SystemExit), r.exception  # no traceback
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and named in lines[0], r.output
+    if output is not None:
+        assert not output.exists() and not Path(str(output) + ".partial").exists()

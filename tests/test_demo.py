@@ -21,6 +21,15 @@ def test_demo_runs_every_step_and_rewrites_the_readme_block(tmp_path):
     for scores in summary["methods"].values():
         assert all(0 <= scores[k] <= 1 for k in ("miou", "mfpr", "mfnr", "vanishing_rate"))
         assert abs(scores["miou"] + scores["mfpr"] + scores["mfnr"] - 1) < 1e-6  # the authors' identity
+    # Value checks of the default pipeline (CRF on, seeded marginals, class recovery) on scenes whose answer
+    # is known. Measured (8 images, simulated stores, CPU): DHR mIoU 0.881 / 0.845 / 0.928 for dataset seeds
+    # 0 / 1 / 2, vanishing rate 0 on all three; CAM (no CRF) 0.735 / 0.725 / 0.722. This run is seed 0 and
+    # deterministic on CPU: with Step 1.2's OT removed DHR falls to 0.849, with Step 3's OT removed to 0.854,
+    # so the bound 0.865 (0.016 below the measured 0.881) fails on either breakage.
+    dhr, cam = summary["methods"]["DHR"], summary["methods"]["CAM"]
+    assert dhr["miou"] >= 0.865, dhr
+    assert dhr["vanishing_rate"] <= 0.10, dhr
+    assert dhr["miou"] >= cam["miou"] + 0.08, (dhr, cam)
     assert (out / "report" / "index.html").exists()
     table = (out / "summary.md").read_text()  # what `make demo` leaves for you, README untouched
     assert "| DHR |" in table and "| CAM + CRF |" in table and "Wall time per step" in table

@@ -101,6 +101,10 @@ def cams_cmd(
         raise InputError("--wss lite0 needs a CAM head: pass --train-head (fit on this split's labels) or --head PATH")
     if train_head and head:
         raise InputError("--train-head and --head exclude each other")
+    if save_head:  # checked before the head is fitted, not after
+        from dhr_cli.io.store import check_output_path
+
+        check_output_path(save_head)
     if train_head:
         err.print(f"fitting the lite0 CAM head on {len(ds)} images ({cfg.head_steps} steps)", markup=False)
     source = open_source(name, ds, kind=kind, weights=weights, device=dev, cfg=cfg,

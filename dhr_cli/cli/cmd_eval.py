@@ -43,6 +43,10 @@ def eval_cmd(
         on_missing=on_missing,  # type: ignore[arg-type]
         report_images=top,
     )
+    if json_path is not None:  # fail before the (long) scoring, not after
+        from dhr_cli.io.store import check_output_path
+
+        check_output_path(json_path)
     if report is not None:  # fail before the (long) scoring, not after
         from dhr_cli.pipeline.report import check_report_dir
 

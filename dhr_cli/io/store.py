@@ -303,6 +303,7 @@ class StoreWriter:
                 check_output_path(self.partial)
                 self.partial.unlink()  # a new file, never a truncation of one a reader still has open
             self._file = _open_h5(self.partial, "w")
+            self._fresh = True
             a = self._file.attrs
             a["dhr_format"] = FORMAT
             a["dhr_version"] = VERSION
@@ -408,8 +409,9 @@ class StoreWriter:
         raise error from None
 
     broken = False
+    _fresh = False  # this run created the partial (not a resume)
 
-    def close(self, complete: bool) -> None:
+    def close(self, complete: bool, failed: bool = False) -> None:
         try:
             if self._file.id.valid:
                 try:
@@ -420,6 +422,8 @@ class StoreWriter:
                         raise StoreError(f"{self.partial}: could not be closed ({e}); free space and rerun with --resume") from None
                 if complete and not self.broken:
                     os.replace(self.partial, self.path)
+            if failed and self._fresh and not self.done and not self.broken and self.partial.exists():
+                self.partial.unlink()  # an error before the first item: nothing to resume, leave nothing behind
         finally:
             self._lock.release()
 
@@ -427,7 +431,7 @@ class StoreWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close(complete=exc_type is None)
+        self.close(complete=exc_type is None, failed=exc_type is not None and issubclass(exc_type, Exception))
 
 
 def create_store(path, kind, classes, *, provenance, overwrite=False, resume=False, root_attrs=None) -> StoreWriter:
