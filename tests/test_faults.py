@@ -420,3 +420,25 @@ def test_loader_workers_do_not_hold_the_output_partial_open(tmp_path):
         w.write("a", {"mask": np.ones((2, 2), np.uint8)})
     with open_store(tmp_path / "m.h5") as s:
         assert s.ids == ["a"]
+
+
+def test_resume_of_a_partial_still_open_elsewhere_says_so_not_damaged(tmp_path):
+    out = tmp_path / "m.h5"
+    with pytest.raises(RuntimeError):
+        with create_store(out, "masks", CLASSES, provenance={}) as w:
+            w.write("a", {"mask": np.ones((2, 2), np.uint8)})
+            raise RuntimeError("interrupted")
+    # another process (a reader, an orphaned worker) has it open and holds HDF5's file lock
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r'); "
+                               "print('open', flush=True); time.sleep(60)", str(tmp_path / "m.h5.partial")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(StoreError) as e:
+            create_store(out, "masks", CLASSES, provenance={}, resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "still open in another process" in str(e.value) and "damaged" not in str(e.value)
+    with create_store(out, "masks", CLASSES, provenance={}, resume=True) as w:  # once it is closed: resumes
+        assert "a" in w

@@ -319,7 +319,10 @@ class StoreWriter:
     def _open_partial_for_resume(self, provenance: dict) -> h5py.File:
         try:
             f = _open_h5(self.partial, "a")
-        except OSError:
+        except OSError as e:
+            if "unable to lock file" in str(e):  # HDF5's flock: some process still has the file open
+                raise StoreError(f"{self.partial}: still open in another process (HDF5 file lock held); wait for "
+                                 "that process to end, then rerun with --resume") from None
             raise StoreError(f"{self.partial}: damaged by the interruption (not readable as HDF5); "
                              "delete it or rerun with --overwrite") from None
         try:
