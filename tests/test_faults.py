@@ -97,6 +97,16 @@ def test_stale_lock_is_named_and_taken_over(tmp_path, capfd):
         assert s.ids == ["a"]
 
 
+def test_lock_from_another_host_is_live_and_the_message_says_how_to_clear_it(tmp_path):
+    out, lock = tmp_path / "m.h5", tmp_path / "m.h5.lock"
+    lock.write_text(f"{_dead_pid()} some-other-node\n")  # dead here, but another host's PID cannot be checked
+    with pytest.raises(StoreError) as e:
+        create_store(out, "masks", CLASSES, provenance={})
+    msg = str(e.value)
+    assert "some-other-node" in msg and "treated as live" in msg and f"delete {lock}" in msg and "--resume" in msg
+    assert lock.read_text().endswith("some-other-node\n") and not out.exists()  # lock left as it was
+
+
 # ---- 5. --out must be a regular file -------------------------------------------------------
 @pytest.mark.parametrize("what", ["devnull", "fifo", "dir", "symlink-to-device"])
 def test_out_must_be_a_regular_file(synth, tmp_path, what):
@@ -295,13 +305,14 @@ def _orphans(marker: str) -> list[int]:
     return pids
 
 
-def _kill_mid_run(args: list, partial: Path, n_items: int, sig: int, seed: int, torchrun: bool = False):
-    """Start ARGS, wait until a seeded number of items (>= 1, < n_items) is in PARTIAL, send SIG."""
+def _kill_mid_run(args: list, partial: Path, n_items: int, sig: int, seed: int, torchrun: bool = False,
+                  module: str = "dhr_cli", env: dict | None = None):
+    """Start ARGS (`python -m MODULE`), wait until a seeded number of items (>= 1, < n_items) is in PARTIAL, send SIG."""
     at = random.Random(seed).randint(1, max(1, n_items - 2))
     marker = f"DHR_FAULT_TEST={os.getpid()}-{seed}-{sig}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", marker.split("=")[0]: marker.split("=")[1]}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {}), marker.split("=")[0]: marker.split("=")[1]}
     head = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-            "-m", "dhr_cli"] if torchrun else [sys.executable, "-m", "dhr_cli"]
+            "-m", module] if torchrun else [sys.executable, "-m", module]
     proc = subprocess.Popen(head + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
     deadline = time.time() + 120
@@ -382,3 +393,52 @@ def test_sigkill_under_torchrun_then_resume_equals_an_uninterrupted_run(synth, t
     assert r.returncode == 0, r.stderr[-2000:]
     _same_store(clean, out)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == ["out.h5"]
+
+
+def _open_partials(_item_id: str) -> list[str]:
+    fd_dir = "/proc/self/fd"
+    found = []
+    for name in os.listdir(fd_dir):
+        try:
+            if os.readlink(os.path.join(fd_dir, name)).endswith(".partial"):
+                found.append(name)
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_loader_workers_do_not_hold_the_output_partial_open(tmp_path):
+    """Workers forked while OUT.partial is open must not keep (or ever flush through) its descriptor."""
+    from dhr_cli.io.loading import iterate_batches
+
+    with create_store(tmp_path / "m.h5", "masks", CLASSES, provenance={}) as w:
+        assert _open_partials("parent")  # the parent has it open ...
+        held = [fds for batch in iterate_batches([f"i{k}" for k in range(8)], _open_partials, 1, workers=2)
+                for fds in batch]
+        assert held == [[]] * 8  # ... its workers do not
+        w.write("a", {"mask": np.ones((2, 2), np.uint8)})
+    with open_store(tmp_path / "m.h5") as s:
+        assert s.ids == ["a"]
+
+
+def test_resume_of_a_partial_still_open_elsewhere_says_so_not_damaged(tmp_path):
+    out = tmp_path / "m.h5"
+    with pytest.raises(RuntimeError):
+        with create_store(out, "masks", CLASSES, provenance={}) as w:
+            w.write("a", {"mask": np.ones((2, 2), np.uint8)})
+            raise RuntimeError("interrupted")
+    # another process (a reader, an orphaned worker) has it open and holds HDF5's file lock
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'r'); "
+                               "print('open', flush=True); time.sleep(60)", str(tmp_path / "m.h5.partial")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(StoreError) as e:
+            create_store(out, "masks", CLASSES, provenance={}, resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "still open in another process" in str(e.value) and "damaged" not in str(e.value)
+    with create_store(out, "masks", CLASSES, provenance={}, resume=True) as w:  # once it is closed: resumes
+        assert "a" in w

@@ -72,6 +72,24 @@ def _as_list(batch: list) -> list:
     return batch
 
 
+def _drop_inherited_partials() -> None:
+    """A forked worker inherits the descriptor of the output partial the parent has open, and a copy
+    of libhdf5's in-memory state for it. Should that copy ever be flushed (an h5py object freed in the
+    worker), stale metadata would be written over the parent's newer items. Closing the descriptor here
+    makes any such write fail instead (EBADF), and no worker keeps the file open after its parent."""
+    fd_dir = "/proc/self/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return
+    for name in fds:
+        try:
+            if os.readlink(os.path.join(fd_dir, name)).endswith(".partial"):
+                os.close(int(name))
+        except (OSError, ValueError):
+            pass
+
+
 def die_with_parent(_worker_id: int = 0) -> None:
     """DataLoader worker_init_fn: the worker gets SIGKILL when its parent dies (SIGKILL, OOM kill),
     so no orphan keeps input stores or the output partial open. Linux: prctl(PR_SET_PDEATHSIG);
@@ -81,6 +99,7 @@ def die_with_parent(_worker_id: int = 0) -> None:
     import threading
     import time
 
+    _drop_inherited_partials()
     parent = os.getppid()
     if sys.platform.startswith("linux"):
         try:

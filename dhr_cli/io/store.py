@@ -14,7 +14,6 @@ item that was cut off half-written.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import socket
@@ -321,7 +320,10 @@ class StoreWriter:
     def _open_partial_for_resume(self, provenance: dict) -> h5py.File:
         try:
             f = _open_h5(self.partial, "a")
-        except OSError:
+        except OSError as e:
+            if "unable to lock file" in str(e):  # HDF5's flock: some process still has the file open
+                raise StoreError(f"{self.partial}: still open in another process (HDF5 file lock held); wait for "
+                                 "that process to end, then rerun with --resume") from None
             raise StoreError(f"{self.partial}: damaged by the interruption (not readable as HDF5); "
                              "delete it or rerun with --overwrite") from None
         try:
@@ -540,7 +542,12 @@ class OutputLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 pid, owner = self._owner()
-                if pid is not None and (owner != host or _pid_alive(pid)) and pid != os.getpid():
+                if pid is not None and owner and owner != host:
+                    # A PID on another host cannot be checked from here: the lock counts as live.
+                    raise StoreError(f"{self.path}: {out} is being written by PID {pid} on host {owner}, which this "
+                                     f"host ({host}) cannot check, so the lock is treated as live; if that run is "
+                                     f"dead, delete {self.path} and rerun with --resume") from None
+                if pid is not None and _pid_alive(pid) and pid != os.getpid():
                     where = f" on {owner}" if owner else ""
                     raise StoreError(f"{self.path}: {out} is being written by PID {pid}{where} (a live process); "
                                      "wait for it, or stop it and rerun with --resume") from None

@@ -1,0 +1,27 @@
+"""`python -m tests.fault_cli ARGS`: the real `dhr` command line for the kill-and-resume tests, with the
+test-only vit_tiny SAM registered and, when DHR_TEST_ITEM_DELAY is set, a pause of that many seconds before
+each item is written, so tiny runs last long enough to be killed between items (and the kill is a real
+SIGKILL of this process, which may land anywhere)."""
+
+import os
+import time
+
+from dhr_cli.io import store
+from dhr_cli.models import sam
+from dhr_cli.testing.sam import tiny_sam_type
+
+sam.SAM_TYPES.setdefault("vit_tiny", tiny_sam_type())
+_delay = float(os.environ.get("DHR_TEST_ITEM_DELAY", "0"))
+if _delay:
+    _write = store.StoreWriter.write
+
+    def _slow_write(self, *args, **kwargs):
+        time.sleep(_delay)
+        return _write(self, *args, **kwargs)
+
+    store.StoreWriter.write = _slow_write
+
+if __name__ == "__main__":
+    from dhr_cli.cli import main
+
+    main()
