@@ -9,7 +9,8 @@ AMP on CUDA, DistributedDataParallel under torchrun.
 
 Run folder:
     RUN_DIR/config.json             every option, the inputs, the world size
-    RUN_DIR/checkpoints/last.pt     model, EMA, optimizer, scaler, epoch (every epoch; --resume)
+    RUN_DIR/checkpoints/last.pt     model, EMA, optimizer, scaler, epoch, batch within it, RNG state
+                                    (every --checkpoint-every iterations and every epoch; --resume)
     RUN_DIR/model.pt                final weights (EMA and raw) + network spec + classes
     RUN_DIR/log.jsonl               one record per logged step and per epoch
     RUN_DIR/epochs.csv              one row per epoch (loss, lr, validation mIoU)
@@ -43,6 +44,7 @@ from dhr_cli import __version__
 from dhr_cli.config import IGNORE_INDEX, TrainConfig
 from dhr_cli.errors import CheckpointError, DatasetError, InputError
 from dhr_cli.io.datasets import Dataset, open_dataset, read_index_png
+from dhr_cli.io.loading import die_with_parent
 from dhr_cli.io.progress import progress_bar
 from dhr_cli.io.runtime import resolve_device
 from dhr_cli.models.deeplab import DHRNet, NetworkSpec, build_network
@@ -183,13 +185,14 @@ class GlobalBatchSampler(Sampler):
         self.n, self.global_batch, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
         self.local = global_batch // world
         self.epoch = 0
+        self.skip = 0  # batches of this epoch already trained (a mid-epoch resume)
 
     def __len__(self) -> int:
         return self.n // self.global_batch
 
     def __iter__(self):
         perm = np.random.default_rng([self.seed, self.epoch, 7]).permutation(self.n)
-        for b in range(len(self)):
+        for b in range(self.skip, len(self)):
             batch = perm[b * self.global_batch:(b + 1) * self.global_batch]
             yield batch[self.rank * self.local:(self.rank + 1) * self.local].tolist()
 
@@ -257,7 +260,7 @@ def _config_record(cfg: TrainConfig, inputs: dict, world: int) -> dict:
     return {"dhr_version": __version__, "config": asdict(cfg), "inputs": inputs, "world_size": world}
 
 
-_RESUME_FREE = {"epochs", "device", "num_workers", "log_every", "val_split", "val_size"}
+_RESUME_FREE = {"epochs", "device", "num_workers", "log_every", "val_split", "val_size", "checkpoint_every"}
 
 
 def _check_resume_config(run_dir: Path, cfg: TrainConfig, inputs: dict) -> None:
@@ -313,7 +316,8 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, rank: int) ->
             shutil.rmtree(run_dir)
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if resume and not last.is_file():
-        raise CheckpointError(f"--out {run_dir}: nothing to resume (no checkpoints/last.pt)")
+        raise CheckpointError(f"--out {run_dir}: nothing to resume (no checkpoints/last.pt: the run stopped before its "
+                              "first checkpoint); pass --overwrite instead of --resume to start it again")
     return last if resume else None
 
 
@@ -341,7 +345,8 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
     samples = TrainSamples(dataset, ids, mask_source, uss_source, cfg)
     sampler = GlobalBatchSampler(len(samples), cfg.batch_size, rank, world, cfg.seed)
     loader = DataLoader(samples, batch_sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        worker_init_fn=die_with_parent if cfg.num_workers else None)
     val_set = _validation_split(dataset, data, cfg)
 
     num_cams, cam_offset = cam_index(dataset)
@@ -357,18 +362,13 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
-    start_epoch, step, history = 0, 0, []
+    start_epoch, step, history, partial = 0, 0, [], None
     if last is not None:
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.module.load_state_dict(ckpt["ema"])
-            ema.updates = ckpt.get("ema_updates", 0)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt.get("history", [])
-        logger.info("resuming %s after epoch %d (step %d)", run_dir, start_epoch, step)
+        start_epoch, step, history, partial = _load_last(last, model, ema, optimizer, scaler)
+        if rank == 0:
+            _trim_logs(run_dir, step, history)
+        logger.info("resuming %s at epoch %d, batch %d (step %d)", run_dir, start_epoch + 1,
+                    partial["batches"] if partial else 0, step)
     elif rank == 0:
         (run_dir / "config.json").write_text(json.dumps(_config_record(cfg, inputs, world), indent=1, default=str))
 
@@ -383,6 +383,13 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
     total_steps = cfg.epochs * len(sampler)
     log_path = run_dir / "log.jsonl"
     result = TrainResult(run_dir, start_epoch, step, history)
+
+    def checkpoint(epochs_done: int, in_epoch: dict | None) -> None:
+        """last.pt: after `epochs_done` whole epochs, plus `in_epoch` (batches, loss sums, RNG) mid-epoch."""
+        _save_atomic({**_model_record(spec, dataset, cfg, model, ema, epochs_done, step),
+                      "history": history, "ema_updates": ema.updates if ema is not None else 0,
+                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "in_epoch": in_epoch},
+                     run_dir / "checkpoints" / "last.pt")
     with progress_bar(quiet) as bar:
         for epoch in range(start_epoch, cfg.epochs):
             samples.epoch = sampler.epoch = epoch
@@ -390,10 +397,21 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
             net.train()
             if cfg.freeze_bn:
                 _set_bn_eval(net)
-            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(sampler), rate="")
             sums, n_steps, t_epoch = {"loss": 0.0, "loss_seg": 0.0, "loss_cls": 0.0}, 0, time.perf_counter()
+            sampler.skip = 0
+            if partial is not None:  # a mid-epoch resume: skip the batches trained, restore the RNG
+                sampler.skip = n_steps = partial["batches"]
+                sums = dict(partial["sums"])
+                t_epoch -= partial["seconds"]
+            batches = iter(loader)  # draws the workers' base seed from this epoch's generator
+            if partial is not None:
+                torch.set_rng_state(partial["rng"])
+                if device.type == "cuda" and partial.get("cuda_rng") is not None:
+                    torch.cuda.set_rng_state(partial["cuda_rng"], device)
+                partial = None
+            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(sampler), completed=n_steps, rate="")
             t_last = time.perf_counter()
-            for batch in loader:
+            for batch in batches:
                 for g in optimizer.param_groups:
                     g["lr"] = poly_lr(g["base_lr"], step, total_steps, cfg.poly_power)
                 stats = _train_step(net, model, batch, regen, optimizer, scaler, cfg, device, use_amp, amp_dtype, world)
@@ -409,7 +427,13 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
                 if rank == 0 and (step % cfg.log_every == 0 or n_steps == len(sampler)):
                     _append_jsonl(log_path, {"kind": "step", "epoch": epoch + 1, "step": step, **stats,
                                              "lr": optimizer.param_groups[0]["lr"], "img_per_s": rate})
-                if max_steps is not None and step >= max_steps:
+                stop = max_steps is not None and step >= max_steps
+                if rank == 0 and n_steps < len(sampler) and (
+                        stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+                    checkpoint(epoch, {"batches": n_steps, "sums": dict(sums), "seconds": time.perf_counter() - t_epoch,
+                                       "rng": torch.get_rng_state(),
+                                       "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+                if stop:
                     break
             record = {"kind": "epoch", "epoch": epoch + 1, "step": step,
                       **{k: v / max(n_steps, 1) for k, v in sums.items()},
@@ -420,25 +444,63 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
             if rank == 0:
                 _append_jsonl(log_path, record)
                 _append_csv(run_dir / "epochs.csv", record)
-                _save_atomic({"spec": asdict(spec), "classes": dataset.classes, "config": asdict(cfg), "epoch": epoch + 1,
-                              "step": step, "history": history, "model": model.state_dict(),
-                              "ema": ema.module.state_dict() if ema is not None else None,
-                              "ema_updates": ema.updates if ema is not None else 0,
-                              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                              "dhr_version": __version__}, run_dir / "checkpoints" / "last.pt")
+                if n_steps == len(sampler):  # a --max-steps stop mid-epoch keeps its mid-epoch checkpoint
+                    checkpoint(epoch + 1, None)
             if distributed:
                 dist.barrier()
             result.epochs, result.steps = epoch + 1, step
             if max_steps is not None and step >= max_steps:
                 break
     if rank == 0:
-        _save_atomic({"spec": asdict(spec), "classes": dataset.classes, "config": asdict(cfg), "epoch": result.epochs,
-                      "step": step, "model": model.state_dict(),
-                      "ema": ema.module.state_dict() if ema is not None else None, "dhr_version": __version__},
-                     run_dir / "model.pt")
+        _save_atomic(_model_record(spec, dataset, cfg, model, ema, result.epochs, step), run_dir / "model.pt")
     result.history = history
     result.val_miou = history[-1].get("val_miou") if history else None
     return result
+
+
+def _model_record(spec, dataset, cfg, model, ema, epochs: int, step: int) -> dict:
+    """What model.pt holds (and last.pt, with the optimizer state on top)."""
+    return {"spec": asdict(spec), "classes": dataset.classes, "config": asdict(cfg), "epoch": epochs, "step": step,
+            "model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
+            "dhr_version": __version__}
+
+
+def _load_last(last: Path, model, ema, optimizer, scaler) -> tuple[int, int, list, dict | None]:
+    """Restore a run from last.pt -> (whole epochs done, step, history, mid-epoch state or None)."""
+    from dhr_cli.models.checkpoints import read_checkpoint
+
+    ckpt = read_checkpoint(last, inert=False)  # CheckpointError when missing, corrupt or truncated
+    try:
+        model.load_state_dict(ckpt["model"])
+        if ema is not None and ckpt.get("ema") is not None:
+            ema.module.load_state_dict(ckpt["ema"])
+            ema.updates = ckpt.get("ema_updates", 0)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        return ckpt["epoch"], ckpt["step"], list(ckpt.get("history", [])), ckpt.get("in_epoch")
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(f"{last}: not a checkpoint of this run ({e.__class__.__name__}); "
+                              "pass --overwrite to start again") from None
+
+
+def _trim_logs(run_dir: Path, step: int, history: list[dict]) -> None:
+    """Drop log records written after the checkpoint being resumed, so the resumed run does not repeat them."""
+    log_path = run_dir / "log.jsonl"
+    if log_path.is_file():
+        keep = []
+        for line in log_path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+            if r.get("step", 0) <= step and (r.get("kind") != "epoch" or r.get("epoch", 0) <= len(history)):
+                keep.append(line)
+        log_path.write_text("".join(line + "\n" for line in keep))
+    csv_path = run_dir / "epochs.csv"
+    csv_path.unlink(missing_ok=True)
+    for record in history:
+        _append_csv(csv_path, record)
 
 
 def _train_step(net, model, batch, regen, optimizer, scaler, cfg, device, use_amp, amp_dtype, world) -> dict:
