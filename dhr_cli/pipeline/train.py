@@ -315,10 +315,6 @@ class TrainResult:
     val_miou: float | None = None
 
 
-def _dist_env() -> tuple[int, int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
 def _config_record(cfg: TrainConfig, inputs: dict, world: int) -> dict:
     return {"dhr_version": __version__, "config": asdict(cfg), "inputs": inputs, "world_size": world}
 
@@ -350,7 +346,10 @@ def run_train(cfg: TrainConfig, data: str | os.PathLike, masks: str | os.PathLik
               backbone_weights: str | os.PathLike | None = None, resume: bool = False,
               overwrite: bool = False, quiet: bool = False, max_steps: int | None = None) -> TrainResult:
     """Train a DHR network; returns what was done. `max_steps` stops early (tests, smoke runs)."""
-    rank, world, local_rank = _dist_env()
+    from dhr_cli.io.distributed import current_rank
+
+    place = current_rank()  # the one reading of torchrun's RANK / WORLD_SIZE / LOCAL_RANK
+    rank, world, local_rank = place.rank, place.world, place.local_rank
     distributed = world > 1
     device = resolve_device(cfg.device)
     if distributed and device.type == "cuda":
