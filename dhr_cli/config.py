@@ -232,6 +232,7 @@ class TrainConfig:
     val_split: str | None = "auto"  # "auto": the split named val when the dataset has one with GT
     val_size: int = 512  # validation: longer side resized to this (single scale)
     log_every: int = 10  # iterations between log lines
+    checkpoint_every: int = 50  # iterations between mid-epoch checkpoints (--resume continues there); 0: epoch ends only
 
     def __post_init__(self) -> None:
         _check(self.output_stride in (8, 16), f"output_stride must be 8 or 16, got {self.output_stride}")
@@ -242,6 +243,7 @@ class TrainConfig:
         _check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         _check(self.uss_cell >= 1, f"uss_cell must be >= 1, got {self.uss_cell}")
         _check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        _check(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
 
 
 @dataclass(frozen=True)

@@ -291,7 +291,7 @@ def test_propagate_loader_processes_equal_in_process_loading(synth, tmp_path, mo
     read_wss = prop._read_wss
     monkeypatch.setattr(prop, "_read_wss", lambda *a: late_reads.append(a[1]) or read_wss(*a))
     for workers in (0, 2):
-        monkeypatch.setattr(prop, "_loader_workers", lambda device, n=workers: n)
+        monkeypatch.setattr(prop, "store_reading_workers", lambda n=workers: n)
         assert run_propagate(cfg, out=tmp_path / f"m{workers}.h5", **kw)["written"] == 8
     assert (late_reads == []) == foresee
     with open_store(tmp_path / "m0.h5") as a, open_store(tmp_path / "m2.h5") as b:

@@ -270,3 +270,100 @@ def test_online_regeneration_equals_offline_seed_and_propagate(dataset, tmp_path
         for b, i in enumerate(ids):
             offline = torch.from_numpy(s.read(i).mask.astype(np.int64))
             assert (offline != online[b]).float().mean() < 1e-3, i
+
+
+# ---- interruption and resume from the command line ----------------------------------------------
+def _cli_train(dataset, out, *extra):
+    return ["train", "--data", str(dataset), "--masks", str(dataset / "masks"), "--out", str(out), "--split", "train",
+            "--backbone", "resnet18", "--decoder-channels", "16", "--crop-size", "64", "--scale-min", "64",
+            "--scale-max", "96", "--batch-size", "2", "--epochs", "2", "--lr", "0.01", "--workers", "0",
+            "--log-every", "1", "--no-dhr", "--seed", "3", "--val-split", "none", "--device", "cpu",
+            "--checkpoint-every", "1", "--quiet", *extra]
+
+
+def test_corrupt_last_checkpoint_is_a_one_line_error(dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from dhr_cli.cli import app
+    from dhr_cli.pipeline.train import run_train
+
+    run_train(TINY, dataset, dataset / "masks", tmp_path / "r", split="train", quiet=True, max_steps=1)
+    last = tmp_path / "r" / "checkpoints" / "last.pt"
+    for garbage in (b"not a checkpoint at all", last.read_bytes()[:200]):  # junk; a truncated zip
+        last.write_bytes(garbage)
+        res = CliRunner().invoke(app, _cli_train(dataset, tmp_path / "r", "--resume"))
+        assert res.exit_code == 1, res.output
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error:") and "last.pt" in lines[0], res.output
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "config.json").write_text("{}")  # killed before its first checkpoint
+    res = CliRunner().invoke(app, _cli_train(dataset, tmp_path / "s", "--resume"))
+    assert res.exit_code == 1 and "--overwrite" in res.output
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(dataset, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from typer.testing import CliRunner
+
+    from dhr_cli.cli import app
+
+    straight = CliRunner().invoke(app, _cli_train(dataset, tmp_path / "a"))
+    assert straight.exit_code == 0, straight.output
+    run = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "dhr_cli", *_cli_train(dataset, run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run / "checkpoints" / "last.pt"
+    try:
+        deadline = time.time() + 120
+        while not last.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["in_epoch"]["batches"] >= 1  # killed inside epoch 1
+    resumed = CliRunner().invoke(app, _cli_train(dataset, run, "--resume"))
+    assert resumed.exit_code == 0, resumed.output
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    b = torch.load(run / "model.pt", weights_only=True)
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(a["ema"][k], b["ema"][k], atol=1e-5, rtol=1e-4)
+    assert [r["step"] for r in _steps(run)] == [r["step"] for r in _steps(tmp_path / "a")]  # no step repeated
+    assert (run / "epochs.csv").read_text().count("\n") == 3
+
+
+def test_ema_and_poly_schedule_match_their_formulas():
+    """AveragedModel + warm-up and PolynomialLR give the numbers of the formulas they replaced."""
+    from dhr_cli.models.deeplab import NetworkSpec, build_network
+    from dhr_cli.pipeline.train import Training
+
+    torch.manual_seed(0)
+    model = build_network(NetworkSpec("resnet18", 3, 2, decoder_channels=8))
+    cfg = replace(TINY, ema_decay=0.9, poly_power=0.9, lr=0.02, head_lr_mult=10.0)
+    tr = Training.build(model, cfg, total_steps=5, amp_scaling=False)
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    for t in range(1, 8):  # past total_steps: the lr stays 0
+        for base, g in zip((0.02, 0.2), tr.optimizer.param_groups):
+            assert g["lr"] == pytest.approx(base * (1 - min(t - 1, 5) / 5) ** 0.9, rel=1e-12, abs=1e-15)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            for b in model.buffers():
+                if b.dtype.is_floating_point:
+                    b.add_(1.0)
+                else:
+                    b.add_(1)
+        tr.optimizer.step()  # no gradients: a no-op, keeps the scheduler's order check quiet
+        tr.after_step()
+        d = min(0.9, (1 + t) / (10 + t))
+        for k, v in model.state_dict().items():
+            ref[k] = ref[k] * d + v * (1 - d) if v.dtype.is_floating_point else v.clone()
+    for k, v in tr.ema.module.state_dict().items():
+        torch.testing.assert_close(v, ref[k], rtol=1e-6, atol=1e-6)
+    assert tr.state()["ema_updates"] == 7

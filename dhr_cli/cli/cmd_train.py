@@ -67,6 +67,7 @@ def train_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Random seed (sample order, augmentation, init).")] = _D.seed,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Data-loading processes per training process.")] = _D.num_workers,
     log_every: Annotated[int, typer.Option("--log-every", min=1, help="Iterations between log.jsonl records.")] = _D.log_every,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=0, help="Iterations between mid-epoch checkpoints (0: at epoch ends only).")] = _D.checkpoint_every,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many iterations (smoke runs).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the run in --out and start again.")] = False,
@@ -84,6 +85,7 @@ def train_cmd(
             batch_size=batch_size, epochs=epochs, lr=lr, head_lr_mult=head_lr_mult, weight_decay=weight_decay,
             ema_decay=ema, dhr=dhr, freeze_bn=freeze_bn, dropout=dropout, amp=amp, seed=seed, num_workers=workers,
             device=device, val_split=None if val_split == "none" else val_split, log_every=log_every,
+            checkpoint_every=checkpoint_every,
             propagate=replace(_D.propagate, tau=tau, marginals=ot_marginals, use_crf=crf),  # type: ignore[arg-type]
             seed_cfg=replace(_D.seed_cfg, use_crf=crf),
         )

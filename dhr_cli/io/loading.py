@@ -23,7 +23,8 @@ T = TypeVar("T")
 
 
 def default_workers() -> int:
-    """One decoding process per spare core, at most 4 (decoding is cheaper than the kernels)."""
+    """Image decoding (cams, seed): one process per spare core, at most 4 (decoding is cheaper than
+    the kernels, so the kernels keep a core)."""
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
@@ -46,6 +47,18 @@ def kernel_threads(device, workers: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def store_reading_workers() -> int:
+    """Store reading (propagate): one process per core, at most 4, none on a single core.
+
+    Reading a VOC-sized item (gzip decompression of seed, USS and, for Step 3, WSS maps) and
+    pooling its seed costs about twice the CPU of the kernels (measured on 2 cores: ~9 vs ~4.5
+    ms per item), so the loaders get most of the cores; the kernels keep the rest (their torch
+    threads are lowered while the loaders run), or run on the GPU.
+    """
+    cores = os.cpu_count() or 1
+    return 0 if cores < 2 else min(4, cores)
 
 
 class _Items(TorchDataset):

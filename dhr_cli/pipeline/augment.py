@@ -23,9 +23,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from dhr_cli.config import IGNORE_INDEX
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dhr_cli.models.base import IMAGENET_MEAN, IMAGENET_STD  # the one definition
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from dhr_cli.io.datasets import open_dataset
 from dhr_cli.io.progress import track
 from dhr_cli.io.runtime import resolve_device
 from dhr_cli.models.deeplab import DHRNet, load_trained
+from dhr_cli.models.extract import fold_flipped, with_flipped  # the one test-time flip
 from dhr_cli.pipeline.augment import normalize
 
 logger = logging.getLogger(__name__)
@@ -57,9 +58,7 @@ def multiscale_outputs(net: DHRNet, image: torch.Tensor, scales=(1.0, 0.5, 1.5, 
     acc: dict[str, torch.Tensor] = {}
     n = 0
     for s in scales:
-        x = _scaled(image, s)
-        if flip:
-            x = torch.cat([x, x.flip(-1)], 0)
+        x = with_flipped(_scaled(image, s), flip)
         out = net(x, with_features=features, with_logits=probs)
         maps = {}
         if probs:
@@ -70,7 +69,7 @@ def multiscale_outputs(net: DHRNet, image: torch.Tensor, scales=(1.0, 0.5, 1.5, 
             for k in ("C4", "C5"):
                 maps[k] = F.interpolate(out[k].float(), size=cam_size, mode="bilinear", align_corners=False)
         for k, v in maps.items():
-            v = v[:1] + v[1:].flip(-1) if flip else v
+            v = fold_flipped(v, 1, flip)
             acc[k] = acc[k] + v if k in acc else v
         n += 2 if flip else 1
     result = {}

@@ -24,7 +24,7 @@ from dhr_cli.config import PropagateConfig
 from dhr_cli.errors import InputError, StoreError
 from dhr_cli.io.datasets import open_dataset
 from dhr_cli.io.distributed import device_for_rank, output_store, shard
-from dhr_cli.io.loading import iterate_batches, kernel_threads
+from dhr_cli.io.loading import iterate_batches, kernel_threads, store_reading_workers
 from dhr_cli.io.progress import track
 from dhr_cli.io.runtime import resolve_device
 from dhr_cli.io.store import Store, make_provenance, open_store
@@ -117,7 +117,7 @@ def run_propagate(cfg: PropagateConfig, *, seeds: Path, data: Path, uss: str | P
             reader.lend(opened)  # used as they are when loading runs in this process
             with_image = crf is not None or (cfg.upsample == "guided" and cfg.method == "dhr")
             load = functools.partial(_load_item, dataset, reader, cfg, with_image, background)
-            workers = _loader_workers(device)
+            workers = store_reading_workers()  # io.loading: the measured policy
             batches = iterate_batches(todo, load, cfg.batch_size, workers=workers)
             with kernel_threads(device, workers if len(todo) > cfg.batch_size else 0):
                 for batch in track(batches, f"propagate ({cfg.method})", total=-(-len(todo) // cfg.batch_size),
@@ -133,16 +133,6 @@ def run_propagate(cfg: PropagateConfig, *, seeds: Path, data: Path, uss: str | P
             store.close()
 
 
-def _loader_workers(device: torch.device) -> int:
-    """Loader processes: one per core, at most 4, none on a single core.
-
-    Reading a VOC-sized item (gzip decompression of seed, USS and, for Step 3, WSS maps) and
-    pooling its seed costs about twice the CPU of the kernels (measured on 2 cores: ~9 vs ~4.5
-    ms per item), so the loaders get most of the cores; the kernels keep the rest
-    (`dhr_cli.io.loading.kernel_threads`), or run on the GPU.
-    """
-    cores = os.cpu_count() or 1
-    return 0 if cores < 2 else min(4, cores)
 
 
 class _Reader:

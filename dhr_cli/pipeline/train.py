@@ -9,7 +9,8 @@ AMP on CUDA, DistributedDataParallel under torchrun.
 
 Run folder:
     RUN_DIR/config.json             every option, the inputs, the world size
-    RUN_DIR/checkpoints/last.pt     model, EMA, optimizer, scaler, epoch (every epoch; --resume)
+    RUN_DIR/checkpoints/last.pt     model, EMA, optimizer, scaler, epoch, batch within it, RNG state
+                                    (every --checkpoint-every iterations and every epoch; --resume)
     RUN_DIR/model.pt                final weights (EMA and raw) + network spec + classes
     RUN_DIR/log.jsonl               one record per logged step and per epoch
     RUN_DIR/epochs.csv              one row per epoch (loss, lr, validation mIoU)
@@ -37,12 +38,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, Sampler
 
 from dhr_cli import __version__
 from dhr_cli.config import IGNORE_INDEX, TrainConfig
 from dhr_cli.errors import CheckpointError, DatasetError, InputError
 from dhr_cli.io.datasets import Dataset, open_dataset, read_index_png
+from dhr_cli.io.loading import die_with_parent
 from dhr_cli.io.progress import progress_bar
 from dhr_cli.io.runtime import resolve_device
 from dhr_cli.models.deeplab import DHRNet, NetworkSpec, build_network
@@ -183,41 +186,104 @@ class GlobalBatchSampler(Sampler):
         self.n, self.global_batch, self.rank, self.world, self.seed = n, global_batch, rank, world, seed
         self.local = global_batch // world
         self.epoch = 0
+        self.skip = 0  # batches of this epoch already trained (a mid-epoch resume)
 
     def __len__(self) -> int:
         return self.n // self.global_batch
 
     def __iter__(self):
         perm = np.random.default_rng([self.seed, self.epoch, 7]).permutation(self.n)
-        for b in range(len(self)):
+        for b in range(self.skip, len(self)):
             batch = perm[b * self.global_batch:(b + 1) * self.global_batch]
             yield batch[self.rank * self.local:(self.rank + 1) * self.local].tolist()
 
 
 # ---- training pieces ----------------------------------------------------------------------------
-class EMA:
-    """Exponential moving average of parameters and buffers, with the usual warm-up min(d, (1+t)/(10+t))."""
+def warmup_ema_fn(decay: float):
+    """AveragedModel multi_avg_fn: EMA with the usual warm-up d_t = min(decay, (1 + t) / (10 + t)), t = 1, 2, ...
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval()
-        self.updates = 0
-        for p in self.module.parameters():
-            p.requires_grad_(False)
+    (get_ema_multi_avg_fn has no warm-up.) Integer buffers (BatchNorm's num_batches_tracked) are copied.
+    """
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if e.dtype.is_floating_point:
-                e.mul_(d).add_(m.detach(), alpha=1 - d)
-            else:
-                e.copy_(m)
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        t = int(num_averaged)  # n_averaged counts the initial copy, so this is the t-th update after it
+        d = min(decay, (1 + t) / (10 + t))
+        if averaged[0].dtype.is_floating_point:
+            torch._foreach_mul_(averaged, d)
+            torch._foreach_add_(averaged, current, alpha=1 - d)
+        else:
+            for a, c in zip(averaged, current):
+                a.copy_(c)
+
+    return update
+
+
+def make_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """EMA of parameters and buffers; `.module` is the averaged network (eval mode, no gradients)."""
+    ema = AveragedModel(model, multi_avg_fn=warmup_ema_fn(decay), use_buffers=True)
+    ema.module.eval()
+    for p in ema.module.parameters():
+        p.requires_grad_(False)
+    ema.update_parameters(model)  # the initial copy (n_averaged = 1); warm-up counts updates after it
+    return ema
 
 
 def poly_lr(base: float, step: int, total: int, power: float) -> float:
+    """The poly schedule in closed form (what PolynomialLR computes step by step)."""
     return base * (1 - min(step, total) / max(total, 1)) ** power
+
+
+@dataclass
+class Training:
+    """What a run updates each iteration and what last.pt restores: network, EMA, optimizer, schedule, scaler."""
+
+    model: DHRNet
+    ema: AveragedModel | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.PolynomialLR
+    scaler: torch.amp.GradScaler
+
+    @classmethod
+    def build(cls, model: DHRNet, cfg: TrainConfig, total_steps: int, amp_scaling: bool) -> "Training":
+        params = [{"params": model.backbone_parameters(), "lr": cfg.lr},
+                  {"params": model.new_parameters(), "lr": cfg.lr * cfg.head_lr_mult}]
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=max(total_steps, 1), power=cfg.poly_power)
+        return cls(model, make_ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None, optimizer, scheduler,
+                   torch.amp.GradScaler("cuda", enabled=amp_scaling))
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def after_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        self.scheduler.step()
+
+    def weights(self) -> dict:
+        return {"model": self.model.state_dict(), "ema": self.ema.module.state_dict() if self.ema is not None else None}
+
+    def state(self) -> dict:
+        return {**self.weights(), "ema_updates": int(self.ema.n_averaged) - 1 if self.ema is not None else 0,
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load(self, ckpt: dict, step: int) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.module.load_state_dict(ckpt["ema"])
+            self.ema.n_averaged.fill_(ckpt.get("ema_updates", 0) + 1)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scheduler"):
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        else:  # a last.pt from before the scheduler was saved: its lr is one step behind
+            self.scheduler.last_epoch = step
+            for g, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+                g["lr"] = poly_lr(base, step, self.scheduler.total_iters, self.scheduler.power)
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
 
 
 def _set_bn_eval(model: nn.Module) -> None:
@@ -249,15 +315,11 @@ class TrainResult:
     val_miou: float | None = None
 
 
-def _dist_env() -> tuple[int, int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
 def _config_record(cfg: TrainConfig, inputs: dict, world: int) -> dict:
     return {"dhr_version": __version__, "config": asdict(cfg), "inputs": inputs, "world_size": world}
 
 
-_RESUME_FREE = {"epochs", "device", "num_workers", "log_every", "val_split", "val_size"}
+_RESUME_FREE = {"epochs", "device", "num_workers", "log_every", "val_split", "val_size", "checkpoint_every"}
 
 
 def _check_resume_config(run_dir: Path, cfg: TrainConfig, inputs: dict) -> None:
@@ -284,7 +346,10 @@ def run_train(cfg: TrainConfig, data: str | os.PathLike, masks: str | os.PathLik
               backbone_weights: str | os.PathLike | None = None, resume: bool = False,
               overwrite: bool = False, quiet: bool = False, max_steps: int | None = None) -> TrainResult:
     """Train a DHR network; returns what was done. `max_steps` stops early (tests, smoke runs)."""
-    rank, world, local_rank = _dist_env()
+    from dhr_cli.io.distributed import current_rank
+
+    place = current_rank()  # the one reading of torchrun's RANK / WORLD_SIZE / LOCAL_RANK
+    rank, world, local_rank = place.rank, place.world, place.local_rank
     distributed = world > 1
     device = resolve_device(cfg.device)
     if distributed and device.type == "cuda":
@@ -313,7 +378,8 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, rank: int) ->
             shutil.rmtree(run_dir)
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if resume and not last.is_file():
-        raise CheckpointError(f"--out {run_dir}: nothing to resume (no checkpoints/last.pt)")
+        raise CheckpointError(f"--out {run_dir}: nothing to resume (no checkpoints/last.pt: the run stopped before its "
+                              "first checkpoint); pass --overwrite instead of --resume to start it again")
     return last if resume else None
 
 
@@ -341,7 +407,8 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
     samples = TrainSamples(dataset, ids, mask_source, uss_source, cfg)
     sampler = GlobalBatchSampler(len(samples), cfg.batch_size, rank, world, cfg.seed)
     loader = DataLoader(samples, batch_sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False)
+                        pin_memory=device.type == "cuda", persistent_workers=False,
+                        worker_init_fn=die_with_parent if cfg.num_workers else None)
     val_set = _validation_split(dataset, data, cfg)
 
     num_cams, cam_offset = cam_index(dataset)
@@ -349,26 +416,19 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
                        dropout=cfg.dropout)
     torch.manual_seed(cfg.seed)
     model = build_network(spec, backbone_weights if last is None else None).to(device)
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    params = [{"params": model.backbone_parameters(), "lr": cfg.lr, "base_lr": cfg.lr},
-              {"params": model.new_parameters(), "lr": cfg.lr * cfg.head_lr_mult, "base_lr": cfg.lr * cfg.head_lr_mult}]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    total_steps = cfg.epochs * len(sampler)
+    tr = Training.build(model, cfg, total_steps, use_amp and amp_dtype == torch.float16)
+    ema, optimizer, scaler = tr.ema, tr.optimizer, tr.scaler
 
-    start_epoch, step, history = 0, 0, []
+    start_epoch, step, history, partial = 0, 0, [], None
     if last is not None:
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.module.load_state_dict(ckpt["ema"])
-            ema.updates = ckpt.get("ema_updates", 0)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt.get("history", [])
-        logger.info("resuming %s after epoch %d (step %d)", run_dir, start_epoch, step)
+        start_epoch, step, history, partial = _load_last(last, tr)
+        if rank == 0:
+            _trim_logs(run_dir, step, history)
+        logger.info("resuming %s at epoch %d, batch %d (step %d)", run_dir, start_epoch + 1,
+                    partial["batches"] if partial else 0, step)
     elif rank == 0:
         (run_dir / "config.json").write_text(json.dumps(_config_record(cfg, inputs, world), indent=1, default=str))
 
@@ -380,9 +440,14 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
             logger.warning("BatchNorm statistics are per process on the CPU (SyncBatchNorm needs CUDA)")
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
-    total_steps = cfg.epochs * len(sampler)
     log_path = run_dir / "log.jsonl"
     result = TrainResult(run_dir, start_epoch, step, history)
+
+    def checkpoint(epochs_done: int, in_epoch: dict | None) -> None:
+        """last.pt: after `epochs_done` whole epochs, plus `in_epoch` (batches, loss sums, RNG) mid-epoch."""
+        _save_atomic({**_model_record(spec, dataset, cfg, tr, epochs_done, step), **tr.state(),
+                      "history": history, "in_epoch": in_epoch},
+                     run_dir / "checkpoints" / "last.pt")
     with progress_bar(quiet) as bar:
         for epoch in range(start_epoch, cfg.epochs):
             samples.epoch = sampler.epoch = epoch
@@ -390,15 +455,25 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
             net.train()
             if cfg.freeze_bn:
                 _set_bn_eval(net)
-            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(sampler), rate="")
             sums, n_steps, t_epoch = {"loss": 0.0, "loss_seg": 0.0, "loss_cls": 0.0}, 0, time.perf_counter()
+            sampler.skip = 0
+            if partial is not None:  # a mid-epoch resume: skip the batches trained, restore the RNG
+                sampler.skip = n_steps = partial["batches"]
+                sums = dict(partial["sums"])
+                t_epoch -= partial["seconds"]
+            batches = iter(loader)  # draws the workers' base seed from this epoch's generator
+            if partial is not None:
+                torch.set_rng_state(partial["rng"])
+                if device.type == "cuda" and partial.get("cuda_rng") is not None:
+                    torch.cuda.set_rng_state(partial["cuda_rng"], device)
+                partial = None
+            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(sampler), completed=n_steps, rate="")
             t_last = time.perf_counter()
-            for batch in loader:
-                for g in optimizer.param_groups:
-                    g["lr"] = poly_lr(g["base_lr"], step, total_steps, cfg.poly_power)
+            lr = tr.lr
+            for batch in batches:
+                lr = tr.lr  # this iteration's
                 stats = _train_step(net, model, batch, regen, optimizer, scaler, cfg, device, use_amp, amp_dtype, world)
-                if ema is not None:
-                    ema.update(model)
+                tr.after_step()
                 step += 1
                 n_steps += 1
                 for k in sums:
@@ -408,37 +483,74 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
                 bar.update(task, advance=1, rate=f"loss {stats['loss']:.4f}  {rate:.1f} img/s")
                 if rank == 0 and (step % cfg.log_every == 0 or n_steps == len(sampler)):
                     _append_jsonl(log_path, {"kind": "step", "epoch": epoch + 1, "step": step, **stats,
-                                             "lr": optimizer.param_groups[0]["lr"], "img_per_s": rate})
-                if max_steps is not None and step >= max_steps:
+                                             "lr": lr, "img_per_s": rate})
+                stop = max_steps is not None and step >= max_steps
+                if rank == 0 and n_steps < len(sampler) and (
+                        stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)):
+                    checkpoint(epoch, {"batches": n_steps, "sums": dict(sums), "seconds": time.perf_counter() - t_epoch,
+                                       "rng": torch.get_rng_state(),
+                                       "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+                if stop:
                     break
             record = {"kind": "epoch", "epoch": epoch + 1, "step": step,
                       **{k: v / max(n_steps, 1) for k, v in sums.items()},
-                      "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t_epoch}
+                      "lr": lr, "seconds": time.perf_counter() - t_epoch}
             if val_set is not None and rank == 0:
                 record["val_miou"] = validate(ema.module if ema is not None else model, val_set, cfg, device)
             history.append(record)
             if rank == 0:
                 _append_jsonl(log_path, record)
                 _append_csv(run_dir / "epochs.csv", record)
-                _save_atomic({"spec": asdict(spec), "classes": dataset.classes, "config": asdict(cfg), "epoch": epoch + 1,
-                              "step": step, "history": history, "model": model.state_dict(),
-                              "ema": ema.module.state_dict() if ema is not None else None,
-                              "ema_updates": ema.updates if ema is not None else 0,
-                              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                              "dhr_version": __version__}, run_dir / "checkpoints" / "last.pt")
+                if n_steps == len(sampler):  # a --max-steps stop mid-epoch keeps its mid-epoch checkpoint
+                    checkpoint(epoch + 1, None)
             if distributed:
                 dist.barrier()
             result.epochs, result.steps = epoch + 1, step
             if max_steps is not None and step >= max_steps:
                 break
     if rank == 0:
-        _save_atomic({"spec": asdict(spec), "classes": dataset.classes, "config": asdict(cfg), "epoch": result.epochs,
-                      "step": step, "model": model.state_dict(),
-                      "ema": ema.module.state_dict() if ema is not None else None, "dhr_version": __version__},
-                     run_dir / "model.pt")
+        _save_atomic(_model_record(spec, dataset, cfg, tr, result.epochs, step), run_dir / "model.pt")
     result.history = history
     result.val_miou = history[-1].get("val_miou") if history else None
     return result
+
+
+def _model_record(spec, dataset, cfg, tr: Training, epochs: int, step: int) -> dict:
+    """What model.pt holds (and last.pt, with the optimizer state on top)."""
+    return {"spec": asdict(spec), "classes": dataset.classes, "config": asdict(cfg), "epoch": epochs, "step": step,
+            **tr.weights(), "dhr_version": __version__}
+
+
+def _load_last(last: Path, tr: Training) -> tuple[int, int, list, dict | None]:
+    """Restore a run from last.pt -> (whole epochs done, step, history, mid-epoch state or None)."""
+    from dhr_cli.models.checkpoints import read_checkpoint
+
+    ckpt = read_checkpoint(last, inert=False)  # CheckpointError when missing, corrupt or truncated
+    try:
+        tr.load(ckpt, ckpt["step"])
+        return ckpt["epoch"], ckpt["step"], list(ckpt.get("history", [])), ckpt.get("in_epoch")
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(f"{last}: not a checkpoint of this run ({e.__class__.__name__}); "
+                              "pass --overwrite to start again") from None
+
+
+def _trim_logs(run_dir: Path, step: int, history: list[dict]) -> None:
+    """Drop log records written after the checkpoint being resumed, so the resumed run does not repeat them."""
+    log_path = run_dir / "log.jsonl"
+    if log_path.is_file():
+        keep = []
+        for line in log_path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+            if r.get("step", 0) <= step and (r.get("kind") != "epoch" or r.get("epoch", 0) <= len(history)):
+                keep.append(line)
+        log_path.write_text("".join(line + "\n" for line in keep))
+    csv_path = run_dir / "epochs.csv"
+    csv_path.unlink(missing_ok=True)
+    for record in history:
+        _append_csv(csv_path, record)
 
 
 def _train_step(net, model, batch, regen, optimizer, scaler, cfg, device, use_amp, amp_dtype, world) -> dict:
