@@ -22,7 +22,6 @@ and N processes with a global batch B see the same batches as one process with b
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import logging
