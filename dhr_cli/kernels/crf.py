@@ -117,29 +117,41 @@ def dense_crf(images: torch.Tensor, probs: torch.Tensor, cfg: CRFConfig, *,
     if cfg.backend == "permutohedral":
         _permutohedral(img, unary, pv, cv, cfg, out)
         return _keep_padded(out, probs, pv, cmask, all_ch)
-    items = []
+    items = [_Grid(i, box, img[i, :, box[0]:box[1], box[2]:box[3]], unary[i, :, box[0]:box[1], box[2]:box[3]], valid, cfg)
+             for i, box, valid in _crop_boxes(pv, b, h, w)]
+    for chunk in _chunks(items, lambda g: g.pairs, MAX_PAIRS):
+        _mean_field(chunk, cv, cfg, out)
+    return _keep_padded(out, probs, pv, cmask, all_ch)
+
+
+def _crop_boxes(pv, b: int, h: int, w: int):
+    """Per image with a valid pixel: (index, (y0, y1, x0, x1) box of its valid pixels, valid mask in
+    the box or None when all of it is valid). Images without a valid pixel keep their input."""
     for i in range(b):
         box = (0, h, 0, w)
         if pv is not None:
             rows, cols = pv[i].any(1), pv[i].any(0)
             if not bool(rows.any()):
-                continue  # no valid pixel: the input stays
+                continue
             r, c = torch.nonzero(rows).flatten(), torch.nonzero(cols).flatten()
             box = (int(r[0]), int(r[-1]) + 1, int(c[0]), int(c[-1]) + 1)
         y0, y1, x0, x1 = box
         valid = None if pv is None else pv[i, y0:y1, x0:x1]
         if valid is not None and bool(valid.all()):
             valid = None
-        items.append(_Grid(i, box, img[i, :, y0:y1, x0:x1], unary[i, :, y0:y1, x0:x1], valid, cfg))
-    chunk: list[_Grid] = []
-    for item in items + [None]:
-        if item is not None and (not chunk or sum(g.pairs for g in chunk) + item.pairs <= MAX_PAIRS):
-            chunk.append(item)
-            continue
-        if chunk:
-            _mean_field(chunk, cv, cfg, out)
-        chunk = [item] if item is not None else []
-    return _keep_padded(out, probs, pv, cmask, all_ch)
+        yield i, box, valid
+
+
+def _chunks(items: list, size, limit: int):
+    """Consecutive groups of items whose sizes add up to at most `limit` (an item alone may exceed it)."""
+    chunk: list = []
+    for item in items:
+        if chunk and sum(size(g) for g in chunk) + size(item) > limit:
+            yield chunk
+            chunk = []
+        chunk.append(item)
+    if chunk:
+        yield chunk
 
 
 def _keep_padded(out, probs, pv, cmask, all_ch) -> torch.Tensor:
@@ -386,28 +398,10 @@ class _Cells:
 
 def _permutohedral(img, unary, pv, cv, cfg: CRFConfig, out: torch.Tensor) -> None:
     b, _, h, w = unary.shape
-    items = []
-    for i in range(b):
-        box = (0, h, 0, w)
-        if pv is not None:
-            rows, cols = pv[i].any(1), pv[i].any(0)
-            if not bool(rows.any()):
-                continue  # no valid pixel: the input stays
-            r, c = torch.nonzero(rows).flatten(), torch.nonzero(cols).flatten()
-            box = (int(r[0]), int(r[-1]) + 1, int(c[0]), int(c[-1]) + 1)
-        y0, y1, x0, x1 = box
-        valid = None if pv is None else pv[i, y0:y1, x0:x1]
-        if valid is not None and bool(valid.all()):
-            valid = None
-        items.append(_Cells(i, box, img[i, :, y0:y1, x0:x1], unary[i, :, y0:y1, x0:x1], valid, cfg))
-    chunk: list[_Cells] = []
-    for item in items + [None]:
-        if item is not None and (not chunk or sum(g.n for g in chunk) + item.n <= MAX_CELLS):
-            chunk.append(item)
-            continue
-        if chunk:
-            _lattice_mean_field(chunk, cv, cfg, out)
-        chunk = [item] if item is not None else []
+    items = [_Cells(i, box, img[i, :, box[0]:box[1], box[2]:box[3]], unary[i, :, box[0]:box[1], box[2]:box[3]], valid, cfg)
+             for i, box, valid in _crop_boxes(pv, b, h, w)]
+    for chunk in _chunks(items, lambda g: g.n, MAX_CELLS):
+        _lattice_mean_field(chunk, cv, cfg, out)
 
 
 def _lattice_mean_field(grids: list[_Cells], cv: torch.Tensor, cfg: CRFConfig, out: torch.Tensor) -> None:
