@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Literal, Annotated
 
 import typer
 
 from dhr_cli.cli.options import (
     DataRoot, Device, MinArea, MissingItems, NegativePoints, OutStore, Overwrite, PositivePoints, Quiet, Resume, Split,
-    app, check_choice, out, prompt_config, user_errors,
+    app, out, prompt_config, user_errors,
 )
 from dhr_cli.config import PromptConfig, RefineConfig
 
@@ -27,7 +27,7 @@ def refine_cmd(
     sam: Annotated[str, typer.Option("--sam", help="SAM model type of --sam-weights: vit_b, vit_l or vit_h.")],
     sam_weights: Annotated[Path, typer.Option("--sam-weights", help="The SAM weights file (sam_vit_b_01ec64.pth, sam_vit_l_0b3195.pth, sam_vit_h_4b8939.pth).")],
     out_store: OutStore,
-    mode: Annotated[str, typer.Option("--mode", help="prompt: the masks prompt SAM; merge: SAM's automatic masks merged into the masks.")] = _R.mode,
+    mode: Annotated[Literal["prompt", "merge"], typer.Option("--mode", help="prompt: the masks prompt SAM; merge: SAM's automatic masks merged into the masks.")] = _R.mode,
     split: Split = None,
     accept_iou: Annotated[float, typer.Option("--accept-iou", help="prompt: SAM's mask is accepted where its IoU with the prompting region is at least this.")] = _R.accept_iou,
     positive_points: PositivePoints = _P.positive_points,
@@ -52,7 +52,7 @@ def refine_cmd(
 
     try:
         cfg = RefineConfig(
-            mode=check_choice("--mode", mode, ("prompt", "merge")),
+            mode=mode,
             prompts=prompt_config(positive_points, negative_points, min_area), accept_iou=accept_iou,
             mask_input=mask_input, shrink=shrink, prompt_batch=prompt_batch, points_per_side=points_per_side,
             points_per_batch=points_per_batch, pred_iou_thresh=pred_iou_thresh,
@@ -60,7 +60,7 @@ def refine_cmd(
     except ValueError as e:
         raise InputError(str(e)) from None
     result = run_refine(cfg, masks=masks, data=data, sam=sam, weights=sam_weights, out=out_store, split=split,
-                        missing=check_choice("--missing", missing, ("fail", "skip")), overwrite=overwrite,
+                        missing=missing, overwrite=overwrite,
                         resume=resume, quiet=quiet)
     used = "accepted" if cfg.mode == "prompt" else "given a class"
     out.print(f"Wrote {result.written} refined masks to {result.out}"
