@@ -375,3 +375,18 @@ class UssFitConfig:
         _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         _check(len(self.scales) >= 1 and all(s > 0 for s in self.scales), f"scales must be > 0, got {self.scales}")
         _check(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """`dhr demo` / `make demo`: the embedded procedural run."""
+
+    n_images: int = 48  # train + val (a quarter held out as val)
+    seed: int = 0
+    features: Literal["auto", "lite0", "simulated"] = "auto"  # auto: Lite0 when installed, else simulated stores
+    device: str = "auto"
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.n_images >= 4, f"n_images must be >= 4, got {self.n_images}")
+        _check(self.features in ("auto", "lite0", "simulated"), f"features must be auto, lite0 or simulated, got {self.features!r}")
