@@ -178,6 +178,9 @@ class CamsConfig:
     side: int | None = None
     batch_size: int = 4
     store_dtype: Literal["float16", "float32"] = "float16"
+    # Features stored on their top-k per-image singular vectors (kernels/features.py): Steps 2-3
+    # only take inner products within an image. 0 keeps every channel.
+    feature_rank: int = 0
     amp: bool = True  # float16 autocast on CUDA (the authors' inference runs under autocast)
     device: str = "auto"
     # lite0 CAM head fitted on the split's image labels (--train-head): full-batch Adam steps on
@@ -193,6 +196,7 @@ class CamsConfig:
         _check(self.side is None or self.side >= 16, f"side must be >= 16, got {self.side}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.store_dtype in ("float16", "float32"), f"store_dtype must be float16 or float32, got {self.store_dtype!r}")
+        _check(self.feature_rank >= 0, f"feature_rank must be >= 0 (0 keeps every channel), got {self.feature_rank}")
         _check(self.head_steps >= 1, f"head_steps must be >= 1, got {self.head_steps}")
         _check(self.head_side >= 32, f"head_side must be >= 32, got {self.head_side}")
 

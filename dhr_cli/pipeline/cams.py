@@ -18,6 +18,7 @@ import torch
 from dhr_cli.config import CamsConfig
 from dhr_cli.errors import DatasetError, InputError
 from dhr_cli.io.runtime import resolve_device
+from dhr_cli.kernels.features import low_rank_features
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,10 @@ def _process(loaded, dataset, source, w, cfg, channel, wss, dtype, device, amp):
             res = multiscale_extract(source, x, None, (), cfg.flip, feature_scales=cfg.uss_scales,
                                      base_side=cfg.side, amp=amp)
         for k, (item_id, r) in enumerate(zip(ids, res)):
-            feats = r["features"].cpu().numpy().astype(dtype)
+            feats = r["features"]
+            if cfg.feature_rank:
+                feats = low_rank_features(feats, cfg.feature_rank)
+            feats = feats.cpu().numpy().astype(dtype)
             if not np.isfinite(feats).all():
                 raise DatasetError(f"{item_id}: {source.name} features overflow {cfg.store_dtype}; use float32 storage")
             if wss:
