@@ -1,14 +1,15 @@
 """`dhr cams --feature-rank`: what the per-image low-rank WSS features cost and change.
 
     python bench/feature_rank.py --out bench_out/feature_rank [--photos 8] [--ranks 64 128 256]
-        [--data ROOT --cams CAMS.h5 --uss USS.h5 [--seeds SEEDS.h5]]
+        [--data ROOT --cams CAMS.h5 --uss USS.h5 [--seeds SEEDS.h5] [--role wss|uss]]
 
 1. Size: ResNet-50 (random weights: no trained ones ship offline) on real photos resized to
    480 x 640 (COCO's typical size): layer3 + layer4 features (3072 x 30 x 40), stored as `dhr cams`
    stores them (float16, gzip 1, fletcher32), bytes per item for each rank and the time of the
    compression; extrapolated to COCO train (82,081 images).
 2. Effect (with --data/--cams/--uss, e.g. the stores `make bench-real` leaves in bench_out/real):
-   `dhr propagate` (DHR, defaults) with the cams store's WSS features as they are and at each rank;
+   `dhr propagate` (DHR, defaults) with the cams store's WSS features (or, --role uss, the USS
+   features) as they are and at each rank;
    pixel agreement of the masks with the full-feature masks, and mIoU of each.
 Writes OUT/results.json and prints a table.
 """
@@ -77,13 +78,13 @@ def size_part(out: Path, ranks: list[int], n_photos: int) -> list[dict]:
 
 
 def _rank_copy(cams: Path, out: Path, k: int) -> None:
-    """The cams store with its features at rank k (CAMs and attributes kept)."""
+    """The cams (or features) store with its features at rank k (CAMs and attributes kept)."""
     from dhr_cli.io.distributed import output_store
     from dhr_cli.io.store import open_store
     from dhr_cli.kernels.features import low_rank_features
 
-    with open_store(cams, expect="cams") as src, \
-            output_store(out, "cams", list(src.classes), provenance=src.provenance, overwrite=True,
+    with open_store(cams) as src, \
+            output_store(out, src.kind, list(src.classes), provenance=src.provenance, overwrite=True,
                          root_attrs={a: src.attrs[a] for a in ("source", "source_kind") if a in src.attrs}) as w:
         for i in src.ids:
             item = src.read(i)
@@ -105,14 +106,14 @@ def effect_part(args, out: Path, ranks: list[int]) -> list[dict]:
         run_seed(SeedConfig(), args.cams, args.data, seeds, overwrite=True, quiet=True)
     rows, masks = [], {}
     for k in [0, *ranks]:
-        wss = args.cams
+        stores = {"wss": args.cams, "uss": args.uss}
         if k:
-            wss = out / f"cams_rank{k}.h5"
-            _rank_copy(args.cams, wss, k)
+            stores[args.role] = out / f"{args.role}_rank{k}.h5"
+            _rank_copy(args.cams if args.role == "wss" else args.uss, stores[args.role], k)
         pred = out / f"masks_rank{k}.h5"
         t0 = time.perf_counter()
-        run_propagate(PropagateConfig(), seeds=seeds, data=args.data, uss=args.uss, wss=[wss], cams=args.cams,
-                      out=pred, overwrite=True, quiet=True)
+        run_propagate(PropagateConfig(), seeds=seeds, data=args.data, uss=stores["uss"], wss=[stores["wss"]],
+                      cams=args.cams, out=pred, overwrite=True, quiet=True)
         dt = time.perf_counter() - t0
         with open_store(pred) as s:
             masks[k] = {i: s.read(i).mask for i in s.ids}
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cams", type=Path)
     p.add_argument("--uss", type=Path)
     p.add_argument("--seeds", type=Path)
+    p.add_argument("--role", choices=("wss", "uss"), default="wss", help="which features go to low rank in part 2")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
