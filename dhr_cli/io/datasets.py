@@ -355,9 +355,9 @@ class DHRDataset(Dataset):
 
 def detect_layout(root: Path) -> tuple[str, Path]:
     """(layout, resolved root) or DatasetError saying why nothing fits."""
-    from dhr_cli.io import coco
+    from dhr_cli.io import coco, scenes
 
-    found = coco.detect(root)
+    found = coco.detect(root) + scenes.detect(root)
     if (root / "classes.txt").is_file() and (root / "images").is_dir():
         found.insert(0, ("flat", root))
     if len(found) > 1:
@@ -372,7 +372,9 @@ def detect_layout(root: Path) -> tuple[str, Path]:
     raise DatasetError(
         f"{root}: matches no dataset layout (flat needs classes.txt and images/; "
         "PASCAL VOC needs JPEGImages/; DHR/MARS needs <split>/image/; COCO needs annotations/instances_<split>.json, "
-        "coco_seg_anno/ or SegmentationClass/<split>/; ADE20K needs images/training|validation and annotations/)"
+        "coco_seg_anno/ or SegmentationClass/<split>/; ADE20K needs images/training|validation and annotations/; "
+        "Pascal Context needs JPEGImages/ and SegmentationClassContext/ (or trainval/) PNGs; "
+        "COCO-Stuff needs stuffthingmaps_trainval2017/)"
     )
 
 
@@ -384,9 +386,9 @@ def open_dataset(root: str | os.PathLike, split: str | None = None) -> Dataset:
     if not root.is_dir():
         raise DatasetError(f"{root}: is a file, expected a dataset folder")
     layout, resolved = detect_layout(root)
-    from dhr_cli.io.coco import READERS
+    from dhr_cli.io import coco, scenes
 
-    cls = {"flat": FlatDataset, "voc": VOCDataset, "dhr": DHRDataset, **READERS}[layout]
+    cls = {"flat": FlatDataset, "voc": VOCDataset, "dhr": DHRDataset, **coco.READERS, **scenes.READERS}[layout]
     try:
         ds = cls(resolved, split)
     except (OSError, UnicodeDecodeError) as e:
