@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import xml.etree.ElementTree as ET
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -378,8 +379,18 @@ def detect_layout(root: Path) -> tuple[str, Path]:
     )
 
 
-def open_dataset(root: str | os.PathLike, split: str | None = None) -> Dataset:
-    """Open a dataset folder of any supported layout (auto-detected)."""
+# Reader options a CLI command sets once from its own options (--skip-missing-images, --gt-cache;
+# dhr_cli/cli/options.py) for every open_dataset() of that command; explicit arguments win.
+DATASET_OPTIONS: ContextVar[dict] = ContextVar("dhr_dataset_options", default={})
+
+
+def open_dataset(root: str | os.PathLike, split: str | None = None, *, missing_images: str | None = None,
+                 gt_cache: str | os.PathLike | None = None) -> Dataset:
+    """Open a dataset folder of any supported layout (auto-detected).
+
+    COCO official files only: `missing_images` "fail" (default) or "skip" for images the json lists
+    but the folder lacks; `gt_cache` a GT cache store other than the default next to the json
+    (dhr_cli.io.coco.build_gt_cache)."""
     root = Path(root)
     if not root.exists():
         raise DatasetError(f"{root}: no such folder")
@@ -389,8 +400,13 @@ def open_dataset(root: str | os.PathLike, split: str | None = None) -> Dataset:
     from dhr_cli.io import coco, scenes
 
     cls = {"flat": FlatDataset, "voc": VOCDataset, "dhr": DHRDataset, **coco.READERS, **scenes.READERS}[layout]
+    opts = DATASET_OPTIONS.get()
+    extra = {}
+    if layout == "coco":
+        extra = {"missing": missing_images or opts.get("missing_images") or "fail",
+                 "gt_cache": gt_cache if gt_cache is not None else opts.get("gt_cache")}
     try:
-        ds = cls(resolved, split)
+        ds = cls(resolved, split, **extra)
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"{getattr(e, 'filename', None) or resolved}: cannot be read ({e.__class__.__name__})") from None
     logger.info("found %s", ds.describe())
