@@ -147,3 +147,21 @@ def test_missing_images_cli(tmp_path):
     _write_image(root / "train2014" / "COCO_train2014_000000000030.jpg", 40, 60)
     code, output = _cli("info", root, "--build-cache", "--quiet")
     assert code == 0 and "completed, 1 of 3 images rasterised" in output, output
+
+
+def test_every_data_command_takes_skip_missing_images():
+    import typer.main
+
+    group = typer.main.get_command(app)
+
+    def commands(g, prefix=""):
+        for name, cmd in g.commands.items():
+            if hasattr(cmd, "commands"):
+                yield from commands(cmd, f"{prefix}{name} ")
+            else:
+                yield f"{prefix}{name}", cmd
+
+    takes_data = {name: {o for p in cmd.params for o in p.opts} for name, cmd in commands(group)}
+    takes_data = {n: opts for n, opts in takes_data.items() if "--data" in opts}
+    assert {"cams", "seed", "propagate", "eval", "import"} <= set(takes_data)
+    assert [n for n, opts in takes_data.items() if "--skip-missing-images" not in opts] == []

@@ -14,6 +14,7 @@ from dhr_cli.cli.options import (
     Overwrite,
     Quiet,
     Resume,
+    SkipMissingImages,
     Split,
     app,
     out,
@@ -35,6 +36,7 @@ def import_cmd(
     data: DataRoot,
     out_path: OutStore,
     split: Split = None,
+    skip_missing_images: SkipMissingImages = False,
     source: Annotated[Optional[str], typer.Option("--source", help="dhr-pt: name recorded as the features' source (e.g. stego, cause).")] = None,
     missing: MissingItems = "fail",
     trust_files: Annotated[bool, typer.Option("--trust-files", help=(
