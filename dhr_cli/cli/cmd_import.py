@@ -28,11 +28,13 @@ from dhr_cli.cli.options import (
     "masks store). The .npy dicts are Python pickles: they are read by a restricted unpickler that rebuilds only "
     "NumPy arrays and torch tensors (no code from the file runs); --trust-files reads them with "
     "np.load(allow_pickle=True) instead, which can run code: only for files you trust. "
-    "0-based class keys become label key+1 when class 0 is background."))
+    "0-based class keys become label key+1 when class 0 is background. FORMAT labels: SRC is an IRN "
+    "cls_labels.npy or ToCo cls_labels_onehot.npy file and OUT a labels.json of image-level labels "
+    "({id: [class names]}) for the split's images, the file the flat layout reads as ROOT/labels.json."))
 @user_errors
 def import_cmd(
-    fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="irn | mctformer | clip-es | dhr-pt | png")],
-    src: Annotated[Path, typer.Argument(metavar="SRC_DIR", help="Folder with one file per image id.")],
+    fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="irn | mctformer | clip-es | dhr-pt | png | labels")],
+    src: Annotated[Path, typer.Argument(metavar="SRC", help="Folder with one file per image id (labels: the .npy label file).")],
     data: DataRoot,
     out_path: OutStore,
     split: Split = None,
@@ -50,8 +52,16 @@ def import_cmd(
     from dhr_cli.io.store import make_provenance
     from dhr_cli.pipeline.imports import FORMATS, run_import
 
-    check_choice("FORMAT", fmt, tuple(FORMATS))
+    check_choice("FORMAT", fmt, (*FORMATS, "labels"))
     ds = open_dataset(data, split)
+    if fmt == "labels":
+        from dhr_cli.pipeline.imports import run_import_labels
+
+        s = run_import_labels(src, ds, out_path, overwrite=overwrite, missing=missing, trust=trust_files)
+        out.print(f"labels {out_path}: {s['written']} images from {s['keys']} entries of {src}"
+                  + (f"; {len(s['missing'])} images without labels left out: {', '.join(s['missing'][:5])}"
+                     if s["missing"] else ""), markup=False, soft_wrap=True)
+        return
     prov = make_provenance("import", {"format": fmt, "missing": missing, "source": source},
                            inputs={"src": src, "data": data})
     s = run_import(fmt, src, ds, out_path, provenance=prov, overwrite=overwrite, resume=resume, quiet=quiet,
