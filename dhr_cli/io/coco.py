@@ -87,6 +87,7 @@ class COCODataset(Dataset):
         self._cache_explicit = gt_cache is not None
         self.cache_path = Path(gt_cache) if gt_cache is not None else default_gt_cache(self._json)
         self._cache = None  # opened on the first gt() call, per process (HDF5 handles must not cross a fork)
+        self._cache_store = None
         self._cache_pid = None
         self.cache_state = "absent"
 
@@ -128,10 +129,10 @@ class COCODataset(Dataset):
     def gt(self, item_id: str) -> np.ndarray:
         """The cached mask when a valid GT cache holds it, else rasterise_gt()."""
         cache = self._open_cache()
-        if cache is not None and item_id in cache:
-            mask = cache.read(item_id).mask
+        if cache is not None and item_id in self._cache_ids:
+            mask = cache[f"items/{item_id}/mask"][()]  # straight from HDF5 (checksummed): no Item bookkeeping
             img = self._by_id[item_id]
-            if mask.shape != (img["height"], img["width"]):
+            if mask.dtype != np.uint8 or mask.shape != (img["height"], img["width"]):
                 raise DatasetError(f"{self.cache_path}: cached mask of {item_id} is {mask.shape[1]}x{mask.shape[0]} but "
                                    f"{self._json.name} says {img['width']}x{img['height']}; rebuild it with --build-cache")
             return mask
@@ -151,7 +152,9 @@ class COCODataset(Dataset):
         if problem is None:
             from dhr_cli.io.store import open_store
 
-            self._cache = open_store(self.cache_path, expect="masks")
+            self._cache_store = open_store(self.cache_path, expect="masks")  # validates the root attributes
+            self._cache = self._cache_store._file
+            self._cache_ids = set(self._cache_store.ids)
             self.cache_state = "valid"
         else:
             self.cache_state = "stale"
@@ -161,7 +164,7 @@ class COCODataset(Dataset):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_cache"], state["_cache_pid"] = None, None
+        state["_cache"], state["_cache_pid"], state["_cache_store"] = None, None, None
         return state
 
     def rasterise_gt(self, item_id: str) -> np.ndarray:
