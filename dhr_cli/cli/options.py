@@ -15,7 +15,7 @@ from dhr_cli.config import MissingPolicy, OTSolver
 
 
 # ---- options shared by several commands (declared once) -------------------------------------
-DataRoot = Annotated[Path, typer.Option("--data", help="Dataset folder: flat, PASCAL VOC 2012 or DHR/MARS layout (auto-detected).")]
+DataRoot = Annotated[Path, typer.Option("--data", help="Dataset folder: flat, PASCAL VOC 2012, DHR/MARS, COCO 2014, COCO PNGs, ADE20K, Pascal Context or COCO-Stuff layout (auto-detected; dhr info ROOT says which).")]
 Split = Annotated[Optional[str], typer.Option("--split", help="Split name (splits/<S>.txt, ImageSets/Segmentation/<S>.txt, or <S>/ folder).")]
 OutStore = Annotated[Path, typer.Option("--out", help="Output HDF5 store (written as OUT.partial, renamed when complete).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")]

@@ -3,6 +3,8 @@
     flat   ROOT/classes.txt, images/<id>.jpg|png, [masks/<id>.png], [labels.json], [splits/<S>.txt]
     voc    PASCAL VOC 2012: JPEGImages/, SegmentationClass(Aug)/, ImageSets/Segmentation/<S>.txt, Annotations/*.xml
     dhr    DHR / MARS: ROOT/<S>/image/*.jpg, ROOT/<S>/mask/*.png, ROOT/<S>/xml/*.xml
+    coco, coco-png, ade20k            dhr_cli/io/coco.py
+    pascal-context, coco-stuff        dhr_cli/io/scenes.py
 
 Every reader yields the same thing: ids, RGB images, image-level labels (foreground label
 values) and, when present, ground-truth masks as class indices (255 = ignore).
