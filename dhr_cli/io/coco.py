@@ -250,7 +250,8 @@ def build_gt_cache(ds: "COCODataset", cache: str | os.PathLike | None = None, *,
         problem = gt_cache_problem(path, ds._json, ds.classes)
         if problem is None:
             with open_store(path, expect="masks") as s:
-                todo = [i for i in ds.ids if i not in s]
+                cached = set(s.ids)
+            todo = [i for i in ds.ids if i not in cached]
             if not todo:
                 return {"path": str(path), "written": 0, "state": "up to date", "items": len(ds)}
             state = "completed"

@@ -77,7 +77,8 @@ def _coco_extras(ds) -> dict:
         problem = gt_cache_problem(path, ds._json, ds.classes)
         if problem is None:
             with open_store(path, expect="masks") as s:
-                covered = sum(i in s for i in ds.ids)
+                cached = set(s.ids)
+            covered = sum(i in cached for i in ds.ids)
             state = f"{path}: up to date, {covered} of {len(ds)} images"
         else:
             state = f"{path}: stale ({problem}); not used"
