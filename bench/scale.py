@@ -18,6 +18,8 @@ then runs, each in a fresh process (so peak RSS is the command's own):
     eval cache   run_eval(pred.h5, coco/) with the GT cache   HDF5 read per image
     info / export / merge   `dhr info pred.h5`, `dhr export pred.h5 --out DIR`,
                             `dhr merge pred.h5 one.h5 --out M.h5`
+    seed         `dhr seed --no-crf` on stride-16 CAMs of the present classes (only with --what seed;
+                 its loader processes' peak is loader_peak_rss_mb)
 
 Flat memory means peak RSS barely moves from N1 to N2; flat time means s/item barely moves.
 
@@ -55,7 +57,7 @@ def _official_ids() -> list[int]:
     return [i for i in range(1, 91) if i not in unused]
 
 
-def build(root: Path, n: int, h: int, w: int) -> Path:
+def build(root: Path, n: int, h: int, w: int, cams: bool = False) -> Path:
     from dhr_cli.io.store import create_store
 
     names = _names()
@@ -70,6 +72,7 @@ def build(root: Path, n: int, h: int, w: int) -> Path:
     rng = np.random.default_rng(0)
     images, anns = [], []
     side = max(8, min(h, w) // 5)
+    cam_writer = create_store(root / "cams.h5", "cams", classes, provenance={}) if cams else None
     with create_store(root / "pred.h5", "masks", classes, provenance={}) as wr:
         for i in range(n):
             item = f"COCO_{SPLIT}_{i:012d}"
@@ -87,6 +90,13 @@ def build(root: Path, n: int, h: int, w: int) -> Path:
             p = m.copy()
             p[::7, ::5] = 0
             wr.write(item, {"mask": p})
+            if cam_writer is not None:  # stride-16 CAMs of the present classes (what `dhr seed` reads)
+                present = [c for c in np.unique(m).tolist() if c != 0]
+                small = m[8::16, 8::16]
+                maps = np.stack([(small == c).astype(np.float16) for c in present])
+                cam_writer.write(item, {"cams": maps}, {"cams": {"labels": np.array(present), "image_size": [h, w]}})
+    if cam_writer is not None:
+        cam_writer.close(complete=True)
     cats = [{"id": cid, "name": name} for cid, name in zip(cat_ids, names)]
     (coco / "annotations" / f"instances_{SPLIT}.json").write_text(
         json.dumps({"images": images, "annotations": anns, "categories": cats}))
@@ -96,6 +106,12 @@ def build(root: Path, n: int, h: int, w: int) -> Path:
 
 
 def _peak_mb() -> float:
+    """VmHWM: this process's own peak. (ru_maxrss is not: Linux carries the parent's peak across
+    fork + exec, which made every child of a 20k-item build report the builder's 140 MB.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -135,7 +151,8 @@ def child_cli(argv: list[str]) -> None:
     except SystemExit as e:
         code = e.code or 0
     dt = time.perf_counter() - t
-    print(json.dumps({"exit": code, "s": round(dt, 3), "peak_rss_mb": round(_peak_mb())}))
+    print(json.dumps({"exit": code, "s": round(dt, 3), "peak_rss_mb": round(_peak_mb()),
+                      "loader_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}))
 
 
 def _child(*args: str) -> dict:
@@ -147,7 +164,7 @@ def _child(*args: str) -> dict:
 
 def run_n(tmp: Path, n: int, h: int, w: int, what: list[str]) -> dict:
     t = time.perf_counter()
-    root = build(tmp / f"n{n}", n, h, w)
+    root = build(tmp / f"n{n}", n, h, w, cams="seed" in what)
     res: dict = {"n": n, "build_s": round(time.perf_counter() - t, 1)}
     pred = str(root / "pred.h5")
     flat, coco = str(root / "flat"), str(root / "coco")
@@ -172,6 +189,9 @@ def run_n(tmp: Path, n: int, h: int, w: int, what: list[str]) -> dict:
         res["export"] = _child("--child-cli", "export", pred, "--out", str(root / "export"), "--quiet")
     if "merge" in what:
         res["merge"] = _child("--child-cli", "merge", pred, str(root / "one.h5"), "--out", str(root / "merged.h5"))
+    if "seed" in what:
+        res["seed"] = _child("--child-cli", "seed", "--cams", str(root / "cams.h5"), "--data", flat, "--out",
+                             str(root / "seeds.h5"), "--no-crf", "--quiet")
     for key, r in res.items():
         if isinstance(r, dict) and "s" in r:
             r["ms_per_item"] = round(1000 * r["s"] / n, 2)
@@ -183,7 +203,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[500, 2000])
     ap.add_argument("--size", type=int, nargs=2, default=[480, 640])
     ap.add_argument("--what", nargs="+", default=["gt", "eval-png", "eval-coco", "eval-cache", "info", "export", "merge"],
-                    help="gt (the three GT sources alone), eval-png, eval-coco, eval-cache, info, export, merge")
+                    help="gt (the three GT sources alone), eval-png, eval-coco, eval-cache, info, export, merge, seed")
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     ap.add_argument("--child-eval", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--child-gt", help=argparse.SUPPRESS)
