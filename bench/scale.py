@@ -1,16 +1,38 @@
-"""COCO-like scale benchmark for `dhr eval`: peak RSS and masks/s at two item counts.
+"""COCO-like scale benchmark: `dhr eval` masks/s and peak RSS at two item counts, three GT sources,
+and peak RSS / time per item of `dhr info`, `dhr export`, `dhr merge` on the same stores.
 
-Builds a flat dataset (81 classes, 1-5 present per image, HxW masks as GT PNGs) and a masks
-store of the same items (a few pixels perturbed), then runs run_eval in a fresh process per N.
-Flat memory means peak RSS barely moves from N1 to N2.
+For each N it builds, in a temporary folder (images are hard links to one small JPEG: eval reads
+only their headers, the COCO reader only checks that they exist):
 
-    .venv/bin/python bench/scale.py --n 500 2000 --size 480 640
+    flat/   classes.txt (background + the 80 COCO names), images/, masks/<id>.png   GT as PNGs
+    coco/   annotations/instances_train2014.json (1-5 rectangles per image as polygons, the
+            official category ids), train2014/                                     GT rasterised
+    pred.h5 a masks store of the same ids (the GT with a pixel grid perturbed)
+
+then runs, each in a fresh process (so peak RSS is the command's own):
+
+    gt_*         the GT source alone (every ds.gt(id), no scoring) for each of the three below
+    eval png     run_eval(pred.h5, flat/)                     PNG decode per image
+    eval coco    run_eval(pred.h5, coco/), no cache           pycocotools rasterisation per image
+    build cache  `dhr info coco/ --build-cache`               (timed once)
+    eval cache   run_eval(pred.h5, coco/) with the GT cache   HDF5 read per image
+    info / export / merge   `dhr info pred.h5`, `dhr export pred.h5 --out DIR`,
+                            `dhr merge pred.h5 one.h5 --out M.h5`
+    seed         `dhr seed --no-crf` on stride-16 CAMs of the present classes (only with --what seed;
+                 its loader processes' peak is loader_peak_rss_mb)
+
+Flat memory means peak RSS barely moves from N1 to N2; flat time means s/item barely moves.
+
+    .venv/bin/python bench/scale.py --n 2000 20000 --size 480 640 --out bench_out/scale.json
+    .venv/bin/python bench/scale.py --n 2000 20000 --what gt eval-cache info export merge   # ~30 min on 2 cores
+    .venv/bin/python bench/scale.py --n 200 1000 --size 120 160      # quick
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -21,54 +43,190 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+SPLIT = "train2014"
 
-def build(root: Path, n: int, h: int, w: int, k: int) -> Path:
+
+def _names() -> list[str]:
+    from dhr_cli.io.coco import class_list
+
+    return class_list("coco80")
+
+
+def _official_ids() -> list[int]:
+    unused = {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}
+    return [i for i in range(1, 91) if i not in unused]
+
+
+def build(root: Path, n: int, h: int, w: int, cams: bool = False) -> Path:
     from dhr_cli.io.store import create_store
 
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    (root / "classes.txt").write_text("\n".join(["background"] + [f"c{i}" for i in range(1, k)]) + "\n")
+    names = _names()
+    classes = ["background"] + names
+    cat_ids = _official_ids()
+    flat, coco = root / "flat", root / "coco"
+    for d in (flat / "images", flat / "masks", coco / "annotations", coco / SPLIT):
+        d.mkdir(parents=True)
+    (flat / "classes.txt").write_text("\n".join(classes) + "\n")
+    jpeg = root / "one.jpg"
+    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(jpeg, quality=50)
     rng = np.random.default_rng(0)
-    img = np.zeros((h, w, 3), np.uint8)
-    with create_store(root / "pred.h5", "masks", ["background"] + [f"c{i}" for i in range(1, k)], provenance={}) as wr:
+    images, anns = [], []
+    side = max(8, min(h, w) // 5)
+    cam_writer = create_store(root / "cams.h5", "cams", classes, provenance={}) if cams else None
+    with create_store(root / "pred.h5", "masks", classes, provenance={}) as wr:
         for i in range(n):
+            item = f"COCO_{SPLIT}_{i:012d}"
             m = np.zeros((h, w), np.uint8)
-            for c in rng.choice(np.arange(1, k), rng.integers(1, 6), replace=False):
-                y, x = rng.integers(0, h - 100), rng.integers(0, w - 100)
-                m[y:y + 100, x:x + 100] = c
-            Image.fromarray(img).save(root / "images" / f"{i:012d}.png", compress_level=0)
-            Image.fromarray(m).save(root / "masks" / f"{i:012d}.png")
+            images.append({"id": i, "file_name": f"{item}.jpg", "height": h, "width": w})
+            for c in rng.choice(np.arange(1, 81), rng.integers(1, 6), replace=False):
+                y, x = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
+                m[y:y + side, x:x + side] = c
+                anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cat_ids[c - 1], "iscrowd": 0,
+                             "area": side * side, "bbox": [x, y, side, side],
+                             "segmentation": [[x, y, x + side, y, x + side, y + side, x, y + side]]})
+            os.link(jpeg, flat / "images" / f"{item}.jpg")
+            os.link(jpeg, coco / SPLIT / f"{item}.jpg")
+            Image.fromarray(m).save(flat / "masks" / f"{item}.png")
             p = m.copy()
             p[::7, ::5] = 0
-            wr.write(f"{i:012d}", {"mask": p})
+            wr.write(item, {"mask": p})
+            if cam_writer is not None:  # stride-16 CAMs of the present classes (what `dhr seed` reads)
+                present = [c for c in np.unique(m).tolist() if c != 0]
+                small = m[8::16, 8::16]
+                maps = np.stack([(small == c).astype(np.float16) for c in present])
+                cam_writer.write(item, {"cams": maps}, {"cams": {"labels": np.array(present), "image_size": [h, w]}})
+    if cam_writer is not None:
+        cam_writer.close(complete=True)
+    cats = [{"id": cid, "name": name} for cid, name in zip(cat_ids, names)]
+    (coco / "annotations" / f"instances_{SPLIT}.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    with create_store(root / "one.h5", "masks", classes, provenance={}) as wr:
+        wr.write("extra_item", {"mask": np.zeros((h, w), np.uint8)})
     return root
 
 
-def child(root: str) -> None:
+def _peak_mb() -> float:
+    """VmHWM: this process's own peak. (ru_maxrss is not: Linux carries the parent's peak across
+    fork + exec, which made every child of a 20k-item build report the builder's 140 MB.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_eval(data: str, pred: str) -> None:
     from dhr_cli.pipeline.evaluate import run_eval
 
     t = time.perf_counter()
-    r = run_eval([Path(root) / "pred.h5"], root, quiet=True)
+    r = run_eval([pred], data, quiet=True)
     dt = time.perf_counter() - t
     n = len(r.methods[0].ids)
-    print(json.dumps({"images": n, "s": dt, "masks_per_s": n / dt, "miou": r.methods[0].miou,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"images": n, "s": round(dt, 3), "masks_per_s": round(n / dt, 1),
+                      "miou": round(r.methods[0].miou, 4), "peak_rss_mb": round(_peak_mb())}))
+
+
+def child_gt(data: str) -> None:
+    """The GT source alone: every image's ground truth read (PNG decode, rasterisation or cache)."""
+    from dhr_cli.io.datasets import open_dataset
+
+    ds = open_dataset(data)
+    ds.gt(ds.ids[0])  # opens the cache when there is one
+    t = time.perf_counter()
+    for item_id in ds.ids:
+        ds.gt(item_id)
+    dt = time.perf_counter() - t
+    print(json.dumps({"images": len(ds), "s": round(dt, 3), "masks_per_s": round(len(ds) / dt, 1),
+                      "cache": getattr(ds, "cache_state", None), "peak_rss_mb": round(_peak_mb())}))
+
+
+def child_cli(argv: list[str]) -> None:
+    from dhr_cli.cli.app import main
+
+    sys.argv = ["dhr", *argv]
+    t = time.perf_counter()
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    dt = time.perf_counter() - t
+    print(json.dumps({"exit": code, "s": round(dt, 3), "peak_rss_mb": round(_peak_mb()),
+                      "loader_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}))
+
+
+def _child(*args: str) -> dict:
+    r = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"child {args} failed:\n{r.stderr[-2000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def run_n(tmp: Path, n: int, h: int, w: int, what: list[str]) -> dict:
+    t = time.perf_counter()
+    root = build(tmp / f"n{n}", n, h, w, cams="seed" in what)
+    res: dict = {"n": n, "build_s": round(time.perf_counter() - t, 1)}
+    pred = str(root / "pred.h5")
+    flat, coco = str(root / "flat"), str(root / "coco")
+    if "gt" in what:
+        res["gt_png"] = _child("--child-gt", flat)
+        res["gt_coco"] = _child("--child-gt", coco)
+    if "eval-png" in what:
+        res["eval_png"] = _child("--child-eval", flat, pred)
+    if "eval-coco" in what:
+        res["eval_coco"] = _child("--child-eval", coco, pred)
+    if "gt" in what or "eval-cache" in what:
+        res["build_cache"] = _child("--child-cli", "info", coco, "--build-cache", "--quiet")
+        cache = root / "coco" / "annotations" / f"instances_{SPLIT}.gt.h5"
+        res["build_cache"]["kb_per_item"] = round(cache.stat().st_size / n / 1024, 1)
+    if "gt" in what:
+        res["gt_cache"] = _child("--child-gt", coco)
+    if "eval-cache" in what:
+        res["eval_cache"] = _child("--child-eval", coco, pred)
+    if "info" in what:
+        res["info"] = _child("--child-cli", "info", pred)
+    if "export" in what:
+        res["export"] = _child("--child-cli", "export", pred, "--out", str(root / "export"), "--quiet")
+    if "merge" in what:
+        res["merge"] = _child("--child-cli", "merge", pred, str(root / "one.h5"), "--out", str(root / "merged.h5"))
+    if "seed" in what:
+        res["seed"] = _child("--child-cli", "seed", "--cams", str(root / "cams.h5"), "--data", flat, "--out",
+                             str(root / "seeds.h5"), "--no-crf", "--quiet")
+    for key, r in res.items():
+        if isinstance(r, dict) and "s" in r:
+            r["ms_per_item"] = round(1000 * r["s"] / n, 2)
+    return res
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[500, 2000])
     ap.add_argument("--size", type=int, nargs=2, default=[480, 640])
-    ap.add_argument("--classes", type=int, default=81)
-    ap.add_argument("--child")
+    ap.add_argument("--what", nargs="+", default=["gt", "eval-png", "eval-coco", "eval-cache", "info", "export", "merge"],
+                    help="gt (the three GT sources alone), eval-png, eval-coco, eval-cache, info, export, merge, seed")
+    ap.add_argument("--out", type=Path, help="write the figures as JSON here")
+    ap.add_argument("--child-eval", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--child-gt", help=argparse.SUPPRESS)
+    ap.add_argument("--child-cli", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.child:
-        return child(a.child)
-    with tempfile.TemporaryDirectory() as tmp:
+    if a.child_eval:
+        return child_eval(*a.child_eval)
+    if a.child_gt:
+        return child_gt(a.child_gt)
+    if a.child_cli is not None:
+        return child_cli(a.child_cli)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="dhr-scale-") as tmp:
         for n in a.n:
-            root = build(Path(tmp) / f"n{n}", n, *a.size, a.classes)
-            out = subprocess.run([sys.executable, __file__, "--child", str(root)], capture_output=True, text=True, check=True)
-            print(f"N={n} K={a.classes}", out.stdout.strip().splitlines()[-1], flush=True)
+            r = run_n(Path(tmp), n, *a.size, a.what)
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            import shutil
+
+            shutil.rmtree(Path(tmp) / f"n{n}")
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps({"size": a.size, "classes": 81, "results": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

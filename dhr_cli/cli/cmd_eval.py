@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from dhr_cli.cli.options import DataRoot, Overwrite, Quiet, Split, app, out, user_errors
+from dhr_cli.cli.options import DataRoot, GtCache, Overwrite, Quiet, SkipMissingImages, Split, app, out, user_errors
 from dhr_cli.config import EvalConfig
 
 _D = EvalConfig()
@@ -32,6 +32,8 @@ def eval_cmd(
     on_missing: Annotated[Literal["skip", "empty"], typer.Option("--on-missing", help="GT image without prediction: skip (counted, listed) or empty (scored as all false negatives).")] = _D.on_missing,
     skip_background_only: Annotated[bool, typer.Option("--skip-background-only/--keep-background-only", help="Drop GT images with no foreground class (DHR's evaluator does).")] = _D.skip_background_only,
     top: Annotated[int, typer.Option("--top", min=0, help="Images listed where methods differ most; worst/most-improved images in the report.")] = _D.report_images,
+    gt_cache: GtCache = None,
+    skip_missing_images: SkipMissingImages = False,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:

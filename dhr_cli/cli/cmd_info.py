@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from dhr_cli.cli.options import Split, app, out, user_errors
+from dhr_cli.cli.options import GtCache, Quiet, SkipMissingImages, Split, app, out, user_errors
 
 
 @app.command("info", help="Summarise a store (kind, classes, items, shapes, provenance) or a dataset folder.")
@@ -19,6 +19,13 @@ def info_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Read every item of a store and check its checksums; "
                                          "one line per bad item, exit status 1 if any.")] = False,
+    build_cache: Annotated[bool, typer.Option("--build-cache", help=(
+        "COCO official files: rasterise the split's instance GT once into a masks store next to the json "
+        "(or at --gt-cache) that dhr eval then reads instead of rasterising; resumes when interrupted, "
+        "rebuilds when the json changed."))] = False,
+    gt_cache: GtCache = None,
+    skip_missing_images: SkipMissingImages = False,
+    quiet: Quiet = False,
 ) -> None:
     from rich.table import Table
 
@@ -40,6 +47,18 @@ def info_cmd(
         if bad:
             raise typer.Exit(1)
         out.print(f"{path}: {n} items, all checksums verified")
+        return
+    if build_cache:
+        from dhr_cli.io.coco import build_gt_cache
+        from dhr_cli.io.datasets import open_dataset
+
+        if not path.is_dir():
+            raise InputError(f"{path}: --build-cache takes a COCO dataset folder, not a store")
+        ds = open_dataset(path, split)
+        r = build_gt_cache(ds, gt_cache, quiet=quiet)
+        skipped = getattr(ds, "skipped_missing", 0)
+        out.print(f"GT cache {r['path']}: {r['state']}, {r['written']} of {r['items']} images rasterised"
+                  + (f"; {skipped} images missing from the folder skipped" if skipped else ""), markup=False, soft_wrap=True)
         return
     summary = describe(path, split)
     if as_json:

@@ -8,7 +8,7 @@ from typing import Literal, Annotated
 import typer
 
 from dhr_cli.cli.options import (
-    DataRoot, Device, MinArea, MissingItems, NegativePoints, OutStore, Overwrite, PositivePoints, Quiet, Resume, Split,
+    DataRoot, Device, MinArea, MissingItems, NegativePoints, OutStore, Overwrite, PositivePoints, Quiet, Resume, SkipMissingImages, Split,
     app, out, prompt_config, user_errors,
 )
 from dhr_cli.config import PromptConfig, RefineConfig
@@ -29,6 +29,7 @@ def refine_cmd(
     out_store: OutStore,
     mode: Annotated[Literal["prompt", "merge"], typer.Option("--mode", help="prompt: the masks prompt SAM; merge: SAM's automatic masks merged into the masks.")] = _R.mode,
     split: Split = None,
+    skip_missing_images: SkipMissingImages = False,
     accept_iou: Annotated[float, typer.Option("--accept-iou", help="prompt: SAM's mask is accepted where its IoU with the prompting region is at least this.")] = _R.accept_iou,
     positive_points: PositivePoints = _P.positive_points,
     negative_points: NegativePoints = _P.negative_points,

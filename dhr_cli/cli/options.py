@@ -15,7 +15,7 @@ from dhr_cli.config import MissingPolicy, OTSolver
 
 
 # ---- options shared by several commands (declared once) -------------------------------------
-DataRoot = Annotated[Path, typer.Option("--data", help="Dataset folder: flat, PASCAL VOC 2012 or DHR/MARS layout (auto-detected).")]
+DataRoot = Annotated[Path, typer.Option("--data", help="Dataset folder: flat, PASCAL VOC 2012, DHR/MARS, COCO 2014, COCO PNGs, ADE20K, Pascal Context or COCO-Stuff layout (auto-detected; dhr info ROOT says which).")]
 Split = Annotated[Optional[str], typer.Option("--split", help="Split name (splits/<S>.txt, ImageSets/Segmentation/<S>.txt, or <S>/ folder).")]
 OutStore = Annotated[Path, typer.Option("--out", help="Output HDF5 store (written as OUT.partial, renamed when complete).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")]
@@ -59,6 +59,32 @@ def crf_config(preset: "CrfPreset | None", max_side: int | None, backend: "CrfBa
     return cfg
 
 
+def _dataset_option(key: str):
+    """A callback that hands an option's value to every open_dataset() of this command
+    (dhr_cli.io.datasets.DATASET_OPTIONS): the readers' options need no plumbing through the pipeline."""
+
+    def set_option(value):
+        from dhr_cli.io.datasets import DATASET_OPTIONS
+
+        DATASET_OPTIONS.set({**DATASET_OPTIONS.get(), key: value})
+        return value
+
+    return set_option
+
+
+def _set_missing_images(skip: bool) -> bool:
+    _dataset_option("missing_images")("skip" if skip else "fail")
+    return skip
+
+
+SkipMissingImages = Annotated[bool, typer.Option(
+    "--skip-missing-images", callback=_set_missing_images,
+    help="COCO: leave out the images the annotation json lists but the image folder lacks (their count is "
+         "reported); without it such a json is an error naming the first missing file.")]
+GtCache = Annotated[Optional[Path], typer.Option(
+    "--gt-cache", callback=_dataset_option("gt_cache"), show_default=False,
+    help="COCO: the GT cache store (dhr info ROOT --build-cache); by default annotations/instances_<split>.gt.h5, "
+         "used whenever present and up to date.")]
 MissingItems = Annotated[MissingPolicy, typer.Option("--missing", help="Images of the split missing from an input store: fail, or skip (listed).")]
 OTSolverOpt = Annotated[OTSolver, typer.Option("--ot-solver", help="dhr: the authors' Sinkhorn (batched, their stopping rule); pot: POT's converged log-domain solver.")]
 SinkhornMaxIter = Annotated[Optional[int], typer.Option("--sinkhorn-max-iter", min=1, show_default=False, help=(

@@ -51,7 +51,7 @@ class COCODataset(Dataset):
     layout = "coco"
     convention = "background 0, the json's categories in ascending id -> 1..K, crowd regions 255"
 
-    def __init__(self, root: Path, split: str | None, missing: str = "fail"):
+    def __init__(self, root: Path, split: str | None, missing: str = "fail", gt_cache: str | os.PathLike | None = None):
         try:
             from pycocotools.coco import COCO  # noqa: F401
         except ImportError:
@@ -69,11 +69,13 @@ class COCODataset(Dataset):
         for img in coco.imgs.values():
             name = img["file_name"]
             (by_id.__setitem__(Path(name).stem, img) if name in present else absent.append(name))
+        self.skipped_missing = len(absent)
         if absent:
-            msg = f"{self._json}: {len(absent)} of {len(coco.imgs)} images are missing from {folder}, e.g. {absent[0]}"
+            absent.sort()
+            msg = f"{self._json}: {len(absent)} of {len(coco.imgs)} images are missing from {folder}, first {absent[0]}"
             if missing != "skip":
-                raise DatasetError(msg + " (skip them with missing='skip')")
-            logger.warning("%s; skipped", msg)
+                raise DatasetError(msg + " (pass --skip-missing-images to leave them out)")
+            logger.warning("%s; skipped (--skip-missing-images)", msg)
         for ann in coco.anns.values():
             if ann["category_id"] not in self._label_of:
                 raise DatasetError(f"{self._json}: annotation {ann['id']} has unknown category id {ann['category_id']}")
@@ -82,6 +84,12 @@ class COCODataset(Dataset):
                 raise DatasetError(f"{self._json}: annotation {ann['id']} has an empty segmentation")
         self._coco, self._folder, self._by_id = coco, folder, by_id
         super().__init__(root, split, classes, sorted(by_id))
+        self._cache_explicit = gt_cache is not None
+        self.cache_path = Path(gt_cache) if gt_cache is not None else default_gt_cache(self._json)
+        self._cache = None  # opened on the first gt() call, per process (HDF5 handles must not cross a fork)
+        self._cache_store = None
+        self._cache_pid = None
+        self.cache_state = "absent"
 
     @staticmethod
     def _load(path: Path):
@@ -119,6 +127,47 @@ class COCODataset(Dataset):
         return self._json
 
     def gt(self, item_id: str) -> np.ndarray:
+        """The cached mask when a valid GT cache holds it, else rasterise_gt()."""
+        cache = self._open_cache()
+        if cache is not None and item_id in self._cache_ids:
+            mask = cache[f"items/{item_id}/mask"][()]  # straight from HDF5 (checksummed): no Item bookkeeping
+            img = self._by_id[item_id]
+            if mask.dtype != np.uint8 or mask.shape != (img["height"], img["width"]):
+                raise DatasetError(f"{self.cache_path}: cached mask of {item_id} is {mask.shape[1]}x{mask.shape[0]} but "
+                                   f"{self._json.name} says {img['width']}x{img['height']}; rebuild it with --build-cache")
+            return mask
+        return self.rasterise_gt(item_id)
+
+    def _open_cache(self):
+        if self._cache_pid == os.getpid():
+            return self._cache
+        self._cache_pid = os.getpid()
+        self._cache = None
+        if not self.cache_path.is_file():
+            if self._cache_explicit:
+                raise DatasetError(f"{self.cache_path}: no such GT cache; build it with dhr info {self.root} --split "
+                                   f"{self.split} --build-cache --gt-cache {self.cache_path}")
+            return None
+        problem = gt_cache_problem(self.cache_path, self._json, self.classes)
+        if problem is None:
+            from dhr_cli.io.store import open_store
+
+            self._cache_store = open_store(self.cache_path, expect="masks")  # validates the root attributes
+            self._cache = self._cache_store._file
+            self._cache_ids = set(self._cache_store.ids)
+            self.cache_state = "valid"
+        else:
+            self.cache_state = "stale"
+            logger.warning("%s: GT cache not used (%s); rasterising on the fly; rebuild it with "
+                           "dhr info %s --split %s --build-cache", self.cache_path, problem, self.root, self.split)
+        return self._cache
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cache"], state["_cache_pid"], state["_cache_store"] = None, None, None
+        return state
+
+    def rasterise_gt(self, item_id: str) -> np.ndarray:
         """Crowd regions first (255), then every non-crowd object painted over them with its label."""
         img = self._by_id[item_id]
         mask = np.zeros((img["height"], img["width"]), np.uint8)
@@ -130,6 +179,100 @@ class COCODataset(Dataset):
 
     def describe(self) -> str:
         return f"{super().describe()} (COCO official files {self._json.name}; {self.convention})"
+
+
+# ---- GT cache: COCO instance GT rasterised once ----------------------------------------------
+def default_gt_cache(json_path: Path) -> Path:
+    """annotations/instances_<split>.json -> annotations/instances_<split>.gt.h5 (next to the json)."""
+    return json_path.with_name(json_path.stem + ".gt.h5")
+
+
+def json_fingerprint(path: Path, with_hash: bool = True) -> dict:
+    import hashlib
+
+    st = path.stat()
+    fp = {"gt_json_size": int(st.st_size), "gt_json_mtime_ns": int(st.st_mtime_ns)}
+    if with_hash:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        fp["gt_json_sha256"] = h.hexdigest()
+    return fp
+
+
+def gt_cache_problem(cache: Path, json_path: Path, classes: list[str]) -> str | None:
+    """None when `cache` is a GT cache of this very annotation file, else why not (one phrase).
+
+    Size and modification time decide; when only the time differs (a copy, a touch) the sha256
+    recorded at build time decides."""
+    import h5py
+
+    try:
+        with h5py.File(cache, "r") as f:
+            attrs = {k: f.attrs[k] for k in ("kind", "classes", "gt_json_size", "gt_json_mtime_ns", "gt_json_sha256")
+                     if k in f.attrs}
+    except OSError:
+        return "not readable as HDF5"
+    if "gt_json_size" not in attrs or "gt_json_sha256" not in attrs:
+        return "not a GT cache (no annotation fingerprint)"
+    kind = attrs.get("kind")
+    kind = kind.decode() if isinstance(kind, bytes) else str(kind)
+    stored_classes = attrs.get("classes")
+    stored_classes = stored_classes.decode() if isinstance(stored_classes, bytes) else str(stored_classes)
+    if kind != "masks" or json.loads(stored_classes) != list(classes):
+        return "its classes differ from the annotation file's"
+    now = json_fingerprint(json_path, with_hash=False)
+    if int(attrs["gt_json_size"]) != now["gt_json_size"]:
+        return f"{json_path.name} changed since it was built (size {int(attrs['gt_json_size'])} -> {now['gt_json_size']} bytes)"
+    if int(attrs["gt_json_mtime_ns"]) != now["gt_json_mtime_ns"]:
+        digest = attrs["gt_json_sha256"]
+        digest = digest.decode() if isinstance(digest, bytes) else str(digest)
+        if json_fingerprint(json_path)["gt_json_sha256"] != digest:
+            return f"{json_path.name} changed since it was built (same size, different content)"
+    return None
+
+
+def build_gt_cache(ds: "COCODataset", cache: str | os.PathLike | None = None, *, quiet: bool = False) -> dict:
+    """Rasterise every image's GT of a COCO split once into a masks store (the GT cache).
+
+    Written atomically (CACHE.partial, renamed at the end); an interrupted build resumes; a cache
+    that is up to date is left alone, a stale one replaced. Returns {path, written, state}."""
+    from dhr_cli.io.progress import track
+    from dhr_cli.io.store import _partial, create_store, make_provenance, open_store
+
+    if not isinstance(ds, COCODataset):
+        raise DatasetError(f"{ds.root}: --build-cache is for COCO official annotation files (layout coco); "
+                           f"this is the {ds.layout} layout, whose GT is read from PNGs as it is")
+    path = Path(cache) if cache is not None else ds.cache_path
+    state = "new"
+    if path.is_file():
+        problem = gt_cache_problem(path, ds._json, ds.classes)
+        if problem is None:
+            with open_store(path, expect="masks") as s:
+                cached = set(s.ids)
+            todo = [i for i in ds.ids if i not in cached]
+            if not todo:
+                return {"path": str(path), "written": 0, "state": "up to date", "items": len(ds)}
+            state = "completed"
+        else:
+            logger.warning("%s: %s; rebuilding it", path, problem)
+            state = "rebuilt"
+    overwrite = state == "rebuilt"
+    partial = _partial(path)
+    if partial.is_file() and not overwrite and gt_cache_problem(partial, ds._json, ds.classes) is not None:
+        overwrite = True  # a partial build of another annotation file: start again
+    fingerprint = json_fingerprint(ds._json)
+    provenance = make_provenance("info --build-cache", {"split": ds.split}, inputs={"annotations": ds._json})
+    provenance.pop("input_ids")  # the fingerprint in the root attributes decides what is stale
+    written = 0
+    with create_store(path, "masks", ds.classes, provenance=provenance, overwrite=overwrite,
+                      resume=not overwrite, root_attrs={**fingerprint, "gt_cache_of": ds._json.name}) as w:
+        for item_id in track([i for i in ds.ids if i not in w.done], "rasterise GT", quiet=quiet):
+            w.write(item_id, {"mask": ds.rasterise_gt(item_id)})
+            written += 1
+    ds._cache_pid = None  # reopen on the next gt()
+    return {"path": str(path), "written": written, "state": state, "items": len(ds)}
 
 
 # ---- COCO, the community's converted PNGs ---------------------------------------------------

@@ -3,6 +3,8 @@
     flat   ROOT/classes.txt, images/<id>.jpg|png, [masks/<id>.png], [labels.json], [splits/<S>.txt]
     voc    PASCAL VOC 2012: JPEGImages/, SegmentationClass(Aug)/, ImageSets/Segmentation/<S>.txt, Annotations/*.xml
     dhr    DHR / MARS: ROOT/<S>/image/*.jpg, ROOT/<S>/mask/*.png, ROOT/<S>/xml/*.xml
+    coco, coco-png, ade20k            dhr_cli/io/coco.py
+    pascal-context, coco-stuff        dhr_cli/io/scenes.py
 
 Every reader yields the same thing: ids, RGB images, image-level labels (foreground label
 values) and, when present, ground-truth masks as class indices (255 = ignore).
@@ -14,6 +16,7 @@ import json
 import logging
 import os
 import xml.etree.ElementTree as ET
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -355,9 +358,9 @@ class DHRDataset(Dataset):
 
 def detect_layout(root: Path) -> tuple[str, Path]:
     """(layout, resolved root) or DatasetError saying why nothing fits."""
-    from dhr_cli.io import coco
+    from dhr_cli.io import coco, scenes
 
-    found = coco.detect(root)
+    found = coco.detect(root) + scenes.detect(root)
     if (root / "classes.txt").is_file() and (root / "images").is_dir():
         found.insert(0, ("flat", root))
     if len(found) > 1:
@@ -372,23 +375,40 @@ def detect_layout(root: Path) -> tuple[str, Path]:
     raise DatasetError(
         f"{root}: matches no dataset layout (flat needs classes.txt and images/; "
         "PASCAL VOC needs JPEGImages/; DHR/MARS needs <split>/image/; COCO needs annotations/instances_<split>.json, "
-        "coco_seg_anno/ or SegmentationClass/<split>/; ADE20K needs images/training|validation and annotations/)"
+        "coco_seg_anno/ or SegmentationClass/<split>/; ADE20K needs images/training|validation and annotations/; "
+        "Pascal Context needs JPEGImages/ and SegmentationClassContext/ (or trainval/) PNGs; "
+        "COCO-Stuff needs stuffthingmaps_trainval2017/)"
     )
 
 
-def open_dataset(root: str | os.PathLike, split: str | None = None) -> Dataset:
-    """Open a dataset folder of any supported layout (auto-detected)."""
+# Reader options a CLI command sets once from its own options (--skip-missing-images, --gt-cache;
+# dhr_cli/cli/options.py) for every open_dataset() of that command; explicit arguments win.
+DATASET_OPTIONS: ContextVar[dict] = ContextVar("dhr_dataset_options", default={})
+
+
+def open_dataset(root: str | os.PathLike, split: str | None = None, *, missing_images: str | None = None,
+                 gt_cache: str | os.PathLike | None = None) -> Dataset:
+    """Open a dataset folder of any supported layout (auto-detected).
+
+    COCO official files only: `missing_images` "fail" (default) or "skip" for images the json lists
+    but the folder lacks; `gt_cache` a GT cache store other than the default next to the json
+    (dhr_cli.io.coco.build_gt_cache)."""
     root = Path(root)
     if not root.exists():
         raise DatasetError(f"{root}: no such folder")
     if not root.is_dir():
         raise DatasetError(f"{root}: is a file, expected a dataset folder")
     layout, resolved = detect_layout(root)
-    from dhr_cli.io.coco import READERS
+    from dhr_cli.io import coco, scenes
 
-    cls = {"flat": FlatDataset, "voc": VOCDataset, "dhr": DHRDataset, **READERS}[layout]
+    cls = {"flat": FlatDataset, "voc": VOCDataset, "dhr": DHRDataset, **coco.READERS, **scenes.READERS}[layout]
+    opts = DATASET_OPTIONS.get()
+    extra = {}
+    if layout == "coco":
+        extra = {"missing": missing_images or opts.get("missing_images") or "fail",
+                 "gt_cache": gt_cache if gt_cache is not None else opts.get("gt_cache")}
     try:
-        ds = cls(resolved, split)
+        ds = cls(resolved, split, **extra)
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"{getattr(e, 'filename', None) or resolved}: cannot be read ({e.__class__.__name__})") from None
     logger.info("found %s", ds.describe())

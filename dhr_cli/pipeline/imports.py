@@ -228,3 +228,56 @@ def read_label_vectors(path: Path, num_foreground: int | None = None, trust: boo
         for form in _id_forms(key):
             out[form] = values
     return out
+
+
+LABEL_FILE_HELP = ("labels: IRN cls_labels.npy / ToCo cls_labels_onehot.npy ({id: (K,) 0/1 vector over the "
+                   "foreground classes}) -> a labels.json of image-level labels ({id: [class names]}), the file "
+                   "the flat layout reads as ROOT/labels.json")
+
+
+def run_import_labels(src: str | Path, dataset, out: str | Path, *, overwrite: bool = False, missing: str = "fail",
+                      trust: bool = False) -> dict:
+    """An image-level label file of another tool -> labels.json for the images of `dataset`'s split.
+
+    Vector index i is foreground class i: label value i + 1 when the dataset's class 0 is background,
+    i otherwise; the vectors must have one entry per foreground class. Keys are matched in every form
+    _id_forms() knows (IRN's int ids, COCO's 12-digit numbers). Written atomically (OUT.partial, renamed)."""
+    import json
+    import os
+
+    from dhr_cli.io.store import check_output_path
+
+    src, out = Path(src), Path(out)
+    if not src.is_file():
+        raise InputError(f"{src}: no such label file (expected cls_labels.npy or cls_labels_onehot.npy)")
+    check_output_path(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out}: already exists; pass --overwrite to replace it")
+    offset = 1 if dataset.has_background else 0
+    n_fg = len(dataset.classes) - offset
+    raw = _load_npy_dict(src, trust)
+    sizes = {np.asarray(_as_np(v)).size for v in raw.values()}
+    if sizes and sizes != {n_fg}:
+        raise InputError(f"{src}: label vectors have {'/'.join(map(str, sorted(sizes)))} entries but {dataset.root} "
+                         f"has {n_fg} foreground classes ({dataset.layout} layout)")
+    vectors = read_label_vectors(src, n_fg, trust)
+    labels, absent = {}, []
+    for item_id in dataset.ids:
+        values = vectors.get(item_id)
+        if values is None and len(item_id) > 12:
+            values = vectors.get(item_id[-12:])  # COCO_train2014_000000000009 -> 000000000009
+        if values is None:
+            absent.append(item_id)
+            continue
+        labels[item_id] = [dataset.classes[v - 1 + offset] for v in values]
+    if not labels:
+        key = next(iter(raw), None)
+        raise InputError(f"{src}: none of its {len(raw)} keys names an image of split {dataset.split or '(all)'} of "
+                         f"{dataset.root} (e.g. key {key!r}, image {dataset.ids[0]!r})")
+    if absent and missing != "skip":
+        raise InputError(f"{src}: no labels for {len(absent)} of the split's {len(dataset)} images, first "
+                         f"{absent[0]}; pass --missing skip to leave them out")
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps(labels, indent=0, sort_keys=True) + "\n")
+    os.replace(partial, out)
+    return {"written": len(labels), "missing": absent, "keys": len(raw)}

@@ -58,7 +58,31 @@ def describe_dataset(root: Path, split: str | None = None) -> dict:
         "sampled": min(len(ds), _SAMPLE),
         "has_gt": ds.has_gt,
         "labels": dict(counts.most_common()),
+        **_coco_extras(ds),
     }
+
+
+def _coco_extras(ds) -> dict:
+    """COCO official files: images skipped as missing, and the state of the GT cache."""
+    if ds.layout != "coco":
+        return {}
+    from dhr_cli.io.coco import gt_cache_problem
+    from dhr_cli.io.store import open_store
+
+    extras = {"skipped_missing_images": ds.skipped_missing} if ds.skipped_missing else {}
+    path = ds.cache_path
+    if not path.is_file():
+        state = f"none (build it with dhr info {ds.root} --split {ds.split} --build-cache)"
+    else:
+        problem = gt_cache_problem(path, ds._json, ds.classes)
+        if problem is None:
+            with open_store(path, expect="masks") as s:
+                cached = set(s.ids)
+            covered = sum(i in cached for i in ds.ids)
+            state = f"{path}: up to date, {covered} of {len(ds)} images"
+        else:
+            state = f"{path}: stale ({problem}); not used"
+    return {**extras, "gt_cache": state}
 
 
 def describe(path: Path, split: str | None = None) -> dict:

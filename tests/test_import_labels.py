@@ -1,0 +1,99 @@
+"""`dhr import labels`: IRN cls_labels.npy / ToCo cls_labels_onehot.npy -> labels.json the flat layout reads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dhr_cli.cli import app
+from dhr_cli.io.datasets import open_dataset
+
+CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat"]
+IDS = ["2007_000032", "2007_000039", "2011_003271"]
+
+
+def _cli(*args):
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    return r.exit_code, r.output
+
+
+def _flat(root: Path, classes=CLASSES) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    for i in IDS:
+        Image.new("RGB", (8, 6)).save(root / "images" / f"{i}.png")
+    return root
+
+
+def _vectors(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for i in IDS:
+        v = np.zeros(n, np.float32)
+        v[rng.choice(n, rng.integers(1, n), replace=False)] = 1
+        out[i] = v
+    return out
+
+
+@pytest.mark.parametrize("irn", [True, False])
+def test_label_file_to_labels_json_read_by_flat(tmp_path, irn):
+    root = _flat(tmp_path / "flat")
+    vecs = _vectors(4)
+    # IRN keys: int with the underscore dropped; ToCo: the id string
+    data = {int(i.replace("_", "")): v for i, v in vecs.items()} if irn else dict(vecs)
+    src = tmp_path / ("cls_labels.npy" if irn else "cls_labels_onehot.npy")
+    np.save(src, data, allow_pickle=True)
+    code, output = _cli("import", "labels", src, "--data", root, "--out", root / "labels.json")
+    assert code == 0 and "3 images from 3 entries" in output, output
+    written = json.loads((root / "labels.json").read_text())
+    expected = {i: [CLASSES[j + 1] for j in np.flatnonzero(v)] for i, v in vecs.items()}  # index j -> class j+1
+    assert written == expected
+    ds = open_dataset(root)  # the flat layout now takes its image-level labels from the file
+    for i, v in vecs.items():
+        assert ds.labels(i) == (np.flatnonzero(v) + 1).tolist()
+
+
+def test_no_background_dataset_and_coco_int_keys(tmp_path):
+    pytest.importorskip("pycocotools")
+    from tests.test_coco_layouts import make_coco
+
+    root = make_coco(tmp_path / "coco")  # classes background, person, car, dog; ids COCO_train2014_<12 digits>
+    np.save(tmp_path / "l.npy", {9: np.array([0, 1, 1.0]), 25: np.array([1, 0, 0.0]), 30: np.zeros(3)}, allow_pickle=True)
+    code, output = _cli("import", "labels", tmp_path / "l.npy", "--data", root, "--out", tmp_path / "labels.json")
+    assert code == 0, output
+    assert json.loads((tmp_path / "labels.json").read_text()) == {
+        "COCO_train2014_000000000009": ["car", "dog"], "COCO_train2014_000000000025": ["person"],
+        "COCO_train2014_000000000030": []}
+    # a dataset without background: vector index i is class i
+    nobg = _flat(tmp_path / "nobg", ["wall", "floor"])
+    np.save(tmp_path / "n.npy", {i: np.array([0, 1.0]) for i in IDS}, allow_pickle=True)
+    code, output = _cli("import", "labels", tmp_path / "n.npy", "--data", nobg, "--out", tmp_path / "n.json")
+    assert code == 0 and set(map(tuple, json.loads((tmp_path / "n.json").read_text()).values())) == {("floor",)}
+
+
+def test_bad_label_files(tmp_path):
+    root = _flat(tmp_path / "flat")
+    out = tmp_path / "labels.json"
+    np.save(tmp_path / "k21.npy", _vectors(20), allow_pickle=True)
+    code, output = _cli("import", "labels", tmp_path / "k21.npy", "--data", root, "--out", out)
+    assert code != 0 and "k21.npy: label vectors have 20 entries but" in output and "has 4 foreground classes" in output
+    assert "Traceback" not in output and not out.exists()
+    np.save(tmp_path / "other.npy", {"COCO_val2014_000000000042": np.ones(4)}, allow_pickle=True)
+    code, output = _cli("import", "labels", tmp_path / "other.npy", "--data", root, "--out", out)
+    assert code != 0 and "other.npy: none of its 1 keys names an image" in output and not out.exists()
+    part = {k: v for k, v in _vectors(4).items() if k != "2011_003271"}
+    np.save(tmp_path / "part.npy", part, allow_pickle=True)
+    code, output = _cli("import", "labels", tmp_path / "part.npy", "--data", root, "--out", out)
+    assert code != 0 and "no labels for 1 of the split's 3 images, first 2011_003271" in output and not out.exists()
+    code, output = _cli("import", "labels", tmp_path / "part.npy", "--data", root, "--out", out, "--missing", "skip")
+    assert code == 0 and "left out: 2011_003271" in output and len(json.loads(out.read_text())) == 2
+    code, output = _cli("import", "labels", tmp_path / "part.npy", "--data", root, "--out", out)
+    assert code != 0 and "already exists; pass --overwrite" in output
+    (tmp_path / "evil.npy").write_bytes(b"not a numpy file")
+    code, output = _cli("import", "labels", tmp_path / "evil.npy", "--data", root, "--out", out, "--overwrite")
+    assert code != 0 and "evil.npy: not a readable .npy file" in output and "Traceback" not in output
