@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from dhr_cli.cli.options import (
+    MaxPixels,
     BatchSize,
     DataRoot,
     Device,
@@ -25,7 +26,7 @@ from dhr_cli.cli.options import (
     out,
     user_errors,
 )
-from dhr_cli.config import CamsConfig
+from dhr_cli.config import MAX_PIXELS, CamsConfig
 
 _D = CamsConfig()
 _WSS = "lite0, resnet (resnet50, resnet101), mctformer, dhr"
@@ -65,6 +66,7 @@ def cams_cmd(
     batch_size: BatchSize = _D.batch_size,
     overwrite: Overwrite = False,
     resume: Resume = False,
+    max_pixels: MaxPixels = MAX_PIXELS,  # applied by the option's callback
     quiet: Quiet = False,
 ) -> None:
     from dhr_cli.errors import InputError

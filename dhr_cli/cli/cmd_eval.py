@@ -7,8 +7,8 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from dhr_cli.cli.options import DataRoot, Overwrite, Quiet, Split, app, out, user_errors
-from dhr_cli.config import EvalConfig
+from dhr_cli.cli.options import DataRoot, MaxPixels, Overwrite, Quiet, Split, app, out, user_errors
+from dhr_cli.config import MAX_PIXELS, EvalConfig
 
 _D = EvalConfig()
 
@@ -33,6 +33,7 @@ def eval_cmd(
     skip_background_only: Annotated[bool, typer.Option("--skip-background-only/--keep-background-only", help="Drop GT images with no foreground class (DHR's evaluator does).")] = _D.skip_background_only,
     top: Annotated[int, typer.Option("--top", min=0, help="Images listed where methods differ most; worst/most-improved images in the report.")] = _D.report_images,
     overwrite: Overwrite = False,
+    max_pixels: MaxPixels = MAX_PIXELS,  # applied by the option's callback
     quiet: Quiet = False,
 ) -> None:
     from dhr_cli.pipeline.evaluate import run_eval, write_json

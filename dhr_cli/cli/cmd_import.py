@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from dhr_cli.config import MAX_PIXELS
 from dhr_cli.cli.options import (
+    MaxPixels,
     DataRoot,
     MissingItems,
     OutStore,
@@ -41,6 +43,7 @@ def import_cmd(
         "Read the .npy pickles with np.load(allow_pickle=True): runs code from the files; only for files you trust."))] = False,
     overwrite: Overwrite = False,
     resume: Resume = False,
+    max_pixels: MaxPixels = MAX_PIXELS,  # applied by the option's callback
     quiet: Quiet = False,
 ) -> None:
     from dhr_cli.cli.options import check_choice

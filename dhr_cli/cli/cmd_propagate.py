@@ -8,6 +8,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from dhr_cli.cli.options import (
+    MaxPixels,
     BatchSize,
     Crf,
     CrfBackendOpt,
@@ -36,7 +37,7 @@ from dhr_cli.cli.options import (
     sinkhorn_config,
     user_errors,
 )
-from dhr_cli.config import Marginals, PropagateConfig, PropagateMethod, RandomWalkConfig, SinkhornConfig
+from dhr_cli.config import MAX_PIXELS, Marginals, PropagateConfig, PropagateMethod, RandomWalkConfig, SinkhornConfig
 
 _P, _D, _R = PropagateConfig(), SinkhornConfig(), RandomWalkConfig()
 
@@ -88,6 +89,7 @@ def propagate_cmd(
     missing: MissingItems = "fail",
     overwrite: Overwrite = False,
     resume: Resume = False,
+    max_pixels: MaxPixels = MAX_PIXELS,  # applied by the option's callback
     quiet: Quiet = False,
 ) -> None:
     from dhr_cli.errors import InputError

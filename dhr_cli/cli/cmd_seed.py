@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from dhr_cli.cli.options import (
+    MaxPixels,
     BatchSize,
     Crf,
     CrfBackendOpt,
@@ -31,7 +32,7 @@ from dhr_cli.cli.options import (
     sinkhorn_config,
     user_errors,
 )
-from dhr_cli.config import SeedConfig, SinkhornConfig
+from dhr_cli.config import MAX_PIXELS, SeedConfig, SinkhornConfig
 
 _S, _D = SeedConfig(), SinkhornConfig()
 
@@ -60,6 +61,7 @@ def seed_cmd(
     missing: MissingItems = "fail",
     overwrite: Overwrite = False,
     resume: Resume = False,
+    max_pixels: MaxPixels = MAX_PIXELS,  # applied by the option's callback
     quiet: Quiet = False,
 ) -> None:
     from dhr_cli.errors import InputError

@@ -391,6 +391,8 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
         logger.info("%d images without foreground labels are left out of training", len(dataset.ids) - len(ids))
     if not ids:
         raise DatasetError(f"{data}: no training image has a foreground label")
+    for item_id in ids:  # headers only (missing, undecodable, above --max-pixels): fail before the run folder exists
+        dataset.image_size(item_id)
     if cfg.dhr and uss_spec is None:
         raise InputError("DHR training needs USS features: pass --uss USS.h5 (or --no-dhr to train on --masks only)")
     inputs = {"data": str(data), "split": split, "masks": str(masks_path), "uss": None if uss_spec is None else str(uss_spec),
