@@ -22,6 +22,8 @@ def test_labels_json_with_non_string_labels_is_one_line(tmp_path, bad):
 # ---- the commands, end to end: exit 1 (2 for usage errors), one line naming the file, no output --------
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 from typer.testing import CliRunner  # noqa: E402
 
 from dhr_cli.cli import app  # noqa: E402
@@ -52,6 +54,16 @@ def _png(tmp: Path) -> Path:
     p = tmp / "model.pt"
     Image.new("RGB", (4, 4)).save(p, format="PNG")
     return p
+
+
+def _empty_features(d: Path, t: Path) -> Path:
+    """A features store whose every item is (32, 0, 0): read in `dhr train`'s DataLoader workers."""
+    from dhr_cli.io.datasets import open_dataset
+    from tests.helpers import write_plain_store
+
+    ds = open_dataset(d)
+    items = {i: ("features", np.zeros((32, 0, 0), np.float16), {"image_size": list(ds.image_size(i))}) for i in ds.ids}
+    return write_plain_store(t / "empty_feat.h5", "features", ds.classes, items)
 
 
 def _existing(tmp: Path) -> Path:
@@ -87,6 +99,11 @@ _CASES = {
     "cams: --save-head in a missing folder": lambda d, t: (["cams", "--data", d, "--wss", "lite0", "--train-head",
                                                             "--save-head", t / "nodir" / "h.pt", "--out", t / "o.h5"],
                                                            "nodir", t / "o.h5"),
+    # a DhrError raised in a DataLoader worker: its own line, not torch's re-wrapped worker traceback
+    "train: 0x0 --uss features (in workers)": lambda d, t: (
+        ["train", "--data", d, "--masks", d / "masks", "--uss", _empty_features(d, t), "--out", t / "run",
+         "--backbone", "resnet18", "--epochs", "1", "--batch-size", "2", "--workers", "2", "--device", "cpu"],
+        "empty_feat.h5", None),
 }
 
 
@@ -100,5 +117,6 @@ def test_bad_input_is_one_line_naming_the_file(synth, tmp_path, case):
     assert isinstance(r.exception, SystemExit), r.exception  # no traceback
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and named in lines[0], r.output
+    assert len(lines[0]) < 400 and "Traceback" not in lines[0], lines[0]
     if output is not None:
         assert not output.exists() and not Path(str(output) + ".partial").exists()
