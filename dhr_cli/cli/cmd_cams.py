@@ -84,10 +84,9 @@ def cams_cmd(
                          store_dtype=dtype, **extra)
     except ValueError as e:
         raise InputError(f"--scales / --dtype: {e}") from None
-    if out_path.exists() and not (overwrite or resume):  # before any slow work (head fitting, model loading)
-        from dhr_cli.errors import StoreError
+    from dhr_cli.io.store import check_output
 
-        raise StoreError(f"{out_path}: already exists; pass --overwrite to replace it or --resume to complete it")
+    check_output(out_path, overwrite=overwrite, resume=resume)  # before any slow work (head fitting, model loading)
     from dhr_cli.io.distributed import device_for_rank
 
     dev = resolve_device(device_for_rank(device))  # under torchrun: this rank's GPU
@@ -103,10 +102,8 @@ def cams_cmd(
         raise InputError("--wss lite0 needs a CAM head: pass --train-head (fit on this split's labels) or --head PATH")
     if train_head and head:
         raise InputError("--train-head and --head exclude each other")
-    if save_head:  # checked before the head is fitted, not after
-        from dhr_cli.io.store import check_output_path
-
-        check_output_path(save_head)
+    if save_head:  # checked before the head is fitted, not after (a head file is replaced: it is small and cheap)
+        check_output(save_head, overwrite=True, resumable=False)
     if train_head:
         err.print(f"fitting the lite0 CAM head on {len(ds)} images ({cfg.head_steps} steps)", markup=False)
     source = open_source(name, ds, kind=kind, weights=weights, device=dev, cfg=cfg,

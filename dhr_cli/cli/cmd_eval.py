@@ -44,14 +44,12 @@ def eval_cmd(
         on_missing=on_missing,  # type: ignore[arg-type]
         report_images=top,
     )
+    from dhr_cli.io.store import check_output
+
     if json_path is not None:  # fail before the (long) scoring, not after
-        from dhr_cli.io.store import check_output_path
-
-        check_output_path(json_path)
-    if report is not None:  # fail before the (long) scoring, not after
-        from dhr_cli.pipeline.report import check_report_dir
-
-        check_report_dir(report, overwrite)
+        check_output(json_path, overwrite=overwrite, resumable=False)
+    if report is not None:
+        check_output(report, folder=True, overwrite=overwrite, resumable=False)
     result = run_eval(list(pred) + list(compare or []), data, split, cfg, names=names, quiet=quiet)
     _print(result, top)
     if json_path is not None:

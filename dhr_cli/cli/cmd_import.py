@@ -50,6 +50,9 @@ def import_cmd(
     from dhr_cli.io.datasets import open_dataset
     from dhr_cli.io.store import make_provenance
     from dhr_cli.pipeline.imports import FORMATS, run_import
+    from dhr_cli.io.store import check_output
+
+    check_output(out_path, overwrite=overwrite, resume=resume)  # before any work: the shared output check
 
     check_choice("FORMAT", fmt, tuple(FORMATS))
     ds = open_dataset(data, split)

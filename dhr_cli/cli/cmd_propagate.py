@@ -95,6 +95,9 @@ def propagate_cmd(
     from dhr_cli.errors import InputError
     from dhr_cli.pipeline.cams import pair_weights
     from dhr_cli.pipeline.propagate import run_propagate
+    from dhr_cli.io.store import check_output
+
+    check_output(out, overwrite=overwrite, resume=resume)  # before any work: the shared output check
 
     try:
         cfg = PropagateConfig(

@@ -51,6 +51,9 @@ def refine_cmd(
 ) -> None:
     from dhr_cli.errors import InputError
     from dhr_cli.pipeline.refine import run_refine
+    from dhr_cli.io.store import check_output
+
+    check_output(out_store, overwrite=overwrite, resume=resume)  # before any work: the shared output check
 
     try:
         cfg = RefineConfig(

@@ -66,6 +66,9 @@ def seed_cmd(
 ) -> None:
     from dhr_cli.errors import InputError
     from dhr_cli.pipeline.seed import run_seed
+    from dhr_cli.io.store import check_output
+
+    check_output(out, overwrite=overwrite, resume=resume)  # before any work: the shared output check
 
     try:
         cfg = SeedConfig(sinkhorn=sinkhorn_config(ot_solver, sinkhorn_max_iter, sinkhorn_tol, sinkhorn_eps),
