@@ -209,6 +209,15 @@ _CASES = {
     "predict: model classes differ from the dataset's": lambda d, t: (
         ["predict", "--model", _model_other_classes(t), "--data", d, "--out", t / "o.h5", "--scales", "1",
          "--no-crf", "--device", "cpu"], "run3", t / "o.h5"),
+    "refine: wrong-kind --masks": lambda d, t: (["refine", "--masks", d / "cams.h5", "--data", d, "--sam", "vit_b",
+                                                 "--sam-weights", t / "sam.pth", "--out", t / "o.h5"],
+                                                "cams.h5", t / "o.h5"),
+    "refine: missing --sam-weights": lambda d, t: (["refine", "--masks", d.parent / "seeds.h5", "--data", d, "--sam",
+                                                    "vit_b", "--sam-weights", t / "nope.pth", "--out", t / "o.h5"],
+                                                   "nope.pth", t / "o.h5"),
+    "refine: existing output": lambda d, t: (["refine", "--masks", d.parent / "seeds.h5", "--data", d, "--sam",
+                                              "vit_b", "--sam-weights", t / "nope.pth", "--out", _existing(t)],
+                                             "exists.h5", None),
     # the one output check (io/store.py check_output), run by every command before its work
     "seed: existing output": lambda d, t: (["seed", "--cams", d / "cams.h5", "--data", d, "--out", _existing(t)],
                                            "exists.h5", None),
