@@ -12,6 +12,16 @@ from typing import Literal
 
 IGNORE_INDEX = 255  # the one label value meaning "unsure / ignore" in every mask
 
+# Images (and masks) above this many pixels are refused from their header, before anything is decoded
+# (--max-pixels of every command that reads a dataset; 0 = no limit). 100 megapixels admits a
+# 10000x10000 photo, 10x a 30 MP camera frame and ~500x a VOC image; the next power of ten (a 20000x20000
+# decompression bomb, a few KB on disk) would need tens of GB in the float maps a command keeps per image.
+MAX_PIXELS = 100_000_000
+# --scales of `dhr cams` / `dhr predict`: each in (0, MAX_SCALE], at most MAX_SCALES of them (the paper
+# uses 0.5..2.0, four scales; memory of a pass grows with the square of its scale, time with their number).
+MAX_SCALE = 4.0
+MAX_SCALES = 8
+
 OTSolver = Literal["dhr", "pot"]
 Marginals = Literal["seeded", "uniform"]
 PropagateMethod = Literal["dhr", "cam", "rw"]
@@ -21,6 +31,11 @@ MissingPolicy = Literal["fail", "skip"]  # images of the split missing from an i
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
+
+
+def _check_scales(name: str, scales: tuple[float, ...]) -> None:
+    _check(1 <= len(scales) <= MAX_SCALES and all(0 < s <= MAX_SCALE for s in scales),
+           f"{name} must be 1 to {MAX_SCALES} values in (0, {MAX_SCALE:g}], got {scales}")
 
 
 # Each solver's own iteration cap and tolerance, used where SinkhornConfig leaves them None:
@@ -193,8 +208,8 @@ class CamsConfig:
     head_last_stage: bool = False  # also fine-tune blocks.6 (slower)
 
     def __post_init__(self) -> None:
-        _check(len(self.scales) >= 1 and all(s > 0 for s in self.scales), f"scales must be > 0, got {self.scales}")
-        _check(len(self.uss_scales) >= 1 and all(s > 0 for s in self.uss_scales), f"uss_scales must be > 0, got {self.uss_scales}")
+        _check_scales("scales", self.scales)
+        _check_scales("uss_scales", self.uss_scales)
         _check(self.side is None or self.side >= 16, f"side must be >= 16, got {self.side}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.store_dtype in ("float16", "float32"), f"store_dtype must be float16 or float32, got {self.store_dtype!r}")
@@ -266,7 +281,7 @@ class PredictConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        _check(len(self.scales) >= 1 and all(s > 0 for s in self.scales), f"scales must be > 0, got {self.scales}")
+        _check_scales("scales", self.scales)
         _check(0 <= self.class_threshold < 1, f"class_threshold must be in [0, 1), got {self.class_threshold}")
 
 

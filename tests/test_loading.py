@@ -32,3 +32,34 @@ def test_worker_errors_reach_the_caller(tmp_path):
     with pytest.raises(DatasetError, match=r"^\S*i4.png: cannot decode image \(\w+\)$"):
         for _ in iterate_batches(ds.ids, functools.partial(_image_and_labels, ds), batch_size=2, workers=2):
             pass
+
+
+class _Tensors:
+    """A map-style dataset as `dhr train` has one: item 5 raises a StoreError."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        import torch
+
+        from dhr_cli.errors import StoreError
+
+        if index == 5:
+            raise StoreError("feat.h5: item 'x5' has shape (32, 0, 0), expected (channels, h, w)")
+        return {"x": torch.full((2,), float(index))}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_any_dhr_error_in_a_worker_is_reraised_with_its_own_message(workers):
+    """Not torch's re-wrapping ("Caught StoreError in DataLoader worker process 0. Original Traceback ...")."""
+    from dhr_cli.errors import StoreError
+    from dhr_cli.io.loading import error_carrying_loader, raise_carried
+
+    loader = error_carrying_loader(_Tensors(), batch_size=2, num_workers=workers)
+    seen = []
+    with pytest.raises(StoreError) as e:
+        for batch in raise_carried(loader):
+            seen += batch["x"][:, 0].tolist()
+    assert str(e.value) == "feat.h5: item 'x5' has shape (32, 0, 0), expected (channels, h, w)"
+    assert seen == [0.0, 1.0, 2.0, 3.0]  # default collate of the batches before it

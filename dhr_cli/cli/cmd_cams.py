@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from dhr_cli.cli.options import (
+    MaxPixels,
     BatchSize,
     DataRoot,
     Device,
@@ -26,7 +27,7 @@ from dhr_cli.cli.options import (
     out,
     user_errors,
 )
-from dhr_cli.config import CamsConfig
+from dhr_cli.config import MAX_PIXELS, CamsConfig
 
 _D = CamsConfig()
 _WSS = "lite0, resnet (resnet50, resnet101), mctformer, dhr"
@@ -70,6 +71,7 @@ def cams_cmd(
     batch_size: BatchSize = _D.batch_size,
     overwrite: Overwrite = False,
     resume: Resume = False,
+    max_pixels: MaxPixels = MAX_PIXELS,  # applied by the option's callback
     quiet: Quiet = False,
 ) -> None:
     from dhr_cli.errors import InputError
@@ -87,10 +89,9 @@ def cams_cmd(
                          store_dtype=dtype, feature_rank=feature_rank, **extra)
     except ValueError as e:
         raise InputError(f"--scales / --dtype: {e}") from None
-    if out_path.exists() and not (overwrite or resume):  # before any slow work (head fitting, model loading)
-        from dhr_cli.errors import StoreError
+    from dhr_cli.io.store import check_output
 
-        raise StoreError(f"{out_path}: already exists; pass --overwrite to replace it or --resume to complete it")
+    check_output(out_path, overwrite=overwrite, resume=resume)  # before any slow work (head fitting, model loading)
     from dhr_cli.io.distributed import device_for_rank
 
     dev = resolve_device(device_for_rank(device))  # under torchrun: this rank's GPU
@@ -106,10 +107,8 @@ def cams_cmd(
         raise InputError("--wss lite0 needs a CAM head: pass --train-head (fit on this split's labels) or --head PATH")
     if train_head and head:
         raise InputError("--train-head and --head exclude each other")
-    if save_head:  # checked before the head is fitted, not after
-        from dhr_cli.io.store import check_output_path
-
-        check_output_path(save_head)
+    if save_head:  # checked before the head is fitted, not after (a head file is replaced: it is small and cheap)
+        check_output(save_head, overwrite=True, resumable=False)
     if train_head:
         err.print(f"fitting the lite0 CAM head on {len(ds)} images ({cfg.head_steps} steps)", markup=False)
     source = open_source(name, ds, kind=kind, weights=weights, device=dev, cfg=cfg,

@@ -7,8 +7,8 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from dhr_cli.cli.options import DataRoot, GtCache, Overwrite, Quiet, SkipMissingImages, Split, app, out, user_errors
-from dhr_cli.config import EvalConfig
+from dhr_cli.cli.options import DataRoot, GtCache, MaxPixels, Overwrite, Quiet, SkipMissingImages, Split, app, out, user_errors
+from dhr_cli.config import MAX_PIXELS, EvalConfig
 
 _D = EvalConfig()
 
@@ -35,6 +35,7 @@ def eval_cmd(
     gt_cache: GtCache = None,
     skip_missing_images: SkipMissingImages = False,
     overwrite: Overwrite = False,
+    max_pixels: MaxPixels = MAX_PIXELS,  # applied by the option's callback
     quiet: Quiet = False,
 ) -> None:
     from dhr_cli.pipeline.evaluate import run_eval, write_json
@@ -45,14 +46,12 @@ def eval_cmd(
         on_missing=on_missing,  # type: ignore[arg-type]
         report_images=top,
     )
+    from dhr_cli.io.store import check_output
+
     if json_path is not None:  # fail before the (long) scoring, not after
-        from dhr_cli.io.store import check_output_path
-
-        check_output_path(json_path)
-    if report is not None:  # fail before the (long) scoring, not after
-        from dhr_cli.pipeline.report import check_report_dir
-
-        check_report_dir(report, overwrite)
+        check_output(json_path, overwrite=overwrite, resumable=False)
+    if report is not None:
+        check_output(report, folder=True, overwrite=overwrite, resumable=False)
     result = run_eval(list(pred) + list(compare or []), data, split, cfg, names=names, quiet=quiet)
     _print(result, top)
     if json_path is not None:

@@ -36,6 +36,11 @@ def export_cmd(
 
     if out is None and prompts is None:
         raise InputError("dhr export needs --out DIR (PNGs) or --prompts DIR (SAM prompts as JSON), or both")
+    from dhr_cli.io.store import check_output
+
+    for folder in (out, prompts):  # both checked before either is written
+        if folder is not None:
+            check_output(folder, folder=True, overwrite=overwrite, resumable=False)
     cfg = prompt_config(positive_points, negative_points, min_area)
     if out is not None:
         result = run_export(store, out, overwrite=overwrite, quiet=quiet)

@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from dhr_cli.config import MAX_PIXELS
 from dhr_cli.cli.options import (
+    MaxPixels,
     DataRoot,
     MissingItems,
     OutStore,
@@ -50,11 +52,15 @@ def import_cmd(
         "Read the .npy pickles with np.load(allow_pickle=True): runs code from the files; only for files you trust."))] = False,
     overwrite: Overwrite = False,
     resume: Resume = False,
+    max_pixels: MaxPixels = MAX_PIXELS,  # applied by the option's callback
     quiet: Quiet = False,
 ) -> None:
     from dhr_cli.io.datasets import open_dataset
     from dhr_cli.io.store import make_provenance
+    from dhr_cli.io.store import check_output
     from dhr_cli.pipeline.imports import run_import
+
+    check_output(out_path, overwrite=overwrite, resume=resume)  # before any work: the shared output check
 
     fmt = ImportFormat(fmt).value
     ds = open_dataset(data, split)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from dhr_cli.cli.options import (
+    MaxPixels,
     DataRoot,
     Device,
     OutStore,
@@ -21,7 +22,7 @@ from dhr_cli.cli.options import (
     out,
     user_errors,
 )
-from dhr_cli.config import PredictConfig
+from dhr_cli.config import MAX_PIXELS, PredictConfig
 
 _D = PredictConfig()
 
@@ -47,10 +48,14 @@ def predict_cmd(
     overwrite: Overwrite = False,
     resume: Resume = False,
     device: Device = _D.device,
+    max_pixels: MaxPixels = MAX_PIXELS,  # applied by the option's callback
     quiet: Quiet = False,
 ) -> None:
     from dhr_cli.errors import InputError
     from dhr_cli.pipeline.predict import run_predict
+    from dhr_cli.io.store import check_output
+
+    check_output(out_store, overwrite=overwrite, resume=resume)  # before any work: the shared output check
 
     try:
         cfg = PredictConfig(scales=scales, flip=flip,

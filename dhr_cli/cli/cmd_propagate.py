@@ -8,6 +8,7 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from dhr_cli.cli.options import (
+    MaxPixels,
     BatchSize,
     Crf,
     CrfBackendOpt,
@@ -37,7 +38,7 @@ from dhr_cli.cli.options import (
     sinkhorn_config,
     user_errors,
 )
-from dhr_cli.config import Marginals, PropagateConfig, PropagateMethod, RandomWalkConfig, SinkhornConfig
+from dhr_cli.config import MAX_PIXELS, Marginals, PropagateConfig, PropagateMethod, RandomWalkConfig, SinkhornConfig
 
 _P, _D, _R = PropagateConfig(), SinkhornConfig(), RandomWalkConfig()
 
@@ -90,11 +91,15 @@ def propagate_cmd(
     missing: MissingItems = "fail",
     overwrite: Overwrite = False,
     resume: Resume = False,
+    max_pixels: MaxPixels = MAX_PIXELS,  # applied by the option's callback
     quiet: Quiet = False,
 ) -> None:
     from dhr_cli.errors import InputError
     from dhr_cli.pipeline.cams import pair_weights
     from dhr_cli.pipeline.propagate import run_propagate
+    from dhr_cli.io.store import check_output
+
+    check_output(out, overwrite=overwrite, resume=resume)  # before any work: the shared output check
 
     try:
         cfg = PropagateConfig(

@@ -8,10 +8,11 @@ from typing import Literal, Annotated
 import typer
 
 from dhr_cli.cli.options import (
+    MaxPixels,
     DataRoot, Device, MinArea, MissingItems, NegativePoints, OutStore, Overwrite, PositivePoints, Quiet, Resume, SkipMissingImages, Split,
     app, out, prompt_config, user_errors,
 )
-from dhr_cli.config import PromptConfig, RefineConfig
+from dhr_cli.config import MAX_PIXELS, PromptConfig, RefineConfig
 
 _R, _P = RefineConfig(), PromptConfig()
 
@@ -46,10 +47,14 @@ def refine_cmd(
     missing: MissingItems = "fail",
     overwrite: Overwrite = False,
     resume: Resume = False,
+    max_pixels: MaxPixels = MAX_PIXELS,  # applied by the option's callback
     quiet: Quiet = False,
 ) -> None:
     from dhr_cli.errors import InputError
     from dhr_cli.pipeline.refine import run_refine
+    from dhr_cli.io.store import check_output
+
+    check_output(out_store, overwrite=overwrite, resume=resume)  # before any work: the shared output check
 
     try:
         cfg = RefineConfig(

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from dhr_cli.cli.options import (
+    MaxPixels,
     BatchSize,
     Crf,
     CrfBackendOpt,
@@ -32,7 +33,7 @@ from dhr_cli.cli.options import (
     sinkhorn_config,
     user_errors,
 )
-from dhr_cli.config import SeedConfig, SinkhornConfig
+from dhr_cli.config import MAX_PIXELS, SeedConfig, SinkhornConfig
 
 _S, _D = SeedConfig(), SinkhornConfig()
 
@@ -62,10 +63,14 @@ def seed_cmd(
     missing: MissingItems = "fail",
     overwrite: Overwrite = False,
     resume: Resume = False,
+    max_pixels: MaxPixels = MAX_PIXELS,  # applied by the option's callback
     quiet: Quiet = False,
 ) -> None:
     from dhr_cli.errors import InputError
     from dhr_cli.pipeline.seed import run_seed
+    from dhr_cli.io.store import check_output
+
+    check_output(out, overwrite=overwrite, resume=resume)  # before any work: the shared output check
 
     try:
         cfg = SeedConfig(sinkhorn=sinkhorn_config(ot_solver, sinkhorn_max_iter, sinkhorn_tol, sinkhorn_eps),

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from dhr_cli.cli.options import (
+    MaxPixels,
     DataRoot,
     Device,
     Quiet,
@@ -20,7 +21,7 @@ from dhr_cli.cli.options import (
     out,
     user_errors,
 )
-from dhr_cli.config import TrainConfig
+from dhr_cli.config import MAX_PIXELS, TrainConfig
 
 _D = TrainConfig()
 
@@ -74,12 +75,16 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the run in --out and start again.")] = False,
     device: Device = _D.device,
+    max_pixels: MaxPixels = MAX_PIXELS,  # applied by the option's callback
     quiet: Quiet = False,
 ) -> None:
     from dataclasses import replace
 
     from dhr_cli.errors import InputError
+    from dhr_cli.io.store import check_output
     from dhr_cli.pipeline.train import run_train
+
+    check_output(out_dir, folder=True, overwrite=overwrite, resume=resume)  # before any work: the shared output check
 
     try:
         cfg = TrainConfig(

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from dhr_cli.cli.options import (
+    MaxPixels,
     DataRoot,
     Device,
     Overwrite,
@@ -21,7 +22,7 @@ from dhr_cli.cli.options import (
     out,
     user_errors,
 )
-from dhr_cli.config import UssFitConfig
+from dhr_cli.config import MAX_PIXELS, UssFitConfig
 
 _D = UssFitConfig()
 uss_app = typer.Typer(help="USS feature sources fitted on your own images.", no_args_is_help=True)
@@ -52,6 +53,7 @@ def fit_cmd(
     device: Device = _D.device,
     overwrite: Overwrite = False,
     resume: Resume = False,
+    max_pixels: MaxPixels = MAX_PIXELS,  # applied by the option's callback
     quiet: Quiet = False,
 ) -> None:
     from dhr_cli.errors import InputError

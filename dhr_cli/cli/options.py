@@ -23,6 +23,15 @@ Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted 
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (CUDA when present).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images processed together.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+def _apply_max_pixels(value: int) -> int:
+    from dhr_cli.io.datasets import set_max_pixels
+
+    set_max_pixels(value)  # applied as the option is parsed: every image this process (and its workers) opens
+    return value
+
+
+MaxPixels = Annotated[int, typer.Option("--max-pixels", min=0, callback=_apply_max_pixels, help=(
+    "Refuse an image or mask above this many pixels, from its header, before it is decoded (0 = no limit)."))]
 Crf = Annotated[bool, typer.Option("--crf/--no-crf", help="Refine with the dense CRF (the image is read for it).")]
 
 
@@ -103,8 +112,11 @@ def parse_scales(value: str | None) -> tuple[float, ...] | None:
         scales = tuple(float(s) for s in value.split(",") if s.strip())
     except ValueError:
         raise typer.BadParameter(f"{value!r}: expected comma-separated numbers, e.g. 1.0,0.5,1.5") from None
-    if not scales or any(not s > 0 for s in scales):
-        raise typer.BadParameter(f"{value!r}: expected one or more scales > 0")
+    from dhr_cli.config import MAX_SCALE, MAX_SCALES
+
+    if not scales or any(not 0 < s <= MAX_SCALE for s in scales) or len(scales) > MAX_SCALES:
+        # memory of a pass grows with the square of its scale: --scales 100 would exhaust any machine
+        raise typer.BadParameter(f"{value!r}: expected 1 to {MAX_SCALES} scales, each in (0, {MAX_SCALE:g}]")
     return scales
 
 

@@ -22,10 +22,43 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from dhr_cli.config import IGNORE_INDEX
-from dhr_cli.errors import DatasetError
+from dhr_cli.config import IGNORE_INDEX, MAX_PIXELS
+from dhr_cli.errors import DatasetError, InputError
 
 logger = logging.getLogger(__name__)
+
+# ---- the pixel limit (--max-pixels): the one place it is set -----------------------------------
+# Every image and mask dhr decodes is opened by `_open_checked` below, which refuses one above the
+# limit from its header (PIL reads only the header at open; nothing is decoded yet). PIL's own
+# decompression-bomb check does the same job with a fixed limit, a warning below twice the limit and
+# a traceback above it; it is switched off so that one limit, the user's, applies, with one message.
+Image.MAX_IMAGE_PIXELS = None
+_max_pixels = MAX_PIXELS
+
+
+def set_max_pixels(limit: int) -> None:
+    """The limit of this process (inherited by forked loader workers); 0 = no limit."""
+    global _max_pixels
+    if limit < 0:
+        raise InputError(f"--max-pixels {limit}: expected a pixel count >= 0 (0 = no limit)")
+    _max_pixels = int(limit)
+    Image.MAX_IMAGE_PIXELS = None  # whatever else set it: ours is the one check
+
+
+def max_pixels() -> int:
+    return _max_pixels
+
+
+def _open_checked(path: Path, what: str) -> Image.Image:
+    """PIL image of `path`, header read only; DatasetError if it is above the pixel limit."""
+    im = Image.open(path)
+    w, h = im.size
+    if _max_pixels and w * h > _max_pixels:
+        im.close()
+        raise DatasetError(f"{path}: {what} is {w}x{h} = {w * h:,} pixels, above the limit of {_max_pixels:,}; "
+                           "pass --max-pixels N to raise it (0 = no limit)")
+    return im
+
 
 VOC_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -78,7 +111,7 @@ class Dataset:
         """(H, W, 3) uint8 RGB."""
         path = self.image_path(item_id)
         try:
-            with Image.open(path) as im:
+            with _open_checked(path, "image") as im:
                 return np.asarray(im.convert("RGB"))
         except FileNotFoundError:
             raise DatasetError(f"{path}: image not found") from None
@@ -89,7 +122,7 @@ class Dataset:
         """(H, W) read from the file header only."""
         path = self.image_path(item_id)
         try:
-            with Image.open(path) as im:
+            with _open_checked(path, "image") as im:
                 w, h = im.size
         except FileNotFoundError:
             raise DatasetError(f"{path}: image not found") from None
@@ -147,7 +180,7 @@ def read_index_png(path: Path) -> np.ndarray:
     from dhr_cli.io.palette import palette_array
 
     try:
-        with Image.open(path) as im:
+        with _open_checked(path, "mask") as im:
             im.load()
             mode = im.mode
             if mode == "RGBA":

@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from dhr_cli.errors import StoreError
-from dhr_cli.io.store import OutputLock, StoreWriter, check_output_path, create_store, open_store
+from dhr_cli.io.store import OutputLock, StoreWriter, check_output, create_store, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +102,7 @@ def output_store(out: Path, kind: str, classes: list[str], *, provenance: dict, 
                           root_attrs=root_attrs) as writer:
             yield writer
         return
-    check_output_path(out)
-    if out.exists() and not (overwrite or resume):
-        raise StoreError(f"{out}: already exists; pass --overwrite to replace it or --resume to complete it")
+    check_output(out, overwrite=overwrite, resume=resume)
     # Rank 0 holds OUT.lock for the whole run (shards and merge); each shard has its own lock too.
     lock = OutputLock(out) if rank.is_main else None
     try:

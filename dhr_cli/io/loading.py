@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 from torch.utils.data import DataLoader
@@ -90,6 +90,64 @@ class StoreReaders:
         return self._stores[role]
 
 
+class CarryErrors(TorchDataset):
+    """A map-style dataset whose DhrError comes back from a DataLoader worker as a value.
+
+    DataLoader re-raises a worker's exception in the parent as a new one whose message is the worker's
+    whole traceback (a 1,400-character line once the CLI joins it); carried back as a `_Failure` and
+    re-raised by `raise_carried`, the error reaches the user with its own one-line message."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        try:
+            return self.inner[index]
+        except DhrError as e:
+            return _Failure(e)
+
+
+class _Failure:
+    def __init__(self, error: DhrError):
+        self.error = error
+
+
+class CarryingCollate:
+    """collate_fn for a CarryErrors dataset: a batch holding a failure becomes that failure."""
+
+    def __init__(self, collate: Callable[[list], object] | None = None):
+        self.collate = collate
+
+    def __call__(self, batch: list):
+        for entry in batch:
+            if isinstance(entry, _Failure):
+                return entry
+        if self.collate is None:
+            from torch.utils.data import default_collate
+
+            return default_collate(batch)
+        return self.collate(batch)
+
+
+def raise_carried(batches: Iterable) -> Iterator:
+    """The batches of a loader over a CarryErrors dataset, re-raising a carried DhrError as itself."""
+    for batch in batches:
+        if isinstance(batch, _Failure):
+            raise batch.error
+        yield batch
+
+
+def error_carrying_loader(dataset, *, collate_fn: Callable[[list], object] | None = None, **kwargs) -> DataLoader:
+    """DataLoader whose workers' DhrErrors reach the parent unchanged (iterate it through `raise_carried`)
+    and whose workers die with the parent. Every DataLoader of dhr is made here."""
+    if kwargs.get("num_workers"):
+        kwargs.setdefault("worker_init_fn", die_with_parent)
+    return DataLoader(CarryErrors(dataset), collate_fn=CarryingCollate(collate_fn), **kwargs)
+
+
 class _Items(TorchDataset):
     def __init__(self, ids: Sequence[str], load: Callable[[str], T]):
         self.ids = list(ids)
@@ -99,15 +157,7 @@ class _Items(TorchDataset):
         return len(self.ids)
 
     def __getitem__(self, index: int):
-        try:
-            return self.load(self.ids[index])
-        except DhrError as e:  # carried back whole: DataLoader would re-wrap it with a traceback
-            return _Failure(e)
-
-
-class _Failure:
-    def __init__(self, error: DhrError):
-        self.error = error
+        return self.load(self.ids[index])
 
 
 def _as_list(batch: list) -> list:
@@ -177,10 +227,6 @@ def iterate_batches(ids: Sequence[str], load: Callable[[str], T], batch_size: in
         for start in range(0, len(ids), batch_size):
             yield [load(i) for i in ids[start : start + batch_size]]
         return
-    loader = DataLoader(_Items(ids, load), batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=_as_list, prefetch_factor=2, worker_init_fn=die_with_parent)
-    for batch in loader:
-        for entry in batch:
-            if isinstance(entry, _Failure):
-                raise entry.error
-        yield batch
+    loader = error_carrying_loader(_Items(ids, load), batch_size=batch_size, shuffle=False, num_workers=workers,
+                                   collate_fn=_as_list, prefetch_factor=2)
+    yield from raise_carried(loader)

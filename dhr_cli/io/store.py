@@ -289,10 +289,8 @@ class StoreWriter:
             if self.path.exists() and not self.partial.exists():
                 os.replace(self.path, self.partial)  # a complete store: resume fills what is missing
                 moved = True
-        elif self.path.exists() and not overwrite:
-            raise StoreError(f"{self.path}: already exists; pass --overwrite to replace it or --resume to complete it")
-        elif self.partial.exists() and not overwrite:
-            raise StoreError(f"{self.partial}: an interrupted run is there; pass --resume to continue it or --overwrite to start again")
+        else:
+            check_output(self.path, overwrite=overwrite)
         if resume and self.partial.exists():
             try:
                 self._file = self._open_partial_for_resume(provenance)
@@ -519,6 +517,39 @@ def check_output_path(path: Path) -> None:
             raise StoreError(f"{path}: is not a regular file (a device, FIFO or socket); choose an output file name")
     if not path.parent.exists():
         raise StoreError(f"{path}: folder {path.parent} does not exist")
+
+
+def check_output(path, *, folder: bool = False, overwrite: bool = False, resume: bool = False,
+                 resumable: bool = True) -> Path:
+    """The one up-front check of an output path, called by every command before any work starts, so
+    a run never fails at its end for want of a place to write.
+
+    A file (stores, `uss fit`'s head, `eval --json`, `cams --save-head`): a regular file name or nothing
+    yet, in an existing folder (`check_output_path`); an existing OUT needs --overwrite (or --resume when
+    the command is `resumable`), and so does an interrupted OUT.partial. A folder (`export`,
+    `eval --report`, `train --out`): not a file, in an existing folder; a non-empty one needs --overwrite
+    (or --resume)."""
+    path = Path(path)
+    if overwrite and resume:
+        raise StoreError(f"{path}: --overwrite and --resume exclude each other")
+    hint = "pass --overwrite to replace it" + (" or --resume to complete it" if resumable else "")
+    if folder:
+        if os.path.lexists(path) and not path.is_dir():
+            raise StoreError(f"{path}: is a file, expected a folder")
+        if path.is_dir():
+            if any(path.iterdir()) and not (overwrite or resume):
+                raise StoreError(f"{path}: folder exists and is not empty; {hint}")
+        elif not path.parent.is_dir():
+            raise StoreError(f"{path}: folder {path.parent} does not exist")
+        return path
+    check_output_path(path)
+    if path.exists() and not (overwrite or resume):
+        raise StoreError(f"{path}: already exists; {hint}")
+    partial = _partial(path)
+    if resumable and partial.exists() and not (overwrite or resume):
+        raise StoreError(f"{partial}: an interrupted run is there; pass --resume to continue it or --overwrite "
+                         "to start again")
+    return path
 
 
 def _pid_alive(pid: int) -> bool:

@@ -283,11 +283,10 @@ def _num(x: float) -> float | None:
 
 def write_json(result: EvalResult, path: str | os.PathLike, top: int = 20) -> Path:
     """Write the JSON report atomically (temp name, then rename)."""
+    from dhr_cli.io.store import check_output_path
+
     path = Path(path)
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, expected a JSON file name")
-    if not path.parent.exists():
-        raise InputError(f"{path}: folder {path.parent} does not exist")
+    check_output_path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(result.to_json(top), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)

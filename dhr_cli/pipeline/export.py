@@ -32,15 +32,10 @@ class ExportResult:
 
 
 def _prepare_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
-    if out.is_dir():
-        if any(out.iterdir()) and not overwrite:
-            raise InputError(f"{out}: folder exists and is not empty; pass --overwrite to write into it")
-        return
-    if not out.parent.exists():
-        raise InputError(f"{out}: parent folder {out.parent} does not exist")
-    out.mkdir()
+    from dhr_cli.io.store import check_output
+
+    check_output(out, folder=True, overwrite=overwrite, resumable=False)
+    out.mkdir(exist_ok=True)
 
 
 def _safe_name(store_path: Path, item_id: str, suffix: str = ".png") -> str:

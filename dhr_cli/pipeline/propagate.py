@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dhr_cli.config import PropagateConfig
+from dhr_cli.config import IGNORE_INDEX, PropagateConfig
 from dhr_cli.errors import InputError, StoreError
 from dhr_cli.io.datasets import open_dataset
 from dhr_cli.io.distributed import device_for_rank, output_store, shard
@@ -164,6 +164,12 @@ def _load_item(dataset, reader: StoreReaders, cfg: PropagateConfig, with_image: 
     if seed.shape != tuple(size):
         raise StoreError(f"{seed_store.path}: seed mask of {item_id} is {seed.shape[1]}x{seed.shape[0]}, "
                          f"its image {size[1]}x{size[0]}")
+    allowed = np.zeros(256, bool)
+    allowed[[0, IGNORE_INDEX, *labels]] = True  # background, unsure, the image's labels
+    extra = [v for v in np.flatnonzero(np.bincount(seed.ravel(), minlength=256)).tolist() if not allowed[v]]
+    if extra:  # a seed of a class the image does not have would be propagated as if it had it
+        raise StoreError(f"{seed_store.path}: seed mask of {item_id} holds label values {extra[:5]} that are not "
+                         f"among the image's labels {labels}")
     loaded = _Loaded(item_id, image, labels, seed, _features(reader.store("uss"), item_id))
     if "cams" in reader.paths:
         cam_item = reader.store("cams").read(item_id, names=("cams",))

@@ -31,14 +31,9 @@ THUMB_SIDE = 240  # longer side of the overlay thumbnails, pixels
 
 def check_report_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse a file or a non-empty folder (unless overwrite); the parent folder must exist."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"{out}: folder exists and is not empty; pass --overwrite to write the report into it")
-    if not out.exists() and not out.parent.exists():
-        raise InputError(f"{out}: parent folder {out.parent} does not exist")
-    return out
+    from dhr_cli.io.store import check_output
+
+    return check_output(out, folder=True, overwrite=overwrite, resumable=False)
 
 
 def _pct(x: float) -> str:

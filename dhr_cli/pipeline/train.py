@@ -38,13 +38,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
 
 from dhr_cli import __version__
 from dhr_cli.config import IGNORE_INDEX, TrainConfig
 from dhr_cli.errors import CheckpointError, DatasetError, InputError
 from dhr_cli.io.datasets import Dataset, open_dataset, read_index_png
-from dhr_cli.io.loading import StoreReaders, die_with_parent
+from dhr_cli.io.loading import StoreReaders, error_carrying_loader, raise_carried
 from dhr_cli.io.progress import progress_bar
 from dhr_cli.io.runtime import resolve_device
 from dhr_cli.models.deeplab import DHRNet, NetworkSpec, build_network
@@ -383,6 +383,8 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
         logger.info("%d images without foreground labels are left out of training", len(dataset.ids) - len(ids))
     if not ids:
         raise DatasetError(f"{data}: no training image has a foreground label")
+    for item_id in ids:  # headers only (missing, undecodable, above --max-pixels): fail before the run folder exists
+        dataset.image_size(item_id)
     if cfg.dhr and uss_spec is None:
         raise InputError("DHR training needs USS features: pass --uss USS.h5 (or --no-dhr to train on --masks only)")
     inputs = {"data": str(data), "split": split, "masks": str(masks_path), "uss": None if uss_spec is None else str(uss_spec),
@@ -397,9 +399,8 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
         dist.barrier()
     samples = TrainSamples(dataset, ids, mask_source, uss_source, cfg)
     sampler = GlobalBatchSampler(len(samples), cfg.batch_size, rank, world, cfg.seed)
-    loader = DataLoader(samples, batch_sampler=sampler, num_workers=cfg.num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=False,
-                        worker_init_fn=die_with_parent if cfg.num_workers else None)
+    loader = error_carrying_loader(samples, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                   pin_memory=device.type == "cuda", persistent_workers=False)
     val_set = _validation_split(dataset, data, cfg)
 
     num_cams, cam_offset = cam_index(dataset)
@@ -452,7 +453,7 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
                 sampler.skip = n_steps = partial["batches"]
                 sums = dict(partial["sums"])
                 t_epoch -= partial["seconds"]
-            batches = iter(loader)  # draws the workers' base seed from this epoch's generator
+            batches = raise_carried(iter(loader))  # iter() draws the workers' base seed from this epoch's generator
             if partial is not None:
                 torch.set_rng_state(partial["rng"])
                 if device.type == "cuda" and partial.get("cuda_rng") is not None:

@@ -36,12 +36,13 @@ def _save_atomic(obj, path: Path) -> None:
 
 
 def check_output(out: Path, overwrite: bool, resume: bool) -> None:
-    """Fail before any work if OUT or an interrupted OUT.partial would be lost."""
+    """Fail before any work if OUT or an interrupted OUT.partial would be lost (the shared output check;
+    a finished head is never resumed: it needs --overwrite)."""
+    from dhr_cli.io.store import check_output
+
     if out.exists() and not overwrite:
         raise InputError(f"{out}: already exists; pass --overwrite to replace it")
-    if _partial(out).exists() and not (overwrite or resume):
-        raise InputError(f"{_partial(out)}: an interrupted fit is there; pass --resume to continue it or "
-                         "--overwrite to start over")
+    check_output(out, overwrite=overwrite, resume=resume)
 
 
 @torch.no_grad()
