@@ -186,8 +186,15 @@ class CamsConfig:
     head_lr: float = 0.01
     head_side: int = 224
     head_last_stage: bool = False  # also fine-tune blocks.6 (slower)
+    # Stored feature maps (--feature-layers / --feature-stride; docs/features.md): () = the network's
+    # own maps; named layers are L2-normalised each and concatenated on the finest chosen grid.
+    # None = the network's output stride (16 for lite0 and ResNet). Defaults kept by measurement
+    # on `make bench-real` seed 1 (docs/features.md).
+    feature_layers: tuple[str, ...] = ()
+    feature_stride: int | None = None
 
     def __post_init__(self) -> None:
+        _check(self.feature_stride in (None, 8, 16, 32), f"feature_stride must be 8, 16 or 32, got {self.feature_stride}")
         _check(len(self.scales) >= 1 and all(s > 0 for s in self.scales), f"scales must be > 0, got {self.scales}")
         _check(len(self.uss_scales) >= 1 and all(s > 0 for s in self.uss_scales), f"uss_scales must be > 0, got {self.uss_scales}")
         _check(self.side is None or self.side >= 16, f"side must be >= 16, got {self.side}")

@@ -59,6 +59,14 @@ def cams_cmd(
         + ",".join(map(str, _D.uss_scales)) + " for USS features, as DHR)."))] = None,
     side: Annotated[Optional[int], typer.Option("--side", min=16, help=(
         "Longer image side at scale 1.0 (default: the network's: native size for ViTs, 224 for lite0)."))] = None,
+    feature_layers: Annotated[Optional[str], typer.Option("--feature-layers", help=(
+        "Comma-separated layers whose outputs are stored as the features, each L2-normalised per cell and "
+        "concatenated on the finest of their grids: lite0 blocks.0..blocks.6 (or 0..6; strides 2,4,8,16,16,16,16; "
+        "default blocks.4,blocks.5 for USS, blocks.6 for WSS, unnormalised), resnet layer1..layer4 (default "
+        "layer3,layer4), DINO ViTs blocks.0.. or lastK (the last K blocks). See docs/features.md."))] = None,
+    feature_stride: Annotated[Optional[int], typer.Option("--feature-stride", help=(
+        "Output stride of the network, 8, 16 or 32 (lite0 and resnet; default 16): 8 runs the last stages "
+        "at stride 8 for a finer feature (and CAM) grid, at about 4x their cost."))] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype: float16 or float32.")] = _D.store_dtype,
     no_flip: Annotated[bool, typer.Option("--no-flip", help="Do not add horizontally flipped passes.")] = False,
     device: Device = _D.device,
@@ -78,10 +86,15 @@ def cams_cmd(
     scale_list = scales  # a tuple: parsed by the option
     try:
         extra = {} if scale_list is None else ({"scales": scale_list} if wss else {"uss_scales": scale_list})
+        layers = tuple(t.strip() for t in (feature_layers or "").split(",") if t.strip())
+        if feature_layers is not None and not layers:
+            raise InputError("--feature-layers: name at least one layer")
         cfg = CamsConfig(flip=not no_flip, batch_size=batch_size, device=device, head_steps=head_steps, side=side,
-                         store_dtype=dtype, **extra)
+                         store_dtype=dtype, feature_layers=layers, feature_stride=feature_stride, **extra)
+    except InputError:
+        raise
     except ValueError as e:
-        raise InputError(f"--scales / --dtype: {e}") from None
+        raise InputError(f"--scales / --dtype / --feature-stride: {e}") from None
     if out_path.exists() and not (overwrite or resume):  # before any slow work (head fitting, model loading)
         from dhr_cli.errors import StoreError
 
