@@ -119,6 +119,9 @@ def cams_cmd(
 
         check_output_path(save_head)
     if train_head:
+        from dhr_cli.models.lite0 import check_feature_options
+
+        check_feature_options(cfg.feature_layers, cfg.feature_stride)  # before the slow fitting
         err.print(f"fitting the lite0 CAM head on {len(ds)} images ({cfg.head_steps} steps)", markup=False)
     source = open_source(name, ds, kind=kind, weights=weights, device=dev, cfg=cfg,
                          train_head=train_head, head_batch_size=batch_size, quiet=quiet, trust=trust_checkpoint,

@@ -59,7 +59,7 @@ class FeatureSource(nn.Module):
     def configure_features(self, layers=(), stride: int | None = None) -> None:
         """Choose the feature maps `extract` returns (`dhr cams --feature-layers / --feature-stride`).
 
-        layers: names from `layer_names` (empty: the network's default maps, unnormalised); named
+        layers: names from `layer_names` (empty: back to the network's default maps, unnormalised); named
         layers are each L2-normalised per cell and concatenated on the finest of their grids.
         stride: the network's output stride (one of `strides`). Raises InputError for a network or
         a combination that does not offer it.
@@ -88,9 +88,9 @@ class FeatureSource(nn.Module):
         return out
 
     def _check_stride(self, stride: int | None) -> int:
-        if stride is None:
-            return self.stride
+        if stride is None:  # the network's own output stride (its class default)
+            return type(self).stride
         if stride not in self.strides:
             raise InputError(f"--feature-stride {stride}: network {self.name!r} runs at output stride "
-                             f"{' or '.join(map(str, self.strides)) or self.stride}")
+                             f"{', '.join(map(str, self.strides)) or self.stride} only")
         return int(stride)

@@ -144,11 +144,10 @@ class Lite0Source(FeatureSource):
         self.backbone.blocks[3][0].conv_dw.stride = (s3, s3)  # 'same' padding follows the stride at run time
         self.backbone.blocks[5][0].conv_dw.stride = (s5, s5)
         self.stride = stride
-        if names:
-            self.feature_layers = tuple(names)
-            self._layer_index = [int(n.split(".")[1]) for n in names]
-            self.feature_dims = tuple(STAGE_DIMS[i] for i in self._layer_index)
-            self.layer_norm = True
+        self.feature_layers = tuple(names) or (("blocks.6",) if self.kind == "wss" else ("blocks.4", "blocks.5"))
+        self._layer_index = [int(n.split(".")[1]) for n in self.feature_layers]
+        self.feature_dims = tuple(STAGE_DIMS[i] for i in self._layer_index)
+        self.layer_norm = bool(names)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x)
@@ -203,8 +202,9 @@ class Lite0Source(FeatureSource):
 
 def check_feature_options(layers=(), stride: int | None = None) -> None:
     """InputError unless lite0 offers these feature layers / output stride (checked without building it)."""
-    Lite0Source._check_layers(Lite0Source, layers)
-    Lite0Source._check_stride(Lite0Source, stride)
+    probe = object.__new__(Lite0Source)  # class attributes only: no backbone built
+    probe._check_layers(layers)
+    probe._check_stride(stride)
 
 
 def _resize_side(img: torch.Tensor, side: int) -> torch.Tensor:

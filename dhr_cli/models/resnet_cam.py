@@ -102,10 +102,9 @@ class ResNetCAM(FeatureSource):
         """Feature maps from `layers` (layer1..layer4, L2-normalised each) and/or output stride 8, 16 or 32."""
         names = self._check_layers(layers)
         self._set_stride(self._check_stride(stride))
-        if names:
-            self.feature_layers = tuple(names)
-            self.feature_dims = tuple(self._dims[n] for n in names)
-            self.layer_norm = True
+        self.feature_layers = tuple(names) or ("layer3", "layer4")
+        self.feature_dims = tuple(self._dims[n] for n in self.feature_layers)
+        self.layer_norm = bool(names)
 
     def extract(self, images: torch.Tensor) -> dict:
         """(B, 3, H, W) -> features [one (B, D_l, h_l, w_l) per layer; default layer3, layer4], cams (B, C, h, w)

@@ -208,11 +208,10 @@ class ViTSource(FeatureSource):
             else:
                 expanded.append(name)
         names = self._check_layers(expanded)
-        if names:
-            self._blocks = sorted(int(n.split(".")[1]) for n in names)
-            self.feature_layers = tuple(f"blocks.{i}" for i in self._blocks)
-            self.feature_dims = (self.vit.embed_dim,) * len(self._blocks)
-            self.layer_norm = True
+        self._blocks = sorted(int(n.split(".")[1]) for n in names) if names else None
+        self.feature_layers = tuple(f"blocks.{i}" for i in self._blocks) if names else (self.layer_names[-1],)
+        self.feature_dims = (self.vit.embed_dim,) * len(self.feature_layers)
+        self.layer_norm = bool(names)
 
     def extract(self, images: torch.Tensor) -> dict:
         """(B, 3, H, W) ImageNet-normalised, sides multiples of p -> {"features": [(B, D, H/p, W/p)] (one per
