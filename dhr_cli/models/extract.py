@@ -88,7 +88,7 @@ def multiscale_extract(source: FeatureSource, images: torch.Tensor, channels: li
         x = with_flipped(x, flip)
         with autocast:
             out = source.extract(x)
-        feats = _concat(out["features"], source.layer_norm).float()
+        feats = _concat(out["features"], getattr(source, "layer_norm", False)).float()  # duck-typed sources too
         cams = out.get("cams") if want_cams else None
         if cams is not None:
             cams = torch.relu(cams.float())
