@@ -212,7 +212,7 @@ def test_cli_writes_multi_layer_features_and_records_them(data, tmp_path):
 
     out = tmp_path / "uss.h5"
     r = invoke("cams", "--data", data, "--split", "train", "--uss", "lite0", "--feature-layers", "blocks.2,blocks.5",
-               "--scales", "1.0", "--no-flip", "--device", "cpu", "--out", out, "--quiet")
+               "--scales", "1.0", "--no-flip", "--feature-rank", 0, "--device", "cpu", "--out", out, "--quiet")
     assert r.exit_code == 0, r.output
     ds = open_dataset(data, "train")
     with open_store(out, expect="features") as s:

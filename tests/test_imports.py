@@ -102,7 +102,8 @@ def test_dhr_pt_features_and_png_masks(data, tmp_path):
         for i in s.ids:
             np.testing.assert_array_equal(s.read(i).mask, ds.gt(i))
     r = invoke("import", "bogus", png, "--data", root, "--out", tmp_path / "q.h5")
-    assert r.exit_code == 1 and "bogus" in r.output
+    assert r.exit_code == 2 and "bogus" in r.output and "irn" in r.output  # a usage error listing the formats
+    assert not (tmp_path / "q.h5").exists()
 
 
 class Evil:

@@ -68,6 +68,9 @@ def cams_cmd(
         "Output stride of the network, 8, 16 or 32 (lite0 and resnet; default 16): 8 runs the last stages "
         "at stride 8 for a finer feature (and CAM) grid, at about 4x their cost."))] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype: float16 or float32.")] = _D.store_dtype,
+    feature_rank: Annotated[int, typer.Option("--feature-rank", min=0, help=(
+        "Store the features on their top-K singular vectors of each image (inner products within an image are "
+        "what Steps 2-3 use; a ResNet-50's 3072 channels shrink about 16x at K=128). 0 keeps every channel."))] = _D.feature_rank,
     no_flip: Annotated[bool, typer.Option("--no-flip", help="Do not add horizontally flipped passes.")] = False,
     device: Device = _D.device,
     batch_size: BatchSize = _D.batch_size,
@@ -90,7 +93,8 @@ def cams_cmd(
         if feature_layers is not None and not layers:
             raise InputError("--feature-layers: name at least one layer")
         cfg = CamsConfig(flip=not no_flip, batch_size=batch_size, device=device, head_steps=head_steps, side=side,
-                         store_dtype=dtype, feature_layers=layers, feature_stride=feature_stride, **extra)
+                         store_dtype=dtype, feature_layers=layers, feature_stride=feature_stride,
+                         feature_rank=feature_rank, **extra)
     except InputError:
         raise
     except ValueError as e:

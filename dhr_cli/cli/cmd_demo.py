@@ -8,6 +8,9 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from dhr_cli.cli.options import Device, Overwrite, Quiet, app, err, out, user_errors
+from dhr_cli.config import DemoConfig
+
+_D = DemoConfig()
 
 _BEGIN, _END = "<!-- demo:begin -->", "<!-- demo:end -->"
 
@@ -17,19 +20,19 @@ _BEGIN, _END = "<!-- demo:begin -->", "<!-- demo:end -->"
 @user_errors
 def demo_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for everything the demo writes.")] = Path("demo_out"),
-    n_images: Annotated[int, typer.Option("--n-images", min=4, help="Images in the procedural dataset.")] = 48,
-    features: Annotated[Literal["auto", "lite0", "simulated"], typer.Option("--features", help="Where CAMs and features come from (auto: lite0 when installed).")] = "auto",
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the procedural dataset.")] = 0,
+    n_images: Annotated[int, typer.Option("--n-images", min=4, help="Images in the procedural dataset (train + val).")] = _D.n_images,
+    features: Annotated[Literal["auto", "lite0", "simulated"], typer.Option("--features", help="Where CAMs and features come from (auto: lite0 when installed).")] = _D.features,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the procedural dataset.")] = _D.seed,
     readme: Annotated[Optional[Path], typer.Option("--readme", help=(
         "Also rewrite the demo block of this README with the numbers (`make readme-demo`); the table is always "
         "written to OUT/summary.md."))] = None,
-    device: Device = "auto",
+    device: Device = _D.device,
     overwrite: Overwrite = False,
     quiet: Quiet = False,
 ) -> None:
     from rich.table import Table
 
-    from dhr_cli.pipeline.demo import DemoConfig, run_demo, summary_markdown
+    from dhr_cli.pipeline.demo import run_demo, summary_markdown
 
     summary = run_demo(out_dir, DemoConfig(n_images=n_images, seed=seed, features=features, device=device, quiet=quiet),
                        overwrite=overwrite)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,6 +20,10 @@ from dhr_cli.cli.options import (
     out,
     user_errors,
 )
+from dhr_cli.pipeline.imports import FORMATS
+
+# The formats `run_import` knows, as a Typer choice: a bad FORMAT is a usage error listed in --help.
+ImportFormat = enum.Enum("ImportFormat", {name: name for name in FORMATS}, type=str)
 
 
 @app.command("import", help=(
@@ -30,7 +35,7 @@ from dhr_cli.cli.options import (
     "0-based class keys become label key+1 when class 0 is background."))
 @user_errors
 def import_cmd(
-    fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="irn | mctformer | clip-es | dhr-pt | png")],
+    fmt: Annotated[ImportFormat, typer.Argument(metavar="FORMAT", help="The tool that wrote SRC_DIR.")],
     src: Annotated[Path, typer.Argument(metavar="SRC_DIR", help="Folder with one file per image id.")],
     data: DataRoot,
     out_path: OutStore,
@@ -43,12 +48,11 @@ def import_cmd(
     resume: Resume = False,
     quiet: Quiet = False,
 ) -> None:
-    from dhr_cli.cli.options import check_choice
     from dhr_cli.io.datasets import open_dataset
     from dhr_cli.io.store import make_provenance
-    from dhr_cli.pipeline.imports import FORMATS, run_import
+    from dhr_cli.pipeline.imports import run_import
 
-    check_choice("FORMAT", fmt, tuple(FORMATS))
+    fmt = ImportFormat(fmt).value
     ds = open_dataset(data, split)
     prov = make_provenance("import", {"format": fmt, "missing": missing, "source": source},
                            inputs={"src": src, "data": data})

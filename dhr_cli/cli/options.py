@@ -93,14 +93,6 @@ def sinkhorn_config(solver: str, max_iter: int | None, tol: float | None, eps: f
         raise InputError(str(e)) from None
 
 
-def check_choice(option: str, value: str, choices: tuple[str, ...]) -> str:
-    from dhr_cli.errors import InputError
-
-    if value not in choices:
-        raise InputError(f"{option} {value!r}: expected {' or '.join(choices)}")
-    return value
-
-
 # ---- networks named where a features store is expected (propagate, train) --------------------
 TrustCheckpoint = Annotated[bool, typer.Option("--trust-checkpoint", help=(
     "Fully unpickle the weights files you name (torch.load weights_only=False): this runs code from "

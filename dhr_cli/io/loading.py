@@ -2,7 +2,7 @@
 
 Only picklable work goes to the workers: decoding PNG/JPEG files through a Dataset, and reading
 HDF5 stores by path. A loader that reads stores must open its own handles in each worker
-process (HDF5 handles must not cross a fork; see `dhr_cli.pipeline.propagate._Reader`). Items come
+process (HDF5 handles must not cross a fork: `StoreReaders`). Items come
 back in order, a few batches ahead at most (prefetch), so memory stays bounded whatever the
 number of items.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from dhr_cli.errors import DhrError
+from dhr_cli.io.store import Store, open_store
 
 T = TypeVar("T")
 
@@ -59,6 +61,33 @@ def store_reading_workers() -> int:
     """
     cores = os.cpu_count() or 1
     return 0 if cores < 2 else min(4, cores)
+
+
+class StoreReaders:
+    """Stores opened by path on first use in each process, one per role ("seeds", "uss", ...).
+
+    HDF5 handles must not cross a fork: a DataLoader worker opens its own handles (and keeps them
+    until it exits); a pickled copy (spawned workers) carries the paths only. The main process may
+    lend the handles it has already opened and validated, used as they are while loading runs there.
+    """
+
+    def __init__(self, paths: dict[str, Path]):
+        self.paths = {role: Path(p) for role, p in paths.items()}
+        self._pid: int | None = None
+        self._stores: dict[str, Store] = {}
+
+    def lend(self, opened: dict[str, Store]) -> None:
+        self._pid, self._stores = os.getpid(), dict(opened)
+
+    def __getstate__(self) -> dict:
+        return {"paths": self.paths, "_pid": None, "_stores": {}}
+
+    def store(self, role: str) -> Store:
+        if self._pid != os.getpid():
+            self._pid, self._stores = os.getpid(), {}
+        if role not in self._stores:
+            self._stores[role] = open_store(self.paths[role])
+        return self._stores[role]
 
 
 class _Items(TorchDataset):

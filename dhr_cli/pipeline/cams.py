@@ -17,6 +17,8 @@ import torch
 
 from dhr_cli.config import CamsConfig
 from dhr_cli.errors import DatasetError, InputError
+from dhr_cli.io.runtime import resolve_device
+from dhr_cli.kernels.features import low_rank_features
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ def _to_tensor(images: list[np.ndarray], device) -> torch.Tensor:
     return (x - mean) / std
 
 
-def run_cams(dataset, source, out: str | Path, cfg: CamsConfig = CamsConfig(), *, device="cpu",
+def run_cams(dataset, source, out: str | Path, cfg: CamsConfig = CamsConfig(), *, device=None,
              provenance: dict | None = None, overwrite: bool = False, resume: bool = False,
              quiet: bool = False) -> dict:
     """Write a cams store (WSS source) or a features store (USS source) for every image of `dataset`.
@@ -59,7 +61,7 @@ def run_cams(dataset, source, out: str | Path, cfg: CamsConfig = CamsConfig(), *
 
     Under torchrun (WORLD_SIZE > 1) this process takes its shard of the sorted ids
     (`dhr_cli.io.distributed.shard`), writes them to its own store `OUT.rank<r>-of-<w>.h5`, and rank 0
-    merges the shards into `out` once every rank is done; `device` "cuda" means this rank's GPU.
+    merges the shards into `out` once every rank is done; `device` (default cfg.device) "cuda" means this rank's GPU.
     The summary then counts this rank's items.
     """
     from dhr_cli.io.distributed import (
@@ -72,7 +74,7 @@ def run_cams(dataset, source, out: str | Path, cfg: CamsConfig = CamsConfig(), *
     from dhr_cli.io.store import make_provenance
 
     rank = current_rank()
-    device = torch.device(device_for_rank(str(device), rank))
+    device = resolve_device(device_for_rank(str(cfg.device if device is None else device), rank))
     dtype = np.float16 if cfg.store_dtype == "float16" else np.float32
     wss = source.kind == "wss"
     kind = "cams" if wss else "features"
@@ -139,7 +141,10 @@ def _process(loaded, dataset, source, w, cfg, channel, wss, dtype, device, amp):
             res = multiscale_extract(source, x, None, (), cfg.flip, feature_scales=cfg.uss_scales,
                                      base_side=cfg.side, amp=amp)
         for k, (item_id, r) in enumerate(zip(ids, res)):
-            feats = r["features"].cpu().numpy().astype(dtype)
+            feats = r["features"]
+            if cfg.feature_rank:
+                feats = low_rank_features(feats, cfg.feature_rank)
+            feats = feats.cpu().numpy().astype(dtype)
             if not np.isfinite(feats).all():
                 raise DatasetError(f"{item_id}: {source.name} features overflow {cfg.store_dtype}; use float32 storage")
             if wss:
@@ -170,7 +175,7 @@ def store_inputs(dataset, weights=None, **extra) -> dict:
     return inputs
 
 
-def open_source(name: str, dataset, *, kind: str | None, weights=None, device="cpu", cfg: CamsConfig = CamsConfig(),
+def open_source(name: str, dataset, *, kind: str | None, weights=None, device=None, cfg: CamsConfig = CamsConfig(),
                 train_head: bool = False, head_batch_size: int = 16, quiet: bool = True, **source_kw):
     """The network `name` as a feature source for `dataset`.
 
@@ -181,6 +186,7 @@ def open_source(name: str, dataset, *, kind: str | None, weights=None, device="c
     """
     from dhr_cli.models import resolve_source
 
+    device = resolve_device(str(cfg.device if device is None else device))
     if train_head:
         from dhr_cli.models.lite0 import check_feature_options, fit_lite0_head
 
@@ -206,7 +212,7 @@ def cams_provenance(name: str, source, dataset, cfg: CamsConfig, weights=None, *
 
 
 def features_store_for(spec: str | Path, dataset, *, role: str = "uss", weights=None, cache: str | Path | None = None,
-                       cache_dir: str | Path = ".", announce=None, device="cpu", cfg: CamsConfig = CamsConfig(),
+                       cache_dir: str | Path = ".", announce=None, device=None, cfg: CamsConfig = CamsConfig(),
                        quiet: bool = True, **source_kw) -> Path:
     """A store path for a `--uss` / `--wss` value.
 

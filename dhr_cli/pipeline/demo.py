@@ -17,22 +17,12 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from dhr_cli.config import EvalConfig, PropagateConfig, SeedConfig
+from dhr_cli.config import DemoConfig, EvalConfig, PropagateConfig, SeedConfig
 from dhr_cli.errors import InputError
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    n_images: int = 48
-    seed: int = 0
-    features: str = "auto"  # "auto": Lite0 when installed, else the simulated stores; "lite0" | "simulated"
-    device: str = "auto"
-    quiet: bool = False
 
 
 def lite0_available() -> bool:

@@ -45,7 +45,7 @@ def _scaled(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def multiscale_outputs(net: DHRNet, image: torch.Tensor, scales=(1.0, 0.5, 1.5, 2.0), flip: bool = True,
+def multiscale_outputs(net: DHRNet, image: torch.Tensor, scales=PredictConfig.scales, flip: bool = PredictConfig.flip,
                        probs: bool = True, cams: bool = False, features: bool = False) -> dict[str, torch.Tensor]:
     """image (1, 3, H, W) normalised -> averages over scales and flips, all at the input size.
 

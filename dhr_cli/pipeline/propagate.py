@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +23,10 @@ from dhr_cli.config import PropagateConfig
 from dhr_cli.errors import InputError, StoreError
 from dhr_cli.io.datasets import open_dataset
 from dhr_cli.io.distributed import device_for_rank, output_store, shard
-from dhr_cli.io.loading import iterate_batches, kernel_threads, store_reading_workers
+from dhr_cli.io.loading import StoreReaders, iterate_batches, kernel_threads, store_reading_workers
 from dhr_cli.io.progress import track
 from dhr_cli.io.runtime import resolve_device
-from dhr_cli.io.store import Store, make_provenance, open_store
+from dhr_cli.io.store import Store, make_provenance
 from dhr_cli.kernels.crf import crf_function
 from dhr_cli.kernels.propagate import (
     PropagateItem,
@@ -113,7 +112,7 @@ def run_propagate(cfg: PropagateConfig, *, seeds: Path, data: Path, uss: str | P
             # Store reads (gzip decompression), Step 2.1's pooling of the seeds and the Step 3
             # decision run in DataLoader workers, each with its own HDF5 handles; this process
             # runs the kernels and writes the masks.
-            reader = _Reader({role: store.path for role, store in opened.items()})
+            reader = StoreReaders({role: store.path for role, store in opened.items()})
             reader.lend(opened)  # used as they are when loading runs in this process
             with_image = crf is not None or (cfg.upsample == "guided" and cfg.method == "dhr")
             load = functools.partial(_load_item, dataset, reader, cfg, with_image, background)
@@ -135,33 +134,8 @@ def run_propagate(cfg: PropagateConfig, *, seeds: Path, data: Path, uss: str | P
 
 
 
-class _Reader:
-    """The input stores, opened by path on first use in each process.
-
-    HDF5 handles must not cross a fork: a DataLoader worker opens its own handles (and keeps them
-    until it exits); the main process lends its already validated ones.
-    """
-
-    def __init__(self, paths: dict[str, Path]):
-        self.paths = dict(paths)
-        self._pid: int | None = None
-        self._stores: dict[str, Store] = {}
-
-    def lend(self, opened: dict[str, Store]) -> None:
-        self._pid, self._stores = os.getpid(), opened
-
-    def __getstate__(self) -> dict:  # spawned workers get the paths only
-        return {"paths": self.paths, "_pid": None, "_stores": {}}
-
-    def store(self, role: str) -> Store:
-        if self._pid != os.getpid():
-            self._pid, self._stores = os.getpid(), {}
-        if role not in self._stores:
-            self._stores[role] = open_store(self.paths[role])
-        return self._stores[role]
-
-    def wss_roles(self) -> list[str]:
-        return sorted((k for k in self.paths if k.startswith("wss")), key=lambda k: int(k[3:]))
+def _wss_roles(reader: StoreReaders) -> list[str]:
+    return sorted((k for k in reader.paths if k.startswith("wss")), key=lambda k: int(k[3:]))
 
 
 @dataclass
@@ -179,7 +153,7 @@ class _Loaded:
     wss: list[np.ndarray] | None = None  # read where Step 3 runs
 
 
-def _load_item(dataset, reader: _Reader, cfg: PropagateConfig, with_image: bool, background: int,
+def _load_item(dataset, reader: StoreReaders, cfg: PropagateConfig, with_image: bool, background: int,
                item_id: str) -> _Loaded:
     """Loader work for one item: the image (for the CRF), labels, seed, USS features, CAMs; for
     DHR also the seed's majority pooling (Step 2.1) and, where Step 3 runs, the WSS maps."""
@@ -195,19 +169,19 @@ def _load_item(dataset, reader: _Reader, cfg: PropagateConfig, with_image: bool,
         cam_item = reader.store("cams").read(item_id, names=("cams",))
         loaded.cams, loaded.cam_labels = cam_item.cams, cam_item.labels.tolist()
         check_cam_labels(reader.paths["cams"], item_id, loaded.cam_labels, labels)
-    if cfg.method == "dhr" and reader.wss_roles():
+    if cfg.method == "dhr" and _wss_roles(reader):
         item = PropagateItem(seed=torch.from_numpy(seed), uss=torch.from_numpy(loaded.uss), wss=[], labels=labels,
                              cams=None if loaded.cams is None else torch.from_numpy(loaded.cams),
                              cam_labels=loaded.cam_labels)
         with torch.no_grad():
             item.cells = pooled_cells(item)
             if step3_needed(item, cfg, background=background):
-                loaded.wss = [_features(reader.store(role), item_id) for role in reader.wss_roles()]
+                loaded.wss = [_features(reader.store(role), item_id) for role in _wss_roles(reader)]
         loaded.cells = item.cells.numpy()
     return loaded
 
 
-def _to_item(reader: _Reader, loaded: _Loaded, device) -> PropagateItem:
+def _to_item(reader: StoreReaders, loaded: _Loaded, device) -> PropagateItem:
     if loaded.wss is not None:
         wss = [to_tensor(w, device) for w in loaded.wss]
     else:  # not foreseen by the loader (or another method): read here if Step 3 runs after all
@@ -217,5 +191,5 @@ def _to_item(reader: _Reader, loaded: _Loaded, device) -> PropagateItem:
                          image=to_tensor(loaded.image, device), cells=to_tensor(loaded.cells, device))
 
 
-def _read_wss(reader: _Reader, item_id: str, device) -> list[torch.Tensor]:
-    return [to_tensor(_features(reader.store(role), item_id), device) for role in reader.wss_roles()]
+def _read_wss(reader: StoreReaders, item_id: str, device) -> list[torch.Tensor]:
+    return [to_tensor(_features(reader.store(role), item_id), device) for role in _wss_roles(reader)]

@@ -44,7 +44,7 @@ from dhr_cli import __version__
 from dhr_cli.config import IGNORE_INDEX, TrainConfig
 from dhr_cli.errors import CheckpointError, DatasetError, InputError
 from dhr_cli.io.datasets import Dataset, open_dataset, read_index_png
-from dhr_cli.io.loading import die_with_parent
+from dhr_cli.io.loading import StoreReaders, die_with_parent
 from dhr_cli.io.progress import progress_bar
 from dhr_cli.io.runtime import resolve_device
 from dhr_cli.models.deeplab import DHRNet, NetworkSpec, build_network
@@ -64,28 +64,20 @@ logger = logging.getLogger(__name__)
 
 # ---- inputs -------------------------------------------------------------------------------------
 class _LazyStore:
-    """An HDF5 store opened on first use in each process (DataLoader workers fork)."""
+    """One store validated now, in the main process, and read through `StoreReaders` (its own
+    handle in each DataLoader worker)."""
 
     def __init__(self, path: Path, expect):
         from dhr_cli.io.store import open_store
 
-        self.path, self.expect = Path(path), expect
-        with open_store(self.path, expect=expect) as s:  # validate now, in the main process
+        with open_store(path, expect=expect) as s:
             self.ids = set(s.ids)
             self.classes = list(s.classes)
-        self._store, self._pid = None, None
+        self.path = Path(path)
+        self._readers = StoreReaders({"store": self.path})
 
     def read(self, item_id: str):
-        from dhr_cli.io.store import open_store
-
-        if self._store is None or self._pid != os.getpid():
-            self._store, self._pid = open_store(self.path, expect=self.expect), os.getpid()
-        return self._store.read(item_id)
-
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_store"], d["_pid"] = None, None
-        return d
+        return self._readers.store("store").read(item_id)
 
 
 class MaskSource:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from dhr_cli.config import UssFitConfig
 from dhr_cli.errors import CheckpointError, DatasetError, InputError
+from dhr_cli.io.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def _state_key(dataset, backbone_name: str, backbone_weights, cfg: UssFitConfig)
 
 
 def run_uss_fit(dataset, backbone: str, out: str | Path, cfg: UssFitConfig = UssFitConfig(), *,
-                backbone_weights=None, device="cpu", overwrite: bool = False, resume: bool = False,
+                backbone_weights=None, device=None, overwrite: bool = False, resume: bool = False,
                 trust: bool = False, quiet: bool = False, stop_after: int | None = None) -> dict:
     """Fit the head; write OUT (see models/uss_head.py). Returns a summary (steps, losses, out).
 
@@ -117,7 +118,7 @@ def run_uss_fit(dataset, backbone: str, out: str | Path, cfg: UssFitConfig = Uss
     if n <= cfg.neighbours:
         raise DatasetError(f"{dataset.root}: {n} images, but each needs {cfg.neighbours} neighbours "
                            f"(--neighbours); give more than {cfg.neighbours} images or lower --neighbours")
-    device = torch.device(device)
+    device = resolve_device(str(cfg.device if device is None else device))
     key = _state_key(dataset, name, backbone_weights, cfg)
     state = None
     if resume and _partial(out).exists() and not overwrite:

@@ -1,0 +1,98 @@
+"""The Typer app: its root callback (--version, --verbose), the consoles, and the mapping of
+DhrError / OSError to a one-line `Error: ...` with exit status 1 (`user_errors`)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from dhr_cli import __version__
+from dhr_cli.errors import DhrError
+
+app = typer.Typer(
+    name="dhr",
+    help="Dense pseudo segmentation masks from image-level labels (DHR, ECCV 2024).\n\n"
+    "Typical run: dhr cams -> dhr seed -> dhr propagate -> dhr eval / dhr export.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode="rich",
+)
+
+# Results go to stdout; messages, progress and errors to stderr.
+out = Console()
+err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dhr {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens, step by step.")] = False,
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+
+def user_errors(fn):
+    """Turn DhrError (and OS errors on the user's files) into `Error: ...` and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _terminate_like_interrupt()
+        try:
+            return fn(*args, **kwargs)
+        except DhrError as e:
+            if getattr(e, "hdf5_unsound", False):  # a write failed inside HDF5: leave before it frees handles
+                print(f"Error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+                os._exit(1)
+            _fail(str(e))
+        except OSError as e:  # permission denied, disk full, ...: the user's to fix
+            _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+        except _Terminated:
+            _fail("terminated (SIGTERM); what was written is kept, rerun with --resume to continue", code=143)
+        except KeyboardInterrupt:
+            _fail("interrupted; what was written is kept, rerun with --resume to continue", code=130)
+
+    return wrapper
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is so that the writers close as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
+def _terminate_like_interrupt() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    # One line, no markup interpretation (paths may contain brackets).
+    print(f"Error: {' '.join(message.split())}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    """The `dhr` entry point: every command registered, then the app."""
+    import dhr_cli.cli  # noqa: F401  (importing the package registers the commands)
+
+    app()

@@ -1,0 +1,62 @@
+"""`dhr import`: CAMs / features / masks written by other tools, into a dhr store."""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from dhr_cli.cli.options import (
+    DataRoot,
+    MissingItems,
+    OutStore,
+    Overwrite,
+    Quiet,
+    Resume,
+    Split,
+    app,
+    out,
+    user_errors,
+)
+from dhr_cli.pipeline.imports import FORMATS
+
+# The formats `run_import` knows, as a Typer choice: a bad FORMAT is a usage error listed in --help.
+ImportFormat = enum.Enum("ImportFormat", {name: name for name in FORMATS}, type=str)
+
+
+@app.command("import", help=(
+    "Convert another tool's per-image files in SRC_DIR into a store: irn, mctformer, clip-es ({id}.npy CAM "
+    "dicts -> cams store), dhr-pt ({id}.pt float16 (C,h,w) USS features -> features store), png (label PNGs -> "
+    "masks store). The .npy dicts are Python pickles: they are read by a restricted unpickler that rebuilds only "
+    "NumPy arrays and torch tensors (no code from the file runs); --trust-files reads them with "
+    "np.load(allow_pickle=True) instead, which can run code: only for files you trust. "
+    "0-based class keys become label key+1 when class 0 is background."))
+@user_errors
+def import_cmd(
+    fmt: Annotated[ImportFormat, typer.Argument(metavar="FORMAT", help="The tool that wrote SRC_DIR.")],
+    src: Annotated[Path, typer.Argument(metavar="SRC_DIR", help="Folder with one file per image id.")],
+    data: DataRoot,
+    out_path: OutStore,
+    split: Split = None,
+    source: Annotated[Optional[str], typer.Option("--source", help="dhr-pt: name recorded as the features' source (e.g. stego, cause).")] = None,
+    missing: MissingItems = "fail",
+    trust_files: Annotated[bool, typer.Option("--trust-files", help=(
+        "Read the .npy pickles with np.load(allow_pickle=True): runs code from the files; only for files you trust."))] = False,
+    overwrite: Overwrite = False,
+    resume: Resume = False,
+    quiet: Quiet = False,
+) -> None:
+    from dhr_cli.io.datasets import open_dataset
+    from dhr_cli.io.store import make_provenance
+    from dhr_cli.pipeline.imports import run_import
+
+    fmt = ImportFormat(fmt).value
+    ds = open_dataset(data, split)
+    prov = make_provenance("import", {"format": fmt, "missing": missing, "source": source},
+                           inputs={"src": src, "data": data})
+    s = run_import(fmt, src, ds, out_path, provenance=prov, overwrite=overwrite, resume=resume, quiet=quiet,
+                   source_name=source, missing=missing, trust=trust_files)
+    out.print(f"{s['kind']} store {out_path}: {s['written']} images imported"
+              + (f"; {len(s['missing'])} missing: {', '.join(s['missing'][:5])}" if s["missing"] else ""), markup=False, soft_wrap=True)

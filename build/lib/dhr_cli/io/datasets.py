@@ -1,0 +1,395 @@
+"""Dataset readers for the layouts of docs/contracts.md, detected from what is inside ROOT.
+
+    flat   ROOT/classes.txt, images/<id>.jpg|png, [masks/<id>.png], [labels.json], [splits/<S>.txt]
+    voc    PASCAL VOC 2012: JPEGImages/, SegmentationClass(Aug)/, ImageSets/Segmentation/<S>.txt, Annotations/*.xml
+    dhr    DHR / MARS: ROOT/<S>/image/*.jpg, ROOT/<S>/mask/*.png, ROOT/<S>/xml/*.xml
+
+Every reader yields the same thing: ids, RGB images, image-level labels (foreground label
+values) and, when present, ground-truth masks as class indices (255 = ignore).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from dhr_cli.config import IGNORE_INDEX
+from dhr_cli.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+VOC_CLASSES = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+]  # fmt: skip
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class Dataset:
+    """Images, image-level labels and optional ground truth of one split of one layout."""
+
+    layout = "?"
+
+    def __init__(self, root: Path, split: str | None, classes: list[str], ids: list[str]):
+        self.root = root
+        self.split = split
+        self.classes = classes
+        self.ids = ids
+        self._index = {c: i for i, c in enumerate(classes)}
+        self._id_set = set(ids)
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+            raise DatasetError(f"{root}: duplicate image ids {dup} in split {split!r}")
+        if not ids:
+            raise DatasetError(f"{root}: split {split or '(all)'} holds no images")
+
+    # -- to be provided by each layout
+    def image_path(self, item_id: str) -> Path: ...
+    def gt_path(self, item_id: str) -> Path | None: ...
+    def _named_labels(self, item_id: str) -> list[str] | None:
+        """Image-level label names from annotations, or None to derive them from the GT mask."""
+        return None
+
+    # -- shared behaviour
+    @property
+    def has_background(self) -> bool:
+        return self.classes[0].lower() in ("background", "_background_", "bg")
+
+    @property
+    def has_gt(self) -> bool:
+        return any(self.gt_path(i) is not None for i in self.ids[:50])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._id_set
+
+    def image(self, item_id: str) -> np.ndarray:
+        """(H, W, 3) uint8 RGB."""
+        path = self.image_path(item_id)
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"))
+        except FileNotFoundError:
+            raise DatasetError(f"{path}: image not found") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise DatasetError(f"{path}: cannot decode image ({e.__class__.__name__})") from None
+
+    def image_size(self, item_id: str) -> tuple[int, int]:
+        """(H, W) read from the file header only."""
+        path = self.image_path(item_id)
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except FileNotFoundError:
+            raise DatasetError(f"{path}: image not found") from None
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise DatasetError(f"{path}: cannot decode image ({e.__class__.__name__})") from None
+        return h, w
+
+    def gt(self, item_id: str) -> np.ndarray | None:
+        """(H, W) uint8 class indices, 255 = ignore; None when the image has no ground truth."""
+        path = self.gt_path(item_id)
+        if path is None:
+            return None
+        mask = read_index_png(path)
+        if mask.shape != self.image_size(item_id):
+            raise DatasetError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                               f"{self.image_size(item_id)[1]}x{self.image_size(item_id)[0]}")
+        counts = np.bincount(mask.ravel(), minlength=256)
+        counts[: len(self.classes)] = 0
+        counts[IGNORE_INDEX] = 0
+        bad = np.flatnonzero(counts)
+        if bad.size:
+            raise DatasetError(f"{path}: label values {bad.tolist()[:5]} are outside the {len(self.classes)} classes")
+        return mask
+
+    def labels(self, item_id: str) -> list[int]:
+        """Sorted foreground label values present in the image (background never included)."""
+        names = self._named_labels(item_id)
+        if names is not None:
+            values = set()
+            for name in names:
+                if name not in self._index:
+                    raise DatasetError(f"{self._labels_source(item_id)}: label {name!r} of {item_id} is not in the class list")
+                values.add(self._index[name])
+        else:
+            mask = self.gt(item_id)
+            if mask is None:
+                raise DatasetError(f"{self.root}: image {item_id} has neither image-level labels nor a mask")
+            values = set(np.unique(mask).tolist()) - {IGNORE_INDEX}
+        if self.has_background:
+            values.discard(0)
+        return sorted(values)
+
+    def _labels_source(self, item_id: str) -> Path:
+        return self.root
+
+    def describe(self) -> str:
+        return f"{self.layout} layout at {self.root}, split {self.split or '(all)'}: {len(self)} images, {len(self.classes)} classes"
+
+
+def read_index_png(path: Path) -> np.ndarray:
+    """(H, W) uint8 labels from a palette, grayscale or 16-bit PNG, or an RGB PNG in VOC colours.
+
+    The one mask reader: dataset ground truth, `dhr train --masks`, `dhr eval --pred DIR`, imports.
+    """
+    from dhr_cli.io.palette import palette_array
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode == "RGBA":
+                im = im.convert("RGB")
+                mode = "RGB"
+            arr = np.asarray(im)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: mask not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DatasetError(f"{path}: cannot decode mask ({e.__class__.__name__})") from None
+    if mode == "RGB":
+        code = (arr[..., 0].astype(np.int32) << 16) | (arr[..., 1].astype(np.int32) << 8) | arr[..., 2]
+        pal = palette_array().astype(np.int32)
+        pal_code = (pal[:, 0] << 16) | (pal[:, 1] << 8) | pal[:, 2]
+        lut = {int(c): i for i, c in reversed(list(enumerate(pal_code)))}  # first index wins
+        colours, inverse = np.unique(code, return_inverse=True)
+        unknown = [int(c) for c in colours if int(c) not in lut]
+        if unknown:
+            rgb = ((unknown[0] >> 16) & 255, (unknown[0] >> 8) & 255, unknown[0] & 255)
+            raise DatasetError(f"{path}: RGB mask holds colour {rgb}, which is not a VOC palette colour; save masks as palette or grayscale PNGs")
+        return np.array([lut[int(c)] for c in colours], np.uint8)[inverse.reshape(code.shape)]
+    if arr.ndim != 2:
+        raise DatasetError(f"{path}: mask has shape {arr.shape}, expected a single channel")
+    if arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise DatasetError(f"{path}: mask values outside 0..255")
+        arr = arr.astype(np.uint8)
+    return arr
+
+
+def class_key(name: str) -> str:
+    """The one rule for matching class names across stores, datasets and GT: lower case, letters and digits."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def _read_list(path: Path) -> list[str]:
+    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return ids
+
+
+def _images_by_stem(folder: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for entry in os.scandir(folder):
+        p = Path(entry.path)
+        if p.suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
+            if p.stem in found:
+                raise DatasetError(f"{folder}: duplicate image id {p.stem!r} ({found[p.stem].name} and {p.name})")
+            found[p.stem] = p
+    return found
+
+
+def _xml_labels(path: Path) -> list[str]:
+    try:
+        tree = ET.parse(path)
+    except ET.ParseError as e:
+        raise DatasetError(f"{path}: not valid XML ({e})") from None
+    return [(o.findtext("name") or "").strip() for o in tree.getroot().iter("object")]
+
+
+def _select_split(root: Path, ids: list[str], split: str | None, lists: dict[str, Path], available: list[str]) -> list[str]:
+    if split is None:
+        return ids
+    if split not in lists:
+        raise DatasetError(f"{root}: no split {split!r}; available: {', '.join(sorted(lists)) or 'none'}")
+    wanted = _read_list(lists[split])
+    known = set(available)
+    missing = [i for i in wanted if i not in known]
+    if missing:
+        raise DatasetError(f"{lists[split]}: {len(missing)} ids have no image, e.g. {missing[:3]}")
+    return wanted
+
+
+# ---- flat -----------------------------------------------------------------------------------
+class FlatDataset(Dataset):
+    layout = "flat"
+
+    def __init__(self, root: Path, split: str | None):
+        classes_file = root / "classes.txt"
+        classes = [c.strip() for c in classes_file.read_text().splitlines() if c.strip()]
+        if not classes:
+            raise DatasetError(f"{classes_file}: no class names")
+        if len(set(classes)) != len(classes):
+            raise DatasetError(f"{classes_file}: duplicate class names")
+        if len(classes) > 255:
+            raise DatasetError(f"{classes_file}: {len(classes)} classes; at most 255 fit uint8 masks with 255 = ignore")
+        self._images = _images_by_stem(root / "images")
+        self._masks_dir = root / "masks"
+        lists = {p.stem: p for p in sorted((root / "splits").glob("*.txt"))} if (root / "splits").is_dir() else {}
+        ids = _select_split(root, sorted(self._images), split, lists, list(self._images))
+        self._labels_file = root / "labels.json"
+        self._label_names: dict[str, list[str]] | None = None
+        if self._labels_file.exists():
+            try:
+                data = json.loads(self._labels_file.read_text())
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{self._labels_file}: not valid JSON ({e.msg}, line {e.lineno})") from None
+            if not isinstance(data, dict) or not all(
+                isinstance(v, list) and all(isinstance(n, str) for n in v) for v in data.values()
+            ):
+                raise DatasetError(f'{self._labels_file}: expected {{"<id>": ["class", ...], ...}}')
+            index = set(classes)
+            for item_id, names in data.items():
+                for name in names:
+                    if name not in index:
+                        raise DatasetError(f"{self._labels_file}: label {name!r} of {item_id} is not in classes.txt")
+            self._label_names = data
+        super().__init__(root, split, classes, ids)
+
+    def image_path(self, item_id: str) -> Path:
+        if item_id not in self._images:
+            raise DatasetError(f"{self.root / 'images'}: no image for id {item_id!r}")
+        return self._images[item_id]
+
+    def gt_path(self, item_id: str) -> Path | None:
+        p = self._masks_dir / f"{item_id}.png"
+        return p if p.exists() else None
+
+    def _named_labels(self, item_id: str) -> list[str] | None:
+        if self._label_names is None:
+            return None
+        if item_id not in self._label_names:
+            if self.gt_path(item_id) is not None:
+                return None
+            raise DatasetError(f"{self._labels_file}: no labels for image {item_id}")
+        return self._label_names[item_id]
+
+    def _labels_source(self, item_id: str) -> Path:
+        return self._labels_file
+
+
+# ---- PASCAL VOC 2012 ------------------------------------------------------------------------
+class VOCDataset(Dataset):
+    layout = "voc"
+
+    def __init__(self, root: Path, split: str | None):
+        classes_file = root / "classes.txt"
+        classes = [c.strip() for c in classes_file.read_text().splitlines() if c.strip()] if classes_file.exists() else VOC_CLASSES
+        self._images = _images_by_stem(root / "JPEGImages")
+        self._gt_dirs = [d for d in (root / "SegmentationClass", root / "SegmentationClassAug") if d.is_dir()]
+        self._xml_dir = root / "Annotations"
+        lists: dict[str, Path] = {}
+        for sub in ("Main", "SegmentationAug", "Segmentation"):  # later ones win
+            folder = root / "ImageSets" / sub
+            if folder.is_dir():
+                lists.update({p.stem: p for p in folder.glob("*.txt") if "_" not in p.stem or p.stem.endswith("_aug")})
+        if split is None and "train" in lists:
+            split = "train"
+            logger.info("VOC layout without --split: using ImageSets/Segmentation/train.txt")
+        ids = _select_split(root, sorted(self._images), split, lists, list(self._images))
+        super().__init__(root, split, classes, ids)
+
+    def image_path(self, item_id: str) -> Path:
+        if item_id not in self._images:
+            raise DatasetError(f"{self.root / 'JPEGImages'}: no image for id {item_id!r}")
+        return self._images[item_id]
+
+    def gt_path(self, item_id: str) -> Path | None:
+        for d in self._gt_dirs:
+            p = d / f"{item_id}.png"
+            if p.exists():
+                return p
+        return None
+
+    def _named_labels(self, item_id: str) -> list[str] | None:
+        p = self._xml_dir / f"{item_id}.xml"
+        return _xml_labels(p) if p.exists() else None
+
+    def _labels_source(self, item_id: str) -> Path:
+        return self._xml_dir / f"{item_id}.xml"
+
+
+# ---- DHR / MARS -----------------------------------------------------------------------------
+class DHRDataset(Dataset):
+    layout = "dhr"
+
+    def __init__(self, root: Path, split: str | None):
+        splits = sorted(p.parent.name for p in root.glob("*/image") if p.is_dir())
+        if split is None:
+            if len(splits) != 1:
+                raise DatasetError(f"{root}: DHR layout with splits {', '.join(splits)}; choose one with --split")
+            split = splits[0]
+        if split not in splits:
+            raise DatasetError(f"{root}: no split {split!r}; available: {', '.join(splits)}")
+        classes_file = root / "classes.txt"
+        classes = [c.strip() for c in classes_file.read_text().splitlines() if c.strip()] if classes_file.exists() else VOC_CLASSES
+        base = root / split
+        self._images = _images_by_stem(base / "image")
+        self._mask_dir = base / "mask"
+        self._xml_dir = base / "xml"
+        super().__init__(root, split, classes, sorted(self._images))
+
+    def image_path(self, item_id: str) -> Path:
+        if item_id not in self._images:
+            raise DatasetError(f"{self.root / str(self.split) / 'image'}: no image for id {item_id!r}")
+        return self._images[item_id]
+
+    def gt_path(self, item_id: str) -> Path | None:
+        p = self._mask_dir / f"{item_id}.png"
+        return p if p.exists() else None
+
+    def _named_labels(self, item_id: str) -> list[str] | None:
+        p = self._xml_dir / f"{item_id}.xml"
+        return _xml_labels(p) if p.exists() else None
+
+    def _labels_source(self, item_id: str) -> Path:
+        return self._xml_dir / f"{item_id}.xml"
+
+
+def detect_layout(root: Path) -> tuple[str, Path]:
+    """(layout, resolved root) or DatasetError saying why nothing fits."""
+    from dhr_cli.io import coco
+
+    found = coco.detect(root)
+    if (root / "classes.txt").is_file() and (root / "images").is_dir():
+        found.insert(0, ("flat", root))
+    if len(found) > 1:
+        raise DatasetError(f"{root}: mixed dataset layouts ({', '.join(n for n, _ in found)}); keep one per folder")
+    if found:
+        return found[0]
+    for candidate in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        if (candidate / "JPEGImages").is_dir():
+            return "voc", candidate
+    if any(p.is_dir() for p in root.glob("*/image")):
+        return "dhr", root
+    raise DatasetError(
+        f"{root}: matches no dataset layout (flat needs classes.txt and images/; "
+        "PASCAL VOC needs JPEGImages/; DHR/MARS needs <split>/image/; COCO needs annotations/instances_<split>.json, "
+        "coco_seg_anno/ or SegmentationClass/<split>/; ADE20K needs images/training|validation and annotations/)"
+    )
+
+
+def open_dataset(root: str | os.PathLike, split: str | None = None) -> Dataset:
+    """Open a dataset folder of any supported layout (auto-detected)."""
+    root = Path(root)
+    if not root.exists():
+        raise DatasetError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: is a file, expected a dataset folder")
+    layout, resolved = detect_layout(root)
+    from dhr_cli.io.coco import READERS
+
+    cls = {"flat": FlatDataset, "voc": VOCDataset, "dhr": DHRDataset, **READERS}[layout]
+    try:
+        ds = cls(resolved, split)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{getattr(e, 'filename', None) or resolved}: cannot be read ({e.__class__.__name__})") from None
+    logger.info("found %s", ds.describe())
+    return ds

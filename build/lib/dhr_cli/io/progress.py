@@ -1,0 +1,52 @@
+"""Progress bars on stderr (stdout is kept for results)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+T = TypeVar("T")
+_stderr = Console(stderr=True)
+
+
+def progress_bar(quiet: bool = False) -> Progress:
+    """A rich Progress on stderr; use as a context manager and add tasks to it."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=_stderr,
+        disable=quiet,
+        transient=False,
+    )
+
+
+def track(items: Iterable[T], description: str, total: int | None = None, quiet: bool = False) -> Iterator[T]:
+    """Iterate with a progress bar (items/s shown) unless quiet."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    if quiet:  # no bar: no per-item bookkeeping either (it cost ~1 ms an item at COCO scale)
+        yield from items
+        return
+    with progress_bar(quiet) as bar:
+        task = bar.add_task(description, total=total, rate="")
+        for n, item in enumerate(items, 1):
+            yield item
+            bar.advance(task)
+            if n % 16 == 0:  # rich's speed walks its sample window: not on every item
+                t = bar.tasks[0]
+                if t.speed:
+                    bar.update(task, rate=f"{t.speed:.1f}/s")

@@ -1,0 +1,119 @@
+"""`dhr export` as a library: a masks or seeds store to one VOC palette PNG per item.
+
+    run_export("masks.h5", "out/")   ->  out/<id>.png, label values kept as palette indices (255 too)
+    run_export_prompts("masks.h5", "prompts/")  ->  prompts/<id>.json, the Segment Anything prompts
+                                     of `dhr refine --mode prompt` (boxes, points), to run SAM elsewhere
+
+Each PNG is written under a temporary name in DIR and renamed, so a reader never sees a half
+written file. An existing non-empty DIR is refused unless overwrite=True (files of the same
+name are then replaced; other files are left alone).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from dhr_cli.errors import InputError, StoreError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_export", "run_export_prompts", "ExportResult"]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    out: Path
+    kind: str  # "masks" or "seeds"
+    written: int
+    classes: list[str]
+
+
+def _prepare_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    if out.is_dir():
+        if any(out.iterdir()) and not overwrite:
+            raise InputError(f"{out}: folder exists and is not empty; pass --overwrite to write into it")
+        return
+    if not out.parent.exists():
+        raise InputError(f"{out}: parent folder {out.parent} does not exist")
+    out.mkdir()
+
+
+def _safe_name(store_path: Path, item_id: str, suffix: str = ".png") -> str:
+    if not item_id or item_id.startswith(".") or "/" in item_id or "\\" in item_id or os.sep in item_id:
+        raise StoreError(f"{store_path}: item id {item_id!r} cannot be used as a file name")
+    return f"{item_id}{suffix}"
+
+
+def _write_atomic(final: Path, write) -> None:
+    """write(tmp) then rename tmp to final: a reader never sees a half-written file."""
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def run_export(store: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, quiet: bool = True) -> ExportResult:
+    """Write every item of a masks/seeds store as <out>/<id>.png (VOC palette, 255 kept)."""
+    from dhr_cli.io.palette import save_palette_png
+    from dhr_cli.io.progress import track
+    from dhr_cli.io.store import open_store
+
+    out = Path(out)
+    with open_store(store, expect=("masks", "seeds")) as s:
+        names = {item_id: _safe_name(s.path, item_id) for item_id in s.ids}
+        _prepare_dir(out, overwrite)
+        written = 0
+        for item_id in track(s.ids, description="export", quiet=quiet):
+            mask = s.read(item_id).mask
+            _write_atomic(out / names[item_id], lambda tmp: save_palette_png(tmp, mask))
+            written += 1
+        logger.info("exported %d %s to %s", written, s.kind, out)
+        return ExportResult(out=out, kind=s.kind, written=written, classes=list(s.classes))
+
+
+PROMPT_CONVENTIONS = {
+    "points": "(x, y) = (column, row) pixel indices of the image",
+    "point_labels": "1 positive (inside the region), 0 negative (another class's most interior pixel)",
+    "box": "[x0, y0, x1, y1], inclusive pixel indices (SAM's XYXY box prompt)",
+}
+
+
+def run_export_prompts(store: str | os.PathLike, out: str | os.PathLike, cfg=None, *, overwrite: bool = False,
+                       quiet: bool = True) -> ExportResult:
+    """Write <out>/<id>.json per item of a masks/seeds store: the SAM prompts of its regions.
+
+    Each file: {"id", "image_size": [H, W], "classes", "conventions", "prompts": [{"class", "label",
+    "area", "box", "points", "point_labels"}, ...]}, the prompts `dhr refine --mode prompt` sends.
+    """
+    import json
+
+    from dhr_cli.config import PromptConfig
+    from dhr_cli.io.progress import track
+    from dhr_cli.io.store import open_store
+    from dhr_cli.kernels.prompts import mask_prompts
+
+    cfg = cfg or PromptConfig()
+    out = Path(out)
+    with open_store(store, expect=("masks", "seeds")) as s:
+        names = {item_id: _safe_name(s.path, item_id, ".json") for item_id in s.ids}
+        background = 0 if s.classes[0].lower() in ("background", "_background_", "bg") else None
+        _prepare_dir(out, overwrite)
+        written = 0
+        for item_id in track(s.ids, description="export prompts", quiet=quiet):
+            mask = s.read(item_id).mask
+            prompts = mask_prompts(mask, cfg, background=background)
+            doc = {"id": item_id, "image_size": list(mask.shape), "classes": s.classes,
+                   "conventions": PROMPT_CONVENTIONS, "prompts": [p.to_json(s.classes) for p in prompts]}
+            text = json.dumps(doc, indent=1)
+            _write_atomic(out / names[item_id], lambda tmp: tmp.write_text(text))
+            written += 1
+        logger.info("exported the prompts of %d %s to %s", written, s.kind, out)
+        return ExportResult(out=out, kind=s.kind, written=written, classes=list(s.classes))

@@ -1,0 +1,66 @@
+"""`dhr info`: what is in a store or a dataset folder, as plain data (the CLI renders it)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from dhr_cli.io.datasets import open_dataset
+from dhr_cli.io.store import MAIN_DATASET, open_store
+
+_SAMPLE = 200  # items read to summarise shapes and dtypes (a store can hold 100k items)
+
+
+def describe_store(path: Path) -> dict:
+    with open_store(path) as store:
+        shapes, dtypes, labels = Counter(), Counter(), Counter()
+        main = MAIN_DATASET[store.kind]
+        for item_id in store.ids[:_SAMPLE]:
+            item = store.read(item_id)
+            x = item.arrays[main]
+            shapes[tuple(x.shape) if store.kind in ("seeds", "masks") else tuple(x.shape[1:])] += 1
+            dtypes[str(x.dtype)] += 1
+            if store.kind == "cams":
+                labels.update(store.classes[v] if 0 <= v < len(store.classes) else str(v) for v in item.labels)
+            else:
+                _ = item.image_size  # validates the attribute when present
+        return {
+            "path": str(path),
+            "what": "store",
+            "kind": store.kind,
+            "version": store.attrs.get("dhr_version"),
+            "classes": store.classes,
+            "items": len(store),
+            "sampled": min(len(store), _SAMPLE),
+            "dataset": main,
+            "grid_sizes": {"x".join(map(str, k)): v for k, v in shapes.most_common(5)},
+            "dtypes": dict(dtypes),
+            "labels": dict(labels.most_common()),
+            "source": store.attrs.get("source"),
+            "provenance": store.provenance,
+        }
+
+
+def describe_dataset(root: Path, split: str | None = None) -> dict:
+    ds = open_dataset(root, split)
+    counts: Counter = Counter()
+    for item_id in ds.ids[:_SAMPLE]:
+        counts.update(ds.classes[v] for v in ds.labels(item_id))
+    return {
+        "path": str(root),
+        "what": "dataset",
+        "layout": ds.layout,
+        "found": ds.describe(),
+        "convention": getattr(ds, "convention", "class ids as in the files (255 = ignore)"),
+        "split": ds.split,
+        "classes": ds.classes,
+        "items": len(ds),
+        "sampled": min(len(ds), _SAMPLE),
+        "has_gt": ds.has_gt,
+        "labels": dict(counts.most_common()),
+    }
+
+
+def describe(path: Path, split: str | None = None) -> dict:
+    """Summary of a store file or a dataset folder."""
+    return describe_dataset(path, split) if Path(path).is_dir() else describe_store(path)

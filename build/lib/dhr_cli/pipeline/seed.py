@@ -1,0 +1,115 @@
+"""`dhr seed` as a library: Step 1 of docs/method.md over a whole split, streamed in batches.
+
+    run_seed(SeedConfig(), "cams.h5", "data/voc", "seeds.h5", split="train")
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dhr_cli.config import SeedConfig
+from dhr_cli.errors import InputError
+from dhr_cli.io.datasets import open_dataset, read_index_png
+from dhr_cli.io.distributed import device_for_rank, output_store, shard
+from dhr_cli.io.loading import default_workers, iterate_batches, kernel_threads
+from dhr_cli.io.progress import track
+from dhr_cli.io.runtime import resolve_device
+from dhr_cli.io.store import make_provenance, open_store
+from dhr_cli.kernels.crf import crf_function
+from dhr_cli.kernels.seed import seed_masks
+from dhr_cli.pipeline.inputs import (
+    Missing,
+    check_cam_labels,
+    check_labels,
+    image_and_labels,
+    open_checked,
+    require_background,
+    select_ids,
+    to_tensor,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class InitMasks:
+    """Initial masks M0 from another WSS method: a masks/seeds store or a folder of <id>.png."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._store = None
+        if self.path.is_dir():
+            self._pngs = {p.stem: p for p in self.path.glob("*.png")}
+            if not self._pngs:
+                raise InputError(f"{self.path}: folder holds no .png masks")
+        else:
+            self._store = open_store(self.path, expect=("masks", "seeds"))
+
+    def __contains__(self, item_id: str) -> bool:
+        return item_id in (self._store if self._store is not None else self._pngs)
+
+    def read(self, item_id: str, size: tuple[int, int]) -> np.ndarray:
+        mask = self._store.read(item_id).mask if self._store is not None else read_index_png(self._pngs[item_id])
+        if mask.shape != size:
+            raise InputError(f"{self.path}: initial mask of {item_id} is {mask.shape[1]}x{mask.shape[0]}, its image {size[1]}x{size[0]}")
+        return mask
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+def run_seed(cfg: SeedConfig, cams: Path, data: Path, out: Path, *, split: str | None = None,
+             init_masks: Path | None = None, missing: Missing = "fail", overwrite: bool = False,
+             resume: bool = False, quiet: bool = False) -> dict:
+    """Write the seed store; returns a small summary (items written, skipped)."""
+    dataset = open_dataset(data, split)
+    background = require_background(dataset)
+    device = resolve_device(device_for_rank(cfg.device))
+    crf = crf_function(cfg.crf) if cfg.use_crf else None
+    cam_store = open_checked(cams, "cams", dataset, "cams")
+    base = InitMasks(init_masks) if init_masks is not None else None
+    try:
+        ids = shard(select_ids(dataset, {"cams": cam_store}, missing))
+        if base is not None:
+            absent = [i for i in ids if i not in base]
+            if absent:
+                raise InputError(f"{base.path}: no initial mask for {len(absent)} images, e.g. {absent[:3]}")
+        provenance = make_provenance("seed", cfg, {"cams": cams, "data": data, "init_masks": init_masks or ""})
+        with output_store(out, "seeds", dataset.classes, provenance=provenance, overwrite=overwrite,
+                          resume=resume) as writer:
+            todo = [i for i in ids if i not in writer]
+            load = functools.partial(image_and_labels, dataset, crf is not None)
+            workers = default_workers()
+            batches = iterate_batches(todo, load, cfg.batch_size, workers=workers)
+            with kernel_threads(device, workers if len(todo) > cfg.batch_size else 0):
+                for batch in track(batches, "seed", total=-(-len(todo) // cfg.batch_size), quiet=quiet):
+                    _seed_batch(batch, dataset, cam_store, base, cfg, device, background, crf, writer)
+        return {"written": len(todo), "items": len(ids)}
+    finally:
+        cam_store.close()
+        if base is not None:
+            base.close()
+
+
+def _seed_batch(batch, dataset, cam_store, base, cfg, device, background, crf, writer) -> None:
+    cams, labels, sizes, images, bases = [], [], [], [], []
+    for item_id, image, image_labels, size in batch:
+        item = cam_store.read(item_id, names=("cams",))  # not the WSS features beside them
+        cam_labels = item.labels.tolist()
+        check_labels(dataset, item_id, image_labels)
+        check_cam_labels(cam_store.path, item_id, cam_labels, image_labels)
+        cams.append(to_tensor(item.cams, device))
+        labels.append(cam_labels)
+        sizes.append(size)
+        images.append(to_tensor(image, device))
+        bases.append(to_tensor(base.read(item_id, size), device) if base is not None else None)
+    with torch.no_grad():
+        masks = seed_masks(cams, labels, sizes, cfg, images=images if crf else None, base=bases if base else None,
+                           background=background, crf=crf)
+    for (item_id, *_), mask in zip(batch, masks):
+        writer.write(item_id, {"mask": mask.cpu().numpy()})
