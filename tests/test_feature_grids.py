@@ -61,6 +61,7 @@ LITE0 = [
     ((), 32, [16, 32]),
     (("2", "blocks.4", "blocks.5"), None, [8, 16, 16]),
     (("blocks.1", "blocks.6"), 32, [4, 32]),
+    (("blocks.5", "2"), None, [16, 8]),  # the given order is kept; the grid is still the finest
 ]
 
 
