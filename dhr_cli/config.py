@@ -206,8 +206,16 @@ class CamsConfig:
     head_lr: float = 0.01
     head_side: int = 224
     head_last_stage: bool = False  # also fine-tune blocks.6 (slower)
+    # Stored feature maps (--feature-layers / --feature-stride; docs/features.md): () = the network's
+    # own maps; named layers are L2-normalised each and concatenated on the finest chosen grid.
+    # None = the network's output stride (16 for lite0 and ResNet). Measured on bench-real
+    # (docs/features.md): lite0 USS blocks.2,4,5 beat the default by about 1 mIoU point on seeds 1 and 0;
+    # the default is kept until switching it is checked against the demo, uss fit and their figures.
+    feature_layers: tuple[str, ...] = ()
+    feature_stride: int | None = None
 
     def __post_init__(self) -> None:
+        _check(self.feature_stride in (None, 8, 16, 32), f"feature_stride must be 8, 16 or 32, got {self.feature_stride}")
         _check_scales("scales", self.scales)
         _check_scales("uss_scales", self.uss_scales)
         _check(self.side is None or self.side >= 16, f"side must be >= 16, got {self.side}")

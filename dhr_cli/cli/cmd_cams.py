@@ -62,6 +62,14 @@ def cams_cmd(
         + ",".join(map(str, _D.uss_scales)) + " for USS features, as DHR)."))] = None,
     side: Annotated[Optional[int], typer.Option("--side", min=16, help=(
         "Longer image side at scale 1.0 (default: the network's: native size for ViTs, 224 for lite0)."))] = None,
+    feature_layers: Annotated[Optional[str], typer.Option("--feature-layers", help=(
+        "Comma-separated layers whose outputs are stored as the features, each L2-normalised per cell and "
+        "concatenated on the finest of their grids: lite0 blocks.0..blocks.6 (or 0..6; strides 2,4,8,16,16,16,16; "
+        "default blocks.4,blocks.5 for USS, blocks.6 for WSS, unnormalised), resnet layer1..layer4 (default "
+        "layer3,layer4), DINO ViTs blocks.0.. or lastK (the last K blocks). See docs/features.md."))] = None,
+    feature_stride: Annotated[Optional[int], typer.Option("--feature-stride", help=(
+        "Output stride of the network, 8, 16 or 32 (lite0 and resnet; default 16): 8 runs the last stages "
+        "at stride 8 for a finer feature (and CAM) grid, at about 4x their cost."))] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Storage dtype: float16 or float32.")] = _D.store_dtype,
     feature_rank: Annotated[int, typer.Option("--feature-rank", min=0, help=(
         "Store the features on their top-K singular vectors of each image (inner products within an image are "
@@ -85,10 +93,16 @@ def cams_cmd(
     scale_list = scales  # a tuple: parsed by the option
     try:
         extra = {} if scale_list is None else ({"scales": scale_list} if wss else {"uss_scales": scale_list})
+        layers = tuple(t.strip() for t in (feature_layers or "").split(",") if t.strip())
+        if feature_layers is not None and not layers:
+            raise InputError("--feature-layers: name at least one layer")
         cfg = CamsConfig(flip=not no_flip, batch_size=batch_size, device=device, head_steps=head_steps, side=side,
-                         store_dtype=dtype, feature_rank=feature_rank, **extra)
+                         store_dtype=dtype, feature_layers=layers, feature_stride=feature_stride,
+                         feature_rank=feature_rank, **extra)
+    except InputError:
+        raise
     except ValueError as e:
-        raise InputError(f"--scales / --dtype: {e}") from None
+        raise InputError(f"--scales / --dtype / --feature-stride: {e}") from None
     from dhr_cli.io.store import check_output
 
     check_output(out_path, overwrite=overwrite, resume=resume)  # before any slow work (head fitting, model loading)
@@ -110,6 +124,9 @@ def cams_cmd(
     if save_head:  # checked before the head is fitted, not after (a head file is replaced: it is small and cheap)
         check_output(save_head, overwrite=True, resumable=False)
     if train_head:
+        from dhr_cli.models.lite0 import check_feature_options
+
+        check_feature_options(cfg.feature_layers, cfg.feature_stride)  # before the slow fitting
         err.print(f"fitting the lite0 CAM head on {len(ds)} images ({cfg.head_steps} steps)", markup=False)
     source = open_source(name, ds, kind=kind, weights=weights, device=dev, cfg=cfg,
                          train_head=train_head, head_batch_size=batch_size, quiet=quiet, trust=trust_checkpoint,

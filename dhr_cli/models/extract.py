@@ -41,9 +41,15 @@ def fold_flipped(v: torch.Tensor, b: int, flip: bool = True) -> torch.Tensor:
     return v[:b] + v[b:].flip(-1) if flip else v
 
 
-def _concat(maps: list[torch.Tensor]) -> torch.Tensor:
-    """Feature maps of one pass, concatenated on the first map's grid (bilinear)."""
-    size = maps[0].shape[-2:]
+def _concat(maps: list[torch.Tensor], normalize: bool = False) -> torch.Tensor:
+    """Feature maps of one pass, concatenated on the finest of their grids (bilinear).
+
+    normalize: each map L2-normalised per cell first (1e-12 guard), so that no layer dominates
+    the cosine similarities by its magnitude or its channel count alone.
+    """
+    size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+    if normalize:
+        maps = [F.normalize(m.float(), dim=1, eps=1e-12) for m in maps]
     return torch.cat([m if m.shape[-2:] == size else
                       F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in maps], 1)
 
@@ -82,7 +88,7 @@ def multiscale_extract(source: FeatureSource, images: torch.Tensor, channels: li
         x = with_flipped(x, flip)
         with autocast:
             out = source.extract(x)
-        feats = _concat(out["features"]).float()
+        feats = _concat(out["features"], getattr(source, "layer_norm", False)).float()  # duck-typed sources too
         cams = out.get("cams") if want_cams else None
         if cams is not None:
             cams = torch.relu(cams.float())

@@ -11,6 +11,10 @@ last stages run at stride 16 (as IRN does for ResNet layer4); CAMs and features 
   the network never saw the dataset's labels.
 - WSS use (`kind="wss"`): a 1x1 CAM head (C foreground classes) on the conv_head output (1280),
   fitted on the image labels by `fit_lite0_head`; features = blocks.6 output (320).
+- `configure_features` (`dhr cams --feature-layers / --feature-stride`): any of blocks.0..6
+  (strides 2, 4, 8, 16, 16, 16, 16), each L2-normalised, concatenated on the finest chosen grid;
+  output stride 8 (blocks.3's stride-2 depthwise conv also set to 1: blocks.3..6 at stride 8,
+  about 4x their cost) or 32 (blocks.5 back to stride 2, as ImageNet-trained).
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ HEAD_FORMAT = "dhr.lite0_head"
 HEAD_IN = 1280
 WSS_FEAT = 320
 USS_DIMS = (112, 192)
+STAGE_DIMS = (16, 24, 40, 80, 112, 192, 320)  # blocks.0..6 output channels
+# Output stride -> the stride of blocks.3's and blocks.5's first depthwise conv (the others are fixed).
+_STRIDE_CONVS = {8: (1, 1), 16: (2, 1), 32: (2, 2)}
 # Per-block parameter names: efficientnet_pytorch -> timm.
 _DS_NAMES = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 _IR_NAMES = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
@@ -97,9 +104,12 @@ def build_backbone(pretrained: bool = True, path: str | Path | None = None) -> n
 class Lite0Source(FeatureSource):
     """EfficientNet-Lite0 as a USS feature source or a WSS CAM network (see the module doc)."""
 
+    name = "lite0"
     stride = 16
     multiple = 1
     base_side = 224
+    layer_names = tuple(f"blocks.{i}" for i in range(7))
+    strides = (8, 16, 32)
 
     def __init__(self, kind: str = "uss", classes: list[str] | None = None, backbone: nn.Module | None = None,
                  pretrained: bool = True):
@@ -119,9 +129,25 @@ class Lite0Source(FeatureSource):
             nn.init.normal_(self.head.weight, std=0.01)
             nn.init.zeros_(self.head.bias)
             self.feature_dims = (WSS_FEAT,)
+            self.feature_layers = ("blocks.6",)
         else:
             self.head = None
             self.feature_dims = USS_DIMS
+            self.feature_layers = ("blocks.4", "blocks.5")
+        self._layer_index = [int(n.split(".")[1]) for n in self.feature_layers]
+
+    def configure_features(self, layers=(), stride: int | None = None) -> None:
+        """Feature maps from `layers` (blocks.0..6, L2-normalised each) and/or output stride 8, 16 or 32."""
+        names = self._check_layers(layers)
+        stride = self._check_stride(stride)
+        s3, s5 = _STRIDE_CONVS[stride]
+        self.backbone.blocks[3][0].conv_dw.stride = (s3, s3)  # 'same' padding follows the stride at run time
+        self.backbone.blocks[5][0].conv_dw.stride = (s5, s5)
+        self.stride = stride
+        self.feature_layers = tuple(names) or (("blocks.6",) if self.kind == "wss" else ("blocks.4", "blocks.5"))
+        self._layer_index = [int(n.split(".")[1]) for n in self.feature_layers]
+        self.feature_dims = tuple(STAGE_DIMS[i] for i in self._layer_index)
+        self.layer_norm = bool(names)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         check_images(x)
@@ -144,13 +170,14 @@ class Lite0Source(FeatureSource):
         return self.backbone.bn2(self.backbone.conv_head(last))
 
     def extract(self, images: torch.Tensor) -> dict:
-        """(B, 3, H, W) -> {"features": [(B, D, H/16, W/16) ...], "cams": (B, C, H/16, W/16) | None}."""
+        """(B, 3, H, W) -> {"features": [(B, D_l, H/s_l, W/s_l) per layer], "cams": (B, C, H/16, W/16) | None}
+        (16: the output stride, `self.stride`)."""
         if self.kind == "uss":
-            outs = self.stages(images, upto=5)
-            return {"features": [outs[4], outs[5]], "cams": None}
+            outs = self.stages(images, upto=max(self._layer_index))
+            return {"features": [outs[i] for i in self._layer_index], "cams": None}
         outs = self.stages(images, upto=6)
         cams = self.head(self.head_input(outs[6]))
-        return {"features": [outs[6]], "cams": cams}
+        return {"features": [outs[i] for i in self._layer_index], "cams": cams}
 
     # -- head file
     def save_head(self, path: str | Path) -> None:
@@ -171,6 +198,13 @@ class Lite0Source(FeatureSource):
         if obj.get("last_stage"):
             load_strict(src.backbone.blocks[6], obj["last_stage"], path)
         return src.eval()
+
+
+def check_feature_options(layers=(), stride: int | None = None) -> None:
+    """InputError unless lite0 offers these feature layers / output stride (checked without building it)."""
+    probe = object.__new__(Lite0Source)  # class attributes only: no backbone built
+    probe._check_layers(layers)
+    probe._check_stride(stride)
 
 
 def _resize_side(img: torch.Tensor, side: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """ResNet-50/101 CAM network (IRN style): torchvision backbone, layer4 at stride 1 (output stride 16),
 a 1x1 conv classifier without bias named `classifier`. CAMs = relu(classifier(layer4));
-features = layer3 and layer4. Loads torchvision-named checkpoints, or IRN's res50_cam.pth
+features = layer3 and layer4 (`configure_features`: any of layer1..layer4, L2-normalised each, on the
+finest chosen grid; output stride 8 with layer3 at stride 1 too, or 32 as torchvision). Loads torchvision-named checkpoints, or IRN's res50_cam.pth
 (stage1 = conv1, bn1, relu, maxpool, layer1; stage2..4 = layer2..4), strictly."""
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class ResNetCAM(FeatureSource):
     stride = 16
     multiple = 1
     base_side = None
+    layer_names = ("layer1", "layer2", "layer3", "layer4")
+    strides = (8, 16, 32)
 
     def __init__(self, depth: int = 50, num_classes: int = 20, classes: list[str] | None = None,
                  width: int = 64):
@@ -73,25 +76,46 @@ class ResNetCAM(FeatureSource):
             raise CheckpointError(f"ResNet depth {depth}: expected 18, 34, 50 or 101")
         ctor = ctors[depth]
         net = ctor(weights=None)
-        # layer4 at stride 1 (IRN strides=(2, 2, 2, 1))
-        for m in net.layer4.modules():
-            if isinstance(m, nn.Conv2d) and m.stride == (2, 2):
-                m.stride = (1, 1)
+        # The stride-2 convs of layer3 and layer4 (first block: conv2 and the downsample conv),
+        # switched by `configure_features`; layer4 at stride 1 by default (IRN strides=(2, 2, 2, 1)).
+        self._down = {name: [m for m in getattr(net, name).modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+                      for name in ("layer3", "layer4")}
+        self._set_stride(16)
         self.name = f"resnet{depth}"
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         c3, c4 = self.layer3[-1].conv1.in_channels, net.fc.in_features
         self.classifier = nn.Conv2d(c4, num_classes, 1, bias=False)
         self.classes = list(classes) if classes else [f"class{i}" for i in range(num_classes)]
+        self._dims = {"layer1": self.layer2[0].conv1.in_channels, "layer2": self.layer3[0].conv1.in_channels,
+                      "layer3": c3, "layer4": c4}
         self.feature_dims = (c3, c4)
+        self.feature_layers = ("layer3", "layer4")
+
+    def _set_stride(self, stride: int) -> None:
+        for name, on in (("layer3", stride >= 16), ("layer4", stride >= 32)):
+            for m in self._down[name]:
+                m.stride = (2, 2) if on else (1, 1)
+        self.stride = stride
+
+    def configure_features(self, layers=(), stride: int | None = None) -> None:
+        """Feature maps from `layers` (layer1..layer4, L2-normalised each) and/or output stride 8, 16 or 32."""
+        names = self._check_layers(layers)
+        self._set_stride(self._check_stride(stride))
+        self.feature_layers = tuple(names) or ("layer3", "layer4")
+        self.feature_dims = tuple(self._dims[n] for n in self.feature_layers)
+        self.layer_norm = bool(names)
 
     def extract(self, images: torch.Tensor) -> dict:
-        """(B, 3, H, W) -> features [layer3 (B, 1024, h, w), layer4 (B, 2048, h, w)], cams (B, C, h, w) before relu."""
+        """(B, 3, H, W) -> features [one (B, D_l, h_l, w_l) per layer; default layer3, layer4], cams (B, C, h, w)
+        of layer4 before relu."""
         check_images(images)
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
-        x3 = self.layer3(self.layer2(self.layer1(x)))
-        x4 = self.layer4(x3)
-        return {"features": [x3, x4], "cams": self.classifier(x4)}
+        outs = {"layer1": self.layer1(x)}
+        outs["layer2"] = self.layer2(outs["layer1"])
+        outs["layer3"] = self.layer3(outs["layer2"])
+        outs["layer4"] = self.layer4(outs["layer3"])
+        return {"features": [outs[n] for n in self.feature_layers], "cams": self.classifier(outs["layer4"])}
 
     @classmethod
     def from_checkpoint(cls, name: str | None, path, classes: list[str] | None = None, trust: bool = False) -> "ResNetCAM":

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dhr_cli.errors import CheckpointError
+from dhr_cli.errors import CheckpointError, InputError
 from dhr_cli.models.base import FeatureSource, check_images
 from dhr_cli.models.checkpoints import (
     load_strict,
@@ -118,6 +118,16 @@ class DinoViT(nn.Module):
                 outs.append(self.norm(t))
         return outs
 
+    def block_outputs(self, x: torch.Tensor, indices) -> list[torch.Tensor]:
+        """The outputs of blocks `indices` (0-based, ascending) after the final norm, (B, 1 + N, D) each."""
+        t = self.prepare_tokens(x)
+        wanted, outs = set(indices), []
+        for i, blk in enumerate(self.blocks[: max(indices) + 1]):
+            t = blk(t)
+            if i in wanted:
+                outs.append(self.norm(t))
+        return outs
+
     def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W), H and W multiples of p -> (B, N, D) post-norm patch tokens of the last block."""
         return self.get_intermediate_layers(x, 1)[0][:, 1:]
@@ -175,11 +185,43 @@ class ViTSource(FeatureSource):
         self.name = name
         self.kind = "uss"
         self.stride = self.multiple = vit.patch_size
+        self.strides = (vit.patch_size,)
         self.feature_dims = (vit.embed_dim,)
+        self.layer_names = tuple(f"blocks.{i}" for i in range(len(vit.blocks)))
+        self.feature_layers = (self.layer_names[-1],)
+        self._blocks: list[int] | None = None  # None: the last block (patch_features)
+
+    def configure_features(self, layers=(), stride: int | None = None) -> None:
+        """Patch tokens of several blocks (`blocks.i`, or `lastK` for the last K), each L2-normalised and
+        concatenated. The grid is the patch grid: a finer one comes from larger inputs (--side, --scales)."""
+        if stride is not None and stride != self.stride:
+            raise InputError(f"--feature-stride {stride}: a ViT's features are on its patch grid (stride "
+                             f"{self.stride}); use --side or --scales for a finer grid")
+        expanded = []
+        for layer in layers:
+            name = str(layer).strip()
+            if name.startswith("last") and name[4:].isdigit():
+                k = int(name[4:])
+                if not 1 <= k <= len(self.layer_names):
+                    raise InputError(f"--feature-layers {name}: network {self.name!r} has {len(self.layer_names)} blocks")
+                expanded.extend(self.layer_names[-k:])
+            else:
+                expanded.append(name)
+        names = self._check_layers(expanded)
+        self._blocks = sorted(int(n.split(".")[1]) for n in names) if names else None
+        self.feature_layers = tuple(f"blocks.{i}" for i in self._blocks) if names else (self.layer_names[-1],)
+        self.feature_dims = (self.vit.embed_dim,) * len(self.feature_layers)
+        self.layer_norm = bool(names)
 
     def extract(self, images: torch.Tensor) -> dict:
-        """(B, 3, H, W) ImageNet-normalised, sides multiples of p -> {"features": [(B, D, H/p, W/p)], "cams": None}."""
-        return {"features": [self.vit.patch_features(images)], "cams": None}
+        """(B, 3, H, W) ImageNet-normalised, sides multiples of p -> {"features": [(B, D, H/p, W/p)] (one per
+        chosen block), "cams": None}."""
+        if self._blocks is None:
+            return {"features": [self.vit.patch_features(images)], "cams": None}
+        b, _, h, w = images.shape
+        p = self.vit.patch_size
+        return {"features": [t[:, 1:].transpose(1, 2).reshape(b, -1, h // p, w // p)
+                             for t in self.vit.block_outputs(images, self._blocks)], "cams": None}
 
     @classmethod
     def from_checkpoint(cls, name: str, path, trust: bool = False) -> "ViTSource":

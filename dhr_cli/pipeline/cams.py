@@ -181,18 +181,24 @@ def open_source(name: str, dataset, *, kind: str | None, weights=None, device=No
 
     train_head (lite0 WSS): its CAM head fitted first on the dataset's image labels (cfg.head_*);
     otherwise `resolve_source` with `weights` and `source_kw` (trust, head, backbone_weights).
+    Then its feature maps are chosen by cfg.feature_layers / cfg.feature_stride (InputError where
+    the network does not offer them).
     """
     from dhr_cli.models import resolve_source
 
     device = resolve_device(str(cfg.device if device is None else device))
     if train_head:
-        from dhr_cli.models.lite0 import fit_lite0_head
+        from dhr_cli.models.lite0 import check_feature_options, fit_lite0_head
 
+        check_feature_options(cfg.feature_layers, cfg.feature_stride)  # before the slow fitting
         logger.info("lite0: fitting its CAM head on %d images (%d steps)", len(dataset), cfg.head_steps)
-        return fit_lite0_head(dataset, steps=cfg.head_steps, device=device, lr=cfg.head_lr, side=cfg.head_side,
-                              train_last_stage=cfg.head_last_stage, batch_size=head_batch_size, quiet=quiet)
-    classes = [c for i, c in enumerate(dataset.classes) if not (i == 0 and dataset.has_background)]
-    return resolve_source(name, weights, device, kind=kind, classes=classes, **source_kw)
+        source = fit_lite0_head(dataset, steps=cfg.head_steps, device=device, lr=cfg.head_lr, side=cfg.head_side,
+                                train_last_stage=cfg.head_last_stage, batch_size=head_batch_size, quiet=quiet)
+    else:
+        classes = [c for i, c in enumerate(dataset.classes) if not (i == 0 and dataset.has_background)]
+        source = resolve_source(name, weights, device, kind=kind, classes=classes, **source_kw)
+    source.configure_features(cfg.feature_layers, cfg.feature_stride)  # InputError where the network has no choice
+    return source
 
 
 def cams_provenance(name: str, source, dataset, cfg: CamsConfig, weights=None, *, inputs: dict | None = None,
@@ -201,7 +207,7 @@ def cams_provenance(name: str, source, dataset, cfg: CamsConfig, weights=None, *
     from dhr_cli.io.store import make_provenance
 
     provenance = make_provenance("cams", cfg, inputs=store_inputs(dataset, weights, **(inputs or {})))
-    provenance.update({"network": name, "network_kind": source.kind, **extra})
+    provenance.update({"network": name, "network_kind": source.kind, "feature_maps": source.feature_spec(), **extra})
     return provenance
 
 
