@@ -195,10 +195,14 @@ def run_stages(work: Path, data: Path, device: torch.device, tiny: bool) -> list
     def out(tag: str, role: str) -> Path:  # role "cpu" (the reference) or "dev"
         return work / f"{tag}-{role}.h5"
 
-    def stage(name: str, run, check, images: int = n):
-        """run(dev, path) on the CPU (reference) and on `device`; check(ref_path, dev_path)."""
-        ref, got = out(name, "cpu"), out(name, "dev")
-        t_cpu = timed(lambda: run(cpu, ref), cpu, 1)
+    times: dict[str, float] = {}
+
+    def stage(name: str, run, check, images: int = n, reference: str | None = None):
+        """run(dev, path) on the CPU (reference) and on `device`; check(ref_path, dev_path).
+        `reference`: an earlier stage whose CPU result (and time) this one is checked against."""
+        ref, got = out(reference or name, "cpu"), out(name, "dev")
+        t_cpu = times[reference] if reference else timed(lambda: run(cpu, ref), cpu, 1)
+        times[name] = t_cpu
         if device.type == "cpu":  # CPU only: the stage runs once, the check compares it with itself
             shutil.copyfile(ref, got) if ref.exists() else None
             t_dev = t_cpu
@@ -234,8 +238,9 @@ def run_stages(work: Path, data: Path, device: torch.device, tiny: bool) -> list
     stage("cams-resnet50", cams_run(resnet, cams_fp32), cmp_res(TOL_FP32))
     if device.type == "cuda":
         cams_16 = replace(cams_fp32, amp=True)
-        stage("cams-vit-amp", cams_amp(vit, cams_16), cmp_vit(TOL_AMP, MIN_COSINE_AMP))
-        stage("cams-resnet50-amp", cams_amp(resnet, cams_16), cmp_res(TOL_AMP, MIN_COSINE_AMP))
+        stage("cams-vit-amp", cams_amp(vit, cams_16), cmp_vit(TOL_AMP, MIN_COSINE_AMP), reference="cams-vit")
+        stage("cams-resnet50-amp", cams_amp(resnet, cams_16), cmp_res(TOL_AMP, MIN_COSINE_AMP),
+              reference="cams-resnet50")
 
     # Steps 1-3 on the dataset's simulated stores (meaningful masks), the same inputs on both sides
     seeds_ref = stage("seed", lambda dev, path: run_seed(SeedConfig(device=dev.type), data / "cams.h5", data, path,
