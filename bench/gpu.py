@@ -271,6 +271,7 @@ def run_stages(work: Path, data: Path, device: torch.device, tiny: bool) -> list
 
     # train: a few steps; dropout off so that both sides compute the same function
     steps, batch = (2, 2) if tiny else (4, 4)
+    batch = min(batch, n)
     train_cfg = TrainConfig(backbone="resnet18" if tiny else "resnet50", crop_size=64 if tiny else 320,
                             scale_range=(64, 96) if tiny else (320, 480), batch_size=batch, epochs=1,
                             dropout=False, num_workers=0, val_split=None, log_every=1, checkpoint_every=0)
