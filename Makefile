@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # torch pinned here (installs offline on our machines); pyproject keeps lower bounds.
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo readme-demo test bench bench-real clean
+.PHONY: install demo readme-demo test bench bench-real bench-gpu clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench: $(STAMP)
 bench-real: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python bench/real.py --out bench_out/real
+
+# Every stage on the GPU against the CPU (CUDA when present; `--device cpu --tiny` runs in the tests).
+bench-gpu: $(STAMP)
+	$(BIN)/python bench/gpu.py --out bench_out/gpu
 
 clean:
 	rm -rf $(VENV) demo_out bench_out .pytest_cache

@@ -99,8 +99,12 @@ class Lattice:
         cols = pts.repeat_interleave(d + 1)
         rows = self.vertex.reshape(-1)
         vals = b.reshape(-1)
-        splat = _csr(rows, cols, vals, (self.m, size))
-        slice_ = _csr(cols, rows, vals * (self.alpha * out_scale), (size, self.m))
+        if getattr(self, "_splat_order", None) is None:  # the same rows at every call: sorted once
+            self._splat_order = torch.argsort(rows, stable=True)
+        splat = _csr(rows, cols, vals, (self.m, size), order=self._splat_order)
+        # the slice's rows are the points, ascending whenever `index` is (the CRF's raster order)
+        ascending = index is None or bool((pts[1:] >= pts[:-1]).all())
+        slice_ = _csr(cols, rows, vals * (self.alpha * out_scale), (size, self.m), order=None if not ascending else False)
         return splat, slice_
 
     def blur(self, v: torch.Tensor, tmp: torch.Tensor, tmp2: torch.Tensor) -> torch.Tensor:
@@ -125,10 +129,16 @@ class Lattice:
         return slice_ @ v[: self.m]
 
 
-def _csr(rows, cols, vals, size):
-    """CSR matrix from COO triplets (duplicates kept; matmul sums them)."""
-    order = torch.argsort(rows, stable=True)
-    r, c, v = rows[order], cols[order], vals[order]
+def _csr(rows, cols, vals, size, order=None):
+    """CSR matrix from COO triplets (duplicates kept; matmul sums them).
+
+    order: the stable argsort of `rows` when already known; False when rows are already sorted.
+    """
+    if order is False:
+        r, c, v = rows, cols, vals
+    else:
+        order = torch.argsort(rows, stable=True) if order is None else order
+        r, c, v = rows[order], cols[order], vals[order]
     crow = torch.zeros(size[0] + 1, dtype=torch.int64, device=vals.device)
     crow[1:] = torch.cumsum(torch.bincount(r, minlength=size[0]), 0)
     with warnings.catch_warnings():

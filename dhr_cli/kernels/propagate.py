@@ -104,15 +104,20 @@ def majority_pool(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
             stride = max(stride, int(mask.max()) + 1)
     # One histogram of (cell, label) keys over every (pixel, cell) pair: a pixel on the edge of
     # two overlapping bins counts in both, like adaptive_avg_pool2d's bins.
-    key_first, pix_extra, key_extra = _pool_keys(mask.shape[0], mask.shape[1], gh, gw, stride, mask.device)
+    # The labels present, ascending (255 last), renumbered 0..k-1 first: the histogram then has
+    # cells x k bins instead of cells x 256 (a mask holds a few labels; same counts, same order).
     flat = mask.reshape(-1)
-    counts = torch.bincount(key_first + flat, minlength=gh * gw * stride)
+    labels = torch.bincount(flat, minlength=stride).nonzero()[:, 0]
+    k = max(int(labels.numel()), 1)
+    compact = torch.zeros(stride, dtype=torch.long, device=mask.device)
+    compact[labels] = torch.arange(labels.numel(), device=mask.device)
+    flat = compact.index_select(0, flat.long())
+    key_first, pix_extra, key_extra = _pool_keys(mask.shape[0], mask.shape[1], gh, gw, k, mask.device)
+    counts = torch.bincount(key_first + flat, minlength=gh * gw * k)
     if len(pix_extra):  # pixels on the overlap of two bins count in the second one too
         extra = key_extra + flat.index_select(0, pix_extra)
         counts.index_add_(0, extra, torch.ones(1, dtype=counts.dtype, device=counts.device).expand(len(extra)))
-    counts = counts.view(gh * gw, stride)
-    labels = counts.sum(0).nonzero()[:, 0]  # ascending: 255 last
-    best = first_argmax(counts.index_select(1, labels).T)  # first maximum: the lowest label
+    best = first_argmax(counts.view(gh * gw, k).T)  # first maximum: the lowest label
     return labels.index_select(0, best).view(gh, gw)
 
 
