@@ -197,7 +197,12 @@ def _crf_function():
         raise Unavailable(f"the CRF kernel is not built yet ({e})") from None
     import torch
 
-    cfg = CRFConfig()
+    try:  # the CRF DHR's propagation runs (same settings for the baseline as for DHR)
+        from dhr_cli.config import PropagateConfig
+
+        cfg = PropagateConfig().crf
+    except ImportError:
+        cfg = CRFConfig()
 
     def run(image: np.ndarray, probs):
         img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()

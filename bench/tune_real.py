@@ -81,8 +81,8 @@ def parse_setting(text: str) -> dict[str, dict]:
 
 
 def configs(setting: dict[str, dict]) -> tuple[SeedConfig, PropagateConfig, CRFConfig]:
-    seed_crf = CRFConfig(**setting["seed.crf"])
-    prop_crf = CRFConfig(**setting["prop.crf"])
+    seed_crf = dataclasses.replace(SeedConfig().crf, **setting["seed.crf"])  # overrides of each stage's default CRF
+    prop_crf = dataclasses.replace(PropagateConfig().crf, **setting["prop.crf"])
     seed = SeedConfig(crf=seed_crf, **setting["seed"])
     prop = PropagateConfig(crf=prop_crf, **setting["prop"])
     return seed, prop, prop_crf

@@ -32,6 +32,7 @@ def test_settings_parse_into_the_configs():
     seed, prop, crf = tune_real.configs(s)
     assert seed.crf.max_side == 128 and prop.crf.max_side == 128 and crf is prop.crf
     assert seed.bg_power == 3.0 and prop.step3 is False and prop.crf.n_iter == 5 and seed.crf.n_iter == CRFConfig().n_iter
+    assert tune_real.configs(tune_real.parse_setting("seed.bg_power=3"))[1].crf == PropagateConfig().crf
     assert s["cam"]["on"] is True
     assert tune_real.configs(tune_real.parse_setting("defaults"))[:2] == (SeedConfig(), PropagateConfig())
     with pytest.raises(SystemExit):
