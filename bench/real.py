@@ -16,8 +16,14 @@
      cam_crf_tuned  CAM + CRF with the background threshold that scores best on these very images
                   (swept over BG_SWEEP): an optimistic bar, the strongest simple baseline
      rw           random walk in the AffinityNet/PSA manner (dhr_cli.kernels.randomwalk), USS features
-     dhr_no_step3 `dhr seed` + `dhr propagate` with Step 3 off (inter-class rebalancing only)
-     dhr          `dhr seed` + `dhr propagate` (Steps 1-3)
+     DHR, cumulative rows (each adds one part of the default pipeline to the row above):
+     dhr_seeds      Step 1 (`dhr seed`) alone, its unsure band (255) scored as missed pixels
+     dhr_step2      + Step 2 (`dhr propagate --no-step3 --no-crf --no-restore-classes`)
+     dhr_step3      + Step 3 (`--no-crf --no-restore-classes`)
+     dhr_no_restore + the CRF (`--no-restore-classes`)
+     dhr            + class restoring: `dhr seed` + `dhr propagate` with the default options
+     DHR, ablations of the defaults: dhr_no_step3 (`--no-step3`), dhr_no_crf (`--no-crf`),
+     dhr_guided (the other `--upsample` choice than the default)
 4. Scores (dhr_cli.pipeline.evaluate.run_eval): mIoU, mFPR, mFNR, vanishing rate, and seconds per image
    (wall time of the method over the split / images; CAMs excluded, reported apart).
    Writes OUT/results.json, OUT/results.md (the table), OUT/results.html and OUT/report/ (the
@@ -47,18 +53,36 @@ sys.path.insert(0, str(HERE.parent))
 
 logger = logging.getLogger("bench.real")
 
-METHODS = ("cam", "cam_crf", "cam_crf_tuned", "rw", "dhr_no_step3", "dhr_no_crf", "dhr_no_restore", "dhr_guided", "dhr")
+METHODS = ("cam", "cam_crf", "cam_crf_tuned", "rw", "dhr_seeds", "dhr_step2", "dhr_step3", "dhr_no_restore", "dhr",
+           "dhr_no_step3", "dhr_no_crf", "dhr_guided")
 BG_SWEEP = (0.2, 0.3, 0.4, 0.5, 0.6)
+
+
+def _upsample_default() -> str:
+    try:
+        from dhr_cli.config import PropagateConfig
+
+        return PropagateConfig().upsample
+    except Exception:  # an older checkout
+        return "bilinear"
+
+
+_OTHER_UPSAMPLE = {"bilinear": "guided", "guided": "bilinear"}
 LABELS = {
     "cam": "CAM argmax + bg threshold",
     "cam_crf": "CAM + CRF",
     "cam_crf_tuned": "CAM + CRF, bg tuned on these images",
     "rw": "Random walk (PSA-style)",
-    "dhr_no_step3": "DHR without Step 3",
-    "dhr_no_crf": "DHR without the CRF",
-    "dhr_no_restore": "DHR without class restoring",
-    "dhr_guided": "DHR + guided upsampling",
-    "dhr": "DHR (Steps 1-3)",
+    # DHR, cumulative: each row adds one part of the default pipeline to the row above it
+    "dhr_seeds": "DHR Step 1: seeds alone (unsure pixels count as misses)",
+    "dhr_step2": f"+ Step 2 ({_upsample_default()} upsampling, no CRF)",
+    "dhr_step3": "+ Step 3",
+    "dhr_no_restore": "+ CRF",
+    "dhr": "+ class restoring = DHR, default options",
+    # DHR, ablations of the default pipeline
+    "dhr_no_step3": "DHR defaults without Step 3",
+    "dhr_no_crf": "DHR defaults without the CRF",
+    "dhr_guided": f"DHR defaults with {_OTHER_UPSAMPLE.get(_upsample_default(), 'guided')} upsampling",
 }
 
 
@@ -173,7 +197,12 @@ def _crf_function():
         raise Unavailable(f"the CRF kernel is not built yet ({e})") from None
     import torch
 
-    cfg = CRFConfig()
+    try:  # the CRF DHR's propagation runs (same settings for the baseline as for DHR)
+        from dhr_cli.config import PropagateConfig
+
+        cfg = PropagateConfig().crf
+    except ImportError:
+        cfg = CRFConfig()
 
     def run(image: np.ndarray, probs):
         img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
@@ -273,16 +302,26 @@ def run_dhr(ctx: Context, out: Path, step3: bool, extra: tuple[str, ...] = ()) -
             "--overwrite", *opts, *extra)
 
 
+def run_seeds(ctx: Context, out: Path) -> None:
+    """Step 1's seeds scored as masks (its unsure band, 255, counts as missed pixels)."""
+    shutil.copyfile(ctx.out / "seeds.h5", out)
+
+
+_NO_EXTRAS = ("--no-crf", "--no-restore-classes")
 RUNNERS = {
     "cam": lambda ctx, out: run_cam(ctx, out, crf=False),
     "cam_crf": lambda ctx, out: run_cam(ctx, out, crf=True),
     "cam_crf_tuned": run_cam_tuned,
     "rw": run_rw,
+    "dhr_seeds": run_seeds,
+    "dhr_step2": lambda ctx, out: run_dhr(ctx, out, step3=False, extra=_NO_EXTRAS),
+    "dhr_step3": lambda ctx, out: run_dhr(ctx, out, step3=True, extra=_NO_EXTRAS),
+    "dhr_no_restore": lambda ctx, out: run_dhr(ctx, out, step3=True, extra=("--no-restore-classes",)),
+    "dhr": lambda ctx, out: run_dhr(ctx, out, step3=True),
     "dhr_no_step3": lambda ctx, out: run_dhr(ctx, out, step3=False),
     "dhr_no_crf": lambda ctx, out: run_dhr(ctx, out, step3=True, extra=("--no-crf",)),
-    "dhr_no_restore": lambda ctx, out: run_dhr(ctx, out, step3=True, extra=("--no-restore-classes",)),
-    "dhr_guided": lambda ctx, out: run_dhr(ctx, out, step3=True, extra=("--upsample", "guided")),
-    "dhr": lambda ctx, out: run_dhr(ctx, out, step3=True),
+    "dhr_guided": lambda ctx, out: run_dhr(ctx, out, step3=True,
+                                           extra=("--upsample", _OTHER_UPSAMPLE.get(_upsample_default(), "guided"))),
 }
 
 

@@ -101,6 +101,9 @@ CRF_BACKENDS = ("permutohedral", "exact")
 CRF_PRESETS = {"authors": dict(n_iter=10, gauss_sxy=1.0, gauss_compat=3.0, bilateral_sxy=67.0, bilateral_srgb=3.0,
                                bilateral_compat=4.0, max_side=0)}
 
+PROPAGATE_CRF_MAX_SIDE = 128  # PropagateConfig's CRF grid (CRFConfig.max_side stays Step 1's)
+
+
 @dataclass(frozen=True)
 class SeedConfig:
     """Step 1: OT seed recovery from CAMs (`dhr seed`)."""
@@ -128,7 +131,9 @@ class PropagateConfig:
     """Steps 2 and 3: inter- and intra-class rebalancing (`dhr propagate`)."""
 
     sinkhorn: SinkhornConfig = field(default_factory=SinkhornConfig)
-    crf: CRFConfig = field(default_factory=CRFConfig)
+    # The CRF after Steps 2-3 (also the one of the `--method cam` baseline) runs on a finer grid
+    # than Step 1's: chosen by bench/tune_real.py on bench/real.py's dataset seed 1 (docs/crf.md).
+    crf: CRFConfig = field(default_factory=lambda: CRFConfig(max_side=PROPAGATE_CRF_MAX_SIDE))
     use_crf: bool = True
     tau: float = 0.8  # prototype cosine above which classes share a USS group (paper)
     step3: bool = True  # intra-class rebalancing with WSS features; off: Step 2 alone, no WSS needed

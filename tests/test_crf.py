@@ -331,5 +331,13 @@ def test_crf_cli_options_build_the_config():
     cfg = crf_config(CrfPreset.authors, None, None)
     assert (cfg.max_side, cfg.n_iter, cfg.bilateral_sxy, cfg.bilateral_srgb) == (0, 10, 67.0, 3.0)
     assert crf_config(None, 96, CrfBackend.exact) == CRFConfig(max_side=96, backend="exact")
+    # each command's own default CRF is the base (propagate's grid is finer than Step 1's); a preset replaces it
+    from dhr_cli.config import PROPAGATE_CRF_MAX_SIDE, PropagateConfig, SeedConfig
+
+    prop = PropagateConfig().crf
+    assert prop.max_side == PROPAGATE_CRF_MAX_SIDE and SeedConfig().crf == CRFConfig()
+    assert crf_config(None, None, None, base=prop) == prop
+    assert crf_config(None, 48, None, base=prop) == CRFConfig(max_side=48)
+    assert crf_config(CrfPreset.authors, None, None, base=prop).max_side == 0
     res = CliRunner().invoke(app, ["seed", "--cams", "x.h5", "--data", ".", "--out", "y.h5", "--crf-preset", "bogus"])
     assert res.exit_code == 2 and "Traceback" not in res.output

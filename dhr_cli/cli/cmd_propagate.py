@@ -103,7 +103,7 @@ def propagate_cmd(
 
     try:
         cfg = PropagateConfig(
-            sinkhorn=sinkhorn_config(ot_solver, sinkhorn_max_iter, sinkhorn_tol, sinkhorn_eps), use_crf=crf, crf=crf_config(crf_preset, crf_max_side, crf_backend), tau=tau, step3=step3,
+            sinkhorn=sinkhorn_config(ot_solver, sinkhorn_max_iter, sinkhorn_tol, sinkhorn_eps), use_crf=crf, crf=crf_config(crf_preset, crf_max_side, crf_backend, base=_P.crf), tau=tau, step3=step3,
             marginals=ot_marginals, recover_missing=recover,
             restore_classes=restore_classes, upsample=upsample,
             guided_radius=guided_radius, guided_eps=guided_eps,

@@ -54,13 +54,14 @@ CrfPresetOpt = Annotated[Optional[CrfPreset], typer.Option("--crf-preset", help=
     "--crf-max-side / --crf-backend given with it still apply."))]
 
 
-def crf_config(preset: "CrfPreset | None", max_side: int | None, backend: "CrfBackend | None"):
-    """The CRFConfig of the shared CRF options (recorded in provenance with the command's config)."""
+def crf_config(preset: "CrfPreset | None", max_side: int | None, backend: "CrfBackend | None", base=None):
+    """The CRFConfig of the shared CRF options (recorded in provenance with the command's config);
+    `base` is the command's default CRF (CRFConfig() when None)."""
     from dataclasses import replace
 
     from dhr_cli.config import CRF_PRESETS, CRFConfig
 
-    cfg = CRFConfig() if preset is None else CRFConfig(**CRF_PRESETS[preset.value])
+    cfg = (base or CRFConfig()) if preset is None else CRFConfig(**CRF_PRESETS[preset.value])
     if max_side is not None:
         cfg = replace(cfg, max_side=max_side)
     if backend is not None:
