@@ -166,13 +166,14 @@ def test_torchrun_cams_matches_one_process_and_resumes(tmp_path):
         source_attrs = {"source": s.attrs["source"], "source_kind": s.attrs["source_kind"]}
         classes = s.classes
         prov = s.provenance  # the same command, options and inputs: --resume accepts the shards
+        shape = s.read(ids[0]).features.shape  # (channels after --feature-rank, h, w)
     kept = shard(ids, Rank(0, 2)) + shard(ids, Rank(1, 2))[:1]
     w0 = create_store(shard_path(two, Rank(0, 2)), "features", classes, provenance=prov,
                       root_attrs=source_attrs)
     w1 = create_store(shard_path(two, Rank(1, 2)), "features", classes, provenance=prov,
                       root_attrs=source_attrs)
     for i in kept:  # 7.0 marks an item that must not be recomputed
-        (w0 if i in shard(ids, Rank(0, 2)) else w1).write(i, {"features": np.full((304, 3, 4), 7, np.float16)},
+        (w0 if i in shard(ids, Rank(0, 2)) else w1).write(i, {"features": np.full(shape, 7, np.float16)},
                                                           {"features": {"image_size": [120, 160]}})
     w0.close(complete=True)
     w1.close(complete=False)  # leaves two.rank1-of-2.h5.partial
