@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-BENCHES = ["propagate", "crf", "eval_speed", "seed_defaults", "store_memory", "scaling", "sam"]
+BENCHES = ["propagate", "crf", "eval_speed", "seed_defaults", "store_memory", "scaling", "sam", "authors_path",
+           "end_to_end", "feature_rank"]
 
 
 def main() -> int:
