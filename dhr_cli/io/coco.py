@@ -23,7 +23,7 @@ import numpy as np
 
 from dhr_cli.config import IGNORE_INDEX
 from dhr_cli.errors import DatasetError
-from dhr_cli.io.datasets import Dataset, _images_by_stem, read_index_png
+from dhr_cli.io.datasets import Dataset, _check_same_size, _existing, _image_by_id, _images_by_stem, read_index_png
 
 logger = logging.getLogger(__name__)
 
@@ -301,17 +301,11 @@ class COCOPngDataset(Dataset):
         super().__init__(root, split, classes, sorted(self._images))
 
     def image_path(self, item_id: str) -> Path:
-        if item_id not in self._images:
-            raise DatasetError(f"{self.root / str(self.split)}: no image for id {item_id!r}")
-        return self._images[item_id]
+        return _image_by_id(self._images, self.root / str(self.split), item_id)
 
     def gt_path(self, item_id: str) -> Path | None:
         names = [item_id, item_id[-12:]] if self._flat else [item_id]
-        for name in names:
-            p = self._gt_dir / f"{name}.png"
-            if p.exists():
-                return p
-        return None
+        return _existing(*(self._gt_dir / f"{name}.png" for name in names))
 
     def _named_labels(self, item_id: str) -> list[str] | None:
         if self._onehot is None:
@@ -342,22 +336,17 @@ class ADE20KDataset(Dataset):
         super().__init__(root, split, class_list("ade150"), sorted(self._images))
 
     def image_path(self, item_id: str) -> Path:
-        if item_id not in self._images:
-            raise DatasetError(f"{self.root / 'images' / str(self.split)}: no image for id {item_id!r}")
-        return self._images[item_id]
+        return _image_by_id(self._images, self.root / "images" / str(self.split), item_id)
 
     def gt_path(self, item_id: str) -> Path | None:
-        p = self._ann_dir / f"{item_id}.png"
-        return p if p.exists() else None
+        return _existing(self._ann_dir / f"{item_id}.png")
 
     def gt(self, item_id: str) -> np.ndarray | None:
         path = self.gt_path(item_id)
         if path is None:
             return None
         raw = read_index_png(path)
-        h, w = self.image_size(item_id)
-        if raw.shape != (h, w):
-            raise DatasetError(f"{path}: annotation is {raw.shape[1]}x{raw.shape[0]} but its image is {w}x{h}")
+        _check_same_size(path, raw, "annotation", self.image_size(item_id))
         top = int(raw.max(initial=0))
         if top > len(self.classes):
             raise DatasetError(f"{path}: value {top} is above the {len(self.classes)} ADE20K classes")

@@ -136,9 +136,7 @@ class Dataset:
         if path is None:
             return None
         mask = read_index_png(path)
-        if mask.shape != self.image_size(item_id):
-            raise DatasetError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                               f"{self.image_size(item_id)[1]}x{self.image_size(item_id)[0]}")
+        _check_same_size(path, mask, "mask", self.image_size(item_id))
         counts = np.bincount(mask.ravel(), minlength=256)
         counts[: len(self.classes)] = 0
         counts[IGNORE_INDEX] = 0
@@ -221,6 +219,24 @@ def _read_list(path: Path) -> list[str]:
     return ids
 
 
+def _image_by_id(images: dict[str, Path], where: Path, item_id: str) -> Path:
+    """The image of `item_id` in an index of the folder `where` (`_images_by_stem`); one line if absent."""
+    if item_id not in images:
+        raise DatasetError(f"{where}: no image for id {item_id!r}")
+    return images[item_id]
+
+
+def _existing(*candidates: Path) -> Path | None:
+    """The first of the candidate ground-truth files that exists, or None."""
+    return next((p for p in candidates if p.exists()), None)
+
+
+def _check_same_size(path: Path, array: np.ndarray, what: str, size: tuple[int, int]) -> None:
+    """A ground-truth map of another size than its image (H, W) is refused in one line."""
+    if array.shape != tuple(size):
+        raise DatasetError(f"{path}: {what} is {array.shape[1]}x{array.shape[0]} but its image is {size[1]}x{size[0]}")
+
+
 def _images_by_stem(folder: Path) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for entry in os.scandir(folder):
@@ -290,13 +306,10 @@ class FlatDataset(Dataset):
         super().__init__(root, split, classes, ids)
 
     def image_path(self, item_id: str) -> Path:
-        if item_id not in self._images:
-            raise DatasetError(f"{self.root / 'images'}: no image for id {item_id!r}")
-        return self._images[item_id]
+        return _image_by_id(self._images, self.root / "images", item_id)
 
     def gt_path(self, item_id: str) -> Path | None:
-        p = self._masks_dir / f"{item_id}.png"
-        return p if p.exists() else None
+        return _existing(self._masks_dir / f"{item_id}.png")
 
     def _named_labels(self, item_id: str) -> list[str] | None:
         if self._label_names is None:
@@ -333,16 +346,10 @@ class VOCDataset(Dataset):
         super().__init__(root, split, classes, ids)
 
     def image_path(self, item_id: str) -> Path:
-        if item_id not in self._images:
-            raise DatasetError(f"{self.root / 'JPEGImages'}: no image for id {item_id!r}")
-        return self._images[item_id]
+        return _image_by_id(self._images, self.root / "JPEGImages", item_id)
 
     def gt_path(self, item_id: str) -> Path | None:
-        for d in self._gt_dirs:
-            p = d / f"{item_id}.png"
-            if p.exists():
-                return p
-        return None
+        return _existing(*(d / f"{item_id}.png" for d in self._gt_dirs))
 
     def _named_labels(self, item_id: str) -> list[str] | None:
         p = self._xml_dir / f"{item_id}.xml"
@@ -373,13 +380,10 @@ class DHRDataset(Dataset):
         super().__init__(root, split, classes, sorted(self._images))
 
     def image_path(self, item_id: str) -> Path:
-        if item_id not in self._images:
-            raise DatasetError(f"{self.root / str(self.split) / 'image'}: no image for id {item_id!r}")
-        return self._images[item_id]
+        return _image_by_id(self._images, self.root / str(self.split) / "image", item_id)
 
     def gt_path(self, item_id: str) -> Path | None:
-        p = self._mask_dir / f"{item_id}.png"
-        return p if p.exists() else None
+        return _existing(self._mask_dir / f"{item_id}.png")
 
     def _named_labels(self, item_id: str) -> list[str] | None:
         p = self._xml_dir / f"{item_id}.xml"

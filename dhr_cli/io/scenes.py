@@ -24,7 +24,7 @@ import numpy as np
 from dhr_cli.config import IGNORE_INDEX
 from dhr_cli.errors import DatasetError
 from dhr_cli.io.coco import _pick_split, class_list
-from dhr_cli.io.datasets import Dataset, _images_by_stem, _select_split, read_index_png
+from dhr_cli.io.datasets import Dataset, _check_same_size, _existing, _image_by_id, _images_by_stem, _select_split, read_index_png
 
 CONTEXT_LABEL_DIRS = ("SegmentationClassContext", "trainval")
 CONTEXT_SPLIT_DIRS = ("SegmentationContext", "Segmentation")  # the first found wins
@@ -71,13 +71,10 @@ class PascalContextDataset(Dataset):
         super().__init__(root, split, ["background"] + class_list("context59"), ids)
 
     def image_path(self, item_id: str) -> Path:
-        if item_id not in self._images:
-            raise DatasetError(f"{self.root / 'JPEGImages'}: no image for id {item_id!r}")
-        return self._images[item_id]
+        return _image_by_id(self._images, self.root / "JPEGImages", item_id)
 
     def gt_path(self, item_id: str) -> Path | None:
-        p = self._label_dir / f"{item_id}.png"
-        return p if p.exists() else None
+        return _existing(self._label_dir / f"{item_id}.png")
 
     def describe(self) -> str:
         return f"{super().describe()} (labels {self._label_dir.name}/; {self.convention})"
@@ -118,25 +115,17 @@ class COCOStuffDataset(Dataset):
         super().__init__(root, split, class_list("cocostuff171"), sorted(self._images))
 
     def image_path(self, item_id: str) -> Path:
-        if item_id not in self._images:
-            raise DatasetError(f"{self._image_dir}: no image for id {item_id!r}")
-        return self._images[item_id]
+        return _image_by_id(self._images, self._image_dir, item_id)
 
     def gt_path(self, item_id: str) -> Path | None:
-        for name in (f"{item_id}.png", f"{item_id}_labelTrainIds.png"):
-            p = self._maps / name
-            if p.exists():
-                return p
-        return None
+        return _existing(self._maps / f"{item_id}.png", self._maps / f"{item_id}_labelTrainIds.png")
 
     def gt(self, item_id: str) -> np.ndarray | None:
         path = self.gt_path(item_id)
         if path is None:
             return None
         raw = read_index_png(path)
-        h, w = self.image_size(item_id)
-        if raw.shape != (h, w):
-            raise DatasetError(f"{path}: label map is {raw.shape[1]}x{raw.shape[0]} but its image is {w}x{h}")
+        _check_same_size(path, raw, "label map", self.image_size(item_id))
         converted = path.name.endswith("_labelTrainIds.png")
         limit = len(self.classes) if converted else STUFF_RAW_VALUES
         hist = np.bincount(raw.ravel(), minlength=256)
