@@ -56,9 +56,9 @@ def grid_of(x, s):
 
 # lite0: (layers, stride) -> strides of the returned maps ('same' padding: a map is ceil(H / s))
 LITE0 = [
-    ((), None, [16, 16]),
-    ((), 8, [8, 8]),
-    ((), 32, [16, 32]),
+    ((), None, [8, 16, 16]),  # the USS default: blocks.2, blocks.4, blocks.5
+    ((), 8, [8, 8, 8]),
+    ((), 32, [8, 16, 32]),
     (("2", "blocks.4", "blocks.5"), None, [8, 16, 16]),
     (("blocks.1", "blocks.6"), 32, [4, 32]),
     (("blocks.5", "2"), None, [16, 8]),  # the given order is kept; the grid is still the finest
@@ -74,10 +74,10 @@ def test_lite0_feature_maps_at_each_stride_and_layer_choice(lite0_backbone, laye
     with torch.no_grad():
         maps = src.extract(x)["features"]
     assert [tuple(m.shape[-2:]) for m in maps] == [grid_of(x, s) for s in strides]
-    names = [f"blocks.{n}" if n.isdigit() else n for n in layers] or ["blocks.4", "blocks.5"]
+    names = [f"blocks.{n}" if n.isdigit() else n for n in layers] or ["blocks.2", "blocks.4", "blocks.5"]
     assert [m.shape[1] for m in maps] == [STAGE_DIMS[int(n[-1])] for n in names] == list(src.feature_dims)
     spec = src.feature_spec()
-    assert spec["layers"] == names and spec["stride"] == (stride or 16) and spec["layer_norm"] == bool(layers)
+    assert spec["layers"] == names and spec["stride"] == (stride or 16) and spec["layer_norm"] is True
     # concatenated on the finest grid
     res = native(src, x)
     assert tuple(res.shape) == (sum(src.feature_dims), *grid_of(x, min(strides)))
@@ -94,17 +94,19 @@ def test_lite0_wss_cams_follow_the_stride(lite0_backbone):
 
 
 def test_named_layers_are_l2_normalised_each(lite0_backbone):
-    """Each named layer's block of the stored features has unit norm per cell (on its own grid); the
-    network's default maps are stored as they are."""
+    """Each named layer's block of the stored features has unit norm per cell (on its own grid), and
+    so has each block of the USS default; the WSS network's default map is stored as it is."""
     x = torch.randn(1, 3, 64, 64)
     src = lite0(lite0_backbone, "uss", ("blocks.2", "blocks.4"))
     f = native(src, x)
     fine, coarse = f[:40], f[40:]
     torch.testing.assert_close(fine.norm(dim=0), torch.ones(f.shape[1:]), atol=1e-4, rtol=0)
     assert coarse.norm(dim=0).max() <= 1 + 1e-4  # bilinear mix of unit vectors
-    plain = lite0(lite0_backbone, "uss")
+    default = native(lite0(lite0_backbone, "uss"), x)
+    torch.testing.assert_close(default[:40].norm(dim=0), torch.ones(default.shape[1:]), atol=1e-4, rtol=0)
+    plain = lite0(lite0_backbone, "wss")
     g = native(plain, x)
-    assert not torch.allclose(g[:112].norm(dim=0), torch.ones(g.shape[1:]), atol=0.1)
+    assert not torch.allclose(g.norm(dim=0), torch.ones(g.shape[1:]), atol=0.1)
 
 
 RESNET = [

@@ -223,7 +223,8 @@ def test_lite0_imagenet_weights_load_and_shapes():
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         out = uss.extract(x)
-    assert [tuple(f.shape) for f in out["features"]] == [(2, 112, 4, 6), (2, 192, 4, 6)] and out["cams"] is None
+    assert [tuple(f.shape) for f in out["features"]] == [(2, 40, 8, 12), (2, 112, 4, 6), (2, 192, 4, 6)]
+    assert out["cams"] is None
     # ImageNet weights, not random: the stem BN statistics are the checkpoint's
     assert not torch.allclose(uss.backbone.bn1.running_var, torch.ones_like(uss.backbone.bn1.running_var))
     with pytest.raises(CheckpointError, match="--train-head"):

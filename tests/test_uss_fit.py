@@ -132,7 +132,7 @@ def test_fit_resume_is_bit_identical_and_the_head_loads_as_uss(data, tmp_path):
     for part_name in ("cluster1", "cluster2"):
         for k in a[part_name]:
             assert torch.equal(a[part_name][k], b[part_name][k])
-    assert a["cluster1"]["0.weight"].shape == (70, 304, 1, 1)  # lite0's 112 + 192 -> STEGO's 70
+    assert a["cluster1"]["0.weight"].shape == (70, 344, 1, 1)  # lite0's 40 + 112 + 192 -> STEGO's 70
 
     x = torch.randn(1, 3, 64, 96)
     for name in ("fitted", "stego"):
@@ -140,7 +140,7 @@ def test_fit_resume_is_bit_identical_and_the_head_loads_as_uss(data, tmp_path):
         assert src.kind == "uss" and src.feature_dims == (70,)
         f = src.extract(x)["features"][0]
         want = src.net(src.backbone_features(x))
-        assert f.shape == (1, 70, 4, 6) and torch.allclose(f, want)
+        assert f.shape == (1, 70, 8, 12) and torch.allclose(f, want)  # stride 8 (blocks.2)
         assert not torch.allclose(f, torch.zeros_like(f))
 
 

@@ -66,7 +66,7 @@ class FittedUssSource(FeatureSource):
     def backbone_features(self, images: torch.Tensor) -> torch.Tensor:
         from dhr_cli.models.extract import _concat
 
-        return _concat(self.backbone.extract(images)["features"]).float()
+        return _concat(self.backbone.extract(images)["features"], getattr(self.backbone, "layer_norm", False)).float()
 
     def extract(self, images: torch.Tensor) -> dict:
         return {"features": [self.net(self.backbone_features(images))], "cams": None}
