@@ -126,6 +126,49 @@ def test_seeds_equal_the_oracle():
         np.testing.assert_array_equal(g.numpy(), oracle.seed(c, lab, size, cfg.bg_power, cfg.confidence))
 
 
+def _otsu_reference(values: np.ndarray, bins: int) -> float:
+    """Otsu written out: every split between bins, the between-class variance of the two pixel sets."""
+    idx = np.minimum((values * bins).astype(int), bins - 1)
+    centres = (np.arange(bins) + 0.5) / bins
+    best, best_t = -1.0, None
+    for k in range(bins):
+        lo, hi = centres[idx[idx <= k]], centres[idx[idx > k]]
+        if len(lo) == 0 or len(hi) == 0:
+            continue
+        w0, w1 = len(lo) / len(idx), len(hi) / len(idx)
+        var = w0 * w1 * (lo.mean() - hi.mean()) ** 2
+        if var > best + 1e-15:
+            best, best_t = var, centres[k]
+    return best_t
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_otsu_threshold_equals_the_written_out_criterion(seed):
+    from dhr_cli.kernels.seed import otsu_threshold
+
+    rng = np.random.default_rng(seed)
+    # two modes of different weight and spread, as max-CAM values on background and objects
+    values = np.concatenate([rng.beta(2, 9, 3000 + 1000 * seed), rng.beta(8, 2, 700)])
+    assert float(otsu_threshold(torch.from_numpy(values), bins=64)) == pytest.approx(_otsu_reference(values, 64))
+
+
+def test_otsu_bg_rule_ties_background_and_class_at_the_threshold():
+    from dhr_cli.kernels.seed import otsu_threshold, seed_probabilities
+
+    rng = np.random.default_rng(3)
+    cams = torch.from_numpy(np.stack([rng.beta(2, 6, (30, 40)), rng.beta(2, 6, (30, 40))]).astype(np.float32))
+    cams[0, 5:15, 5:20] = 0.9
+    t = float(otsu_threshold(cams.amax(0)))
+    p = seed_probabilities(cams, bg_power=1.0, bg_rule="otsu")
+    top = cams.amax(0)
+    bg_wins = p[0] > p[1:].amax(0)
+    # background wins exactly below the tie (up to one bin's rounding at the threshold itself)
+    assert bool(bg_wins[top < t - 1e-3].all()) and not bool(bg_wins[top > t + 1e-3].any())
+    fixed = seed_probabilities(cams, bg_power=1.0)  # the power rule: tie at 0.5, whatever the image
+    assert bool((fixed[0] > fixed[1:].amax(0))[top < 0.5 - 1e-3].all())
+    assert 0.1 <= t <= 0.9 and abs(t - 0.5) > 0.02  # this image's tie is not the fixed rule's
+
+
 def test_seeds_overwrite_initial_masks_only_where_a_class_wins():
     cams = torch.zeros(1, 4, 4)
     cams[0, :2] = 1.0

@@ -47,12 +47,29 @@ def ot_rebalance_cams(cams: list[torch.Tensor], sinkhorn: SinkhornConfig) -> lis
     return out
 
 
-def seed_probabilities(cams: torch.Tensor, bg_power: float) -> torch.Tensor:
+def otsu_threshold(values: torch.Tensor, bins: int = 64) -> torch.Tensor:
+    """Otsu's threshold of values in [0, 1] (the bin centre that maximises the between-class variance)."""
+    hist = torch.histc(values.float().flatten(), bins=bins, min=0.0, max=1.0).double()
+    p = hist / hist.sum().clamp_min(1)
+    centres = (torch.arange(bins, dtype=torch.float64, device=values.device) + 0.5) / bins
+    omega = p.cumsum(0)
+    mu = (p * centres).cumsum(0)
+    between = (mu[-1] * omega - mu) ** 2 / (omega * (1 - omega)).clamp_min(1e-12)
+    return centres[between.argmax()]
+
+
+def seed_probabilities(cams: torch.Tensor, bg_power: float, bg_rule: str = "power") -> torch.Tensor:
     """[background, classes] probabilities from (K, H, W) CAMs in [0, 1]: (1 + K, H, W).
 
     Background competes (docs/method.md decision): its score is (1 - max_k A_k) ** bg_power.
+    bg_rule="otsu": the power is chosen per image so that background and the strongest class
+    tie at Otsu's threshold t of max_k A_k (t = (1 - t) ** power, t clamped to [0.1, 0.9]).
     """
-    bg = (1 - cams.amax(0, keepdim=True)).clamp_min(0) ** bg_power
+    top = cams.amax(0, keepdim=True)
+    if bg_rule == "otsu":
+        t = otsu_threshold(top).clamp(0.1, 0.9)
+        bg_power = float(torch.log(t) / torch.log1p(-t))
+    bg = (1 - top).clamp_min(0) ** bg_power
     scores = torch.cat([bg, cams], 0)
     return scores / scores.sum(0, keepdim=True).clamp_min(1e-12)
 
@@ -66,7 +83,7 @@ def seed_masks(cams: list[torch.Tensor], labels: list[list[int]], sizes: list[tu
     probabilities when given (cfg.use_crf); `base` masks M0 are overwritten where a class wins.
     """
     cams = ot_rebalance_cams([normalize_cams(c.float()) for c in cams], cfg.sinkhorn)
-    probs = [seed_probabilities(resize(c, size).clamp(0, 1), cfg.bg_power) for c, size in zip(cams, sizes)]
+    probs = [seed_probabilities(resize(c, size).clamp(0, 1), cfg.bg_power, cfg.bg_rule) for c, size in zip(cams, sizes)]
     if crf is not None and images is not None:
         probs = crf_padded(crf, images, probs)
     masks = []

