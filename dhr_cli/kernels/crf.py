@@ -420,9 +420,13 @@ def _lattice_mean_field(grids: list[_Cells], cv: torch.Tensor, cfg: CRFConfig, o
         offs.append(offs[-1] + g.n)
     total = offs[-1]
     # flat layout (sum n, L): each image's grid cells in raster order
-    pts = torch.cat([g.cells + o for g, o in zip(grids, offs)])
-    group = torch.cat([torch.full((g.cells.numel(),), k, dtype=torch.int64, device=dev) for k, g in enumerate(grids)])
-    lat = Lattice(torch.cat([g.feats for g in grids]), group)
+    if len(grids) == 1:  # one image: no group ids; every cell a point, the layout is the points'
+        pts = None if grids[0].cells.numel() == total else grids[0].cells
+        lat = Lattice(grids[0].feats)
+    else:
+        pts = torch.cat([g.cells + o for g, o in zip(grids, offs)])
+        group = torch.cat([torch.full((g.cells.numel(),), k, dtype=torch.int64, device=dev) for k, g in enumerate(grids)])
+        lat = Lattice(torch.cat([g.feats for g in grids]), group)
     # symmetric normalisation (pydensecrf's NORMALIZE_SYMMETRIC): k'_ij = k_ij / sqrt(d_i d_j)
     deg = LatticeFilter(lat)(torch.ones(lat.n, 1, dtype=dt, device=dev))
     norm = torch.rsqrt(deg[:, 0].clamp_min(0) + 1e-20)

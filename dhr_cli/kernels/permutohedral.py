@@ -227,11 +227,11 @@ def _index(rem0: torch.Tensor, rank: torch.Tensor, group: torch.Tensor | None, d
     code = step[:, : d + 1]
     # one sort numbers the vertices (codes ascending) and groups the entries by vertex (splat)
     sorted_code, order = torch.sort(code.reshape(-1), stable=True)
-    uniq, counts = torch.unique_consecutive(sorted_code, return_counts=True)
+    uniq, inv_sorted, counts = torch.unique_consecutive(sorted_code, return_inverse=True, return_counts=True)
     m = uniq.numel()
     ids = torch.arange(m, device=dev)
     inv = torch.empty_like(order)
-    inv[order] = torch.repeat_interleave(ids, counts)
+    inv[order] = inv_sorted
     nbr = []
     for j in range(d + 1):
         # neighbours: key - 1 everywhere, + d on coordinate j (j = d: only the -1 shift), and
