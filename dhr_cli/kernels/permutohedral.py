@@ -239,10 +239,9 @@ def _index(rem0: torch.Tensor, rank: torch.Tensor, group: torch.Tensor | None, d
         shift = -down + (d + 1) * (mult[j] if j < d else 0)
         c = uniq + shift
         pos = torch.searchsorted(uniq, c).clamp_max(m - 1)
-        found = uniq[pos] == c
-        back = torch.full_like(ids, m)
-        back[pos[found]] = ids[found]
-        nbr += [torch.where(found, pos, torch.full_like(pos, m)), back]
+        fwd = torch.where(uniq[pos] == c, pos, m)
+        back = torch.full((m + 1,), m, dtype=torch.int64, device=dev).scatter_(0, fwd, ids)[:m]  # row m: a sink
+        nbr += [fwd, back]
     return inv.reshape(n, d + 1), order, counts, torch.stack(nbr)
 
 
