@@ -80,8 +80,8 @@ class CRFConfig:
     # many pixels (spatial parameters are scaled with it), the result is upsampled back;
     # 0 = full resolution (the authors' setting). Trade-off measured by bench/crf.py (2 photos
     # 500x375, vs pydensecrf2 at full resolution, 1 torch thread, shared CPU), permutohedral:
-    # 0: 0.6x speed, 99.97% / 99.96% argmax agreement (3 / 21 labels); 128: 7.0x / 4.3x,
-    # 98.1% / 96.9%; 64: 12.9x / 8.0x, 97.1% / 95.6%. The choice for propagate is issue 12's.
+    # 0: 1.0x / 0.8-1.0x speed (CPU time), 99.97% / 99.96% argmax agreement (3 / 21 labels); 128: 8.9-9.9x /
+    # 6.7-7.3x, 98.1% / 96.9%; 64: 18-24x / 12.7-14.6x, 97.1% / 95.6%. The choice for propagate is issue 12's.
     max_side: int = 64
     # "permutohedral": bilateral term on a permutohedral lattice (cost ~ pixels x labels,
     # whatever the colours); "exact": exact sparse bilateral kernel on the grid (cost grows

@@ -262,6 +262,31 @@ def test_lattice_filter_approximates_gaussian():
     torch.testing.assert_close(both[300:], out)
 
 
+def test_lattice_fused_blur_equals_gather_blur():
+    # wide values take the embedding_bag blur (bags [v, v, prev, next], scale folded into the
+    # slice), narrow ones the gather blur: the same filter, also through weights and a layout
+    from dhr_cli.kernels.permutohedral import FUSED_MIN_COLUMNS, Lattice, LatticeFilter
+
+    g = torch.Generator().manual_seed(1)
+    f = torch.rand(400, 5, generator=g, dtype=torch.float64) * 3
+    v = torch.rand(500, FUSED_MIN_COLUMNS, generator=g, dtype=torch.float64)
+    wts = torch.rand(400, generator=g, dtype=torch.float64) + 0.5
+    index = torch.randperm(500, generator=g)[:400]
+    lat = Lattice(f)
+    fused = LatticeFilter(lat, wts, 2.5, index=index, size=500, columns=v.shape[1])
+    gather = LatticeFilter(lat, wts, 2.5, index=index, size=500, columns=1)
+    assert fused.fused and not gather.fused
+    out = fused(v)
+    torch.testing.assert_close(out, gather(v))
+    # rows without a point get 0; a point's output is its weight times the plain filter of the
+    # weighted values placed at its row
+    missing = torch.ones(500, dtype=torch.bool)
+    missing[index] = False
+    assert out[missing].abs().max() == 0
+    plain = lat.filter(v[index] * wts[:, None]) * wts[:, None] * 2.5
+    torch.testing.assert_close(out[index], plain)
+
+
 # ------------------------------------------------------------------------------------------
 # pydensecrf2 (the authors' pydensecrf, rebuilt) on real photographs, authors' parameters
 
@@ -299,7 +324,7 @@ def _pydensecrf(a, probs, cfg: CRFConfig):
     return torch.from_numpy(np.array(d.inference(cfg.n_iter)).reshape(n_lab, h, w))
 
 
-@pytest.mark.parametrize("name,n_lab", [("astronaut", 3), ("chelsea", 5)])
+@pytest.mark.parametrize("name,n_lab", [("astronaut", 3), ("chelsea", 5), ("coffee", 9)])  # 9: fused blur
 def test_matches_pydensecrf2_on_photos(device, name, n_lab):
     cfg = CRFConfig(max_side=0)  # authors' parameters, full resolution, 10 iterations
     a, img, probs = _photo_inputs(name, n_lab, seed=n_lab)

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from dhr_cli.config import CRFConfig
 from dhr_cli.errors import ShapeError
 from dhr_cli.kernels.checks import check_shape
-from dhr_cli.kernels.permutohedral import Lattice
+from dhr_cli.kernels.permutohedral import Lattice, LatticeFilter
 
 __all__ = ["dense_crf", "crf_function"]
 
@@ -276,7 +276,8 @@ def _gauss_taps(sxy: float, step_y: float, step_x: float, dt, device):
     out = []
     for step in (step_y, step_x):
         s = max(1, round(step))
-        r = max(1, math.ceil((3 * sxy + s) / s))
+        # cell offsets whose closest pixel pair is within 4 sxy (farther ones weigh < exp(-8))
+        r = max(1, math.floor((4 * sxy - 1) / s) + 1)
         p = torch.arange(s, dtype=torch.float64)
         taps = []
         for k in range(-r, r + 1):
@@ -291,6 +292,12 @@ def _gauss(x: torch.Tensor, taps) -> torch.Tensor:
     (ty, _), (tx, _) = taps
     # separable, as shifted multiply-adds: a few taps on one channel, where conv2d is slow on CPU
     return _filter1d(_filter1d(x, ty.tolist(), 1), tx.tolist(), 2)
+
+
+def _gauss_rows(x: torch.Tensor, taps) -> torch.Tensor:
+    """_gauss on an (h, w, C) tensor (channels last): filters dims 0 and 1."""
+    (ty, _), (tx, _) = taps
+    return _filter1d(_filter1d(x, ty.tolist(), 0), tx.tolist(), 1)
 
 
 def _filter1d(x: torch.Tensor, taps: list[float], dim: int) -> torch.Tensor:
@@ -413,21 +420,18 @@ def _lattice_mean_field(grids: list[_Cells], cv: torch.Tensor, cfg: CRFConfig, o
         offs.append(offs[-1] + g.n)
     total = offs[-1]
     # flat layout (sum n, L): each image's grid cells in raster order
-    pts = torch.cat([g.cells + o for g, o in zip(grids, offs)])
-    group = torch.cat([torch.full((g.cells.numel(),), k, dtype=torch.int64, device=dev) for k, g in enumerate(grids)])
-    lat = Lattice(torch.cat([g.feats for g in grids]), group)
+    if len(grids) == 1:  # one image: no group ids; every cell a point, the layout is the points'
+        pts = None if grids[0].cells.numel() == total else grids[0].cells
+        lat = Lattice(grids[0].feats)
+    else:
+        pts = torch.cat([g.cells + o for g, o in zip(grids, offs)])
+        group = torch.cat([torch.full((g.cells.numel(),), k, dtype=torch.int64, device=dev) for k, g in enumerate(grids)])
+        lat = Lattice(torch.cat([g.feats for g in grids]), group)
     # symmetric normalisation (pydensecrf's NORMALIZE_SYMMETRIC): k'_ij = k_ij / sqrt(d_i d_j)
-    v = torch.zeros(lat.m + 1, n_lab, dtype=dt, device=dev)  # vertex values, row m stays 0
-    tmp, tmp2 = torch.empty(lat.m, n_lab, dtype=dt, device=dev), torch.empty(lat.m, n_lab, dtype=dt, device=dev)
-    splat, slice_ = lat.operators()
-    ones = torch.ones(lat.n, 1, dtype=dt, device=dev)
-    v1 = torch.zeros(lat.m + 1, 1, dtype=dt, device=dev)
-    torch.mm(splat, ones, out=v1[: lat.m])
-    lat.blur(v1, tmp[:, :1].clone(), tmp2[:, :1].clone())
-    deg = slice_ @ v1[: lat.m]
+    deg = LatticeFilter(lat)(torch.ones(lat.n, 1, dtype=dt, device=dev))
     norm = torch.rsqrt(deg[:, 0].clamp_min(0) + 1e-20)
-    splat, slice_ = lat.operators(norm, cfg.bilateral_compat, index=pts, size=total)
-    del v1, deg, ones
+    bil = LatticeFilter(lat, norm, cfg.bilateral_compat, index=pts, size=total, columns=n_lab)
+    del deg, norm, lat
 
     unary = torch.cat([g.unary.T for g in grids])
     cmask = torch.cat([cv[g.index].expand(g.n, n_lab) for g in grids])
@@ -438,22 +442,21 @@ def _lattice_mean_field(grids: list[_Cells], cv: torch.Tensor, cfg: CRFConfig, o
                        for g in grids])
     gw = gnorm * cfg.gauss_compat
     q = torch.softmax(logits0, 1)
-    pair = torch.empty_like(q)
     qg = torch.empty_like(q)
+    pair = q
     for _ in range(cfg.n_iter):
-        torch.mm(splat, q, out=v[: lat.m])
-        lat.blur(v, tmp, tmp2)
-        torch.mm(slice_, v[: lat.m], out=pair)
+        pair = bil(q)
         torch.mul(q, gnorm, out=qg)
         for g, o in zip(grids, offs):
-            blk = _gauss(qg[o:o + g.n].T.reshape(n_lab, *g.shape), g.g_taps).reshape(n_lab, -1).T
+            # Gaussian term on the (h, w, L) view of the rows: no transposes
+            blk = _gauss_rows(qg[o:o + g.n].view(*g.shape, n_lab), g.g_taps).view(g.n, n_lab)
             pair[o:o + g.n].addcmul_(blk, gw[o:o + g.n])
         # q = softmax(logits0 + pair), in place
         torch.add(logits0, pair, out=q)
         q.sub_(q.amax(1, keepdim=True)).exp_()
         q.div_(q.sum(1, keepdim=True))
     if cfg.n_iter == 0:
-        pair.zero_()
+        pair = torch.zeros_like(q)
     _finish(grids, offs, pair.mul_(vmask), cv, out)
 
 
