@@ -21,6 +21,8 @@ MAX_PIXELS = 100_000_000
 # uses 0.5..2.0, four scales; memory of a pass grows with the square of its scale, time with their number).
 MAX_SCALE = 4.0
 MAX_SCALES = 8
+# `dhr eval` reads and scores this many images per loader task (what comes back per task is small).
+EVAL_BATCH = 32
 
 OTSolver = Literal["dhr", "pot"]
 Marginals = Literal["seeded", "uniform"]
