@@ -165,3 +165,43 @@ def test_every_data_command_takes_skip_missing_images():
     takes_data = {n: opts for n, opts in takes_data.items() if "--data" in opts}
     assert {"cams", "seed", "propagate", "eval", "import"} <= set(takes_data)
     assert [n for n, opts in takes_data.items() if "--skip-missing-images" not in opts] == []
+
+
+def test_eval_with_the_cache_never_reads_the_json(tmp_path, monkeypatch):
+    import h5py
+
+    root = make_coco(tmp_path / "coco")
+    pred = _pred_store(root, tmp_path / "pred.h5")
+    before = _eval_json(root, pred, tmp_path / "a.json")
+    from_json = open_dataset(root)
+    assert from_json.index_source == "annotation file"
+    assert _cli("info", root, "--build-cache", "--quiet")[0] == 0
+    real_load = COCODataset._load
+    monkeypatch.setattr(COCODataset, "_load", staticmethod(lambda p: (_ for _ in ()).throw(AssertionError("json read"))))
+    ds = open_dataset(root)  # ids, classes, labels, file names and sizes all come from the cache's index
+    assert ds.index_source == "GT cache"
+    assert (ds.ids, ds.classes) == (from_json.ids, from_json.classes)
+    for i in ds.ids:
+        assert ds.labels(i) == from_json.labels(i) and ds.image_path(i) == from_json.image_path(i)
+        np.testing.assert_array_equal(ds.gt(i), from_json.gt(i))
+    after = _eval_json(root, pred, tmp_path / "b.json")
+    assert {k: after[k] for k in ("miou", "mfpr", "mfnr", "per_class", "pixels", "vanishing")} == \
+        {k: before[k] for k in ("miou", "mfpr", "mfnr", "per_class", "pixels", "vanishing")}
+    # a changed json makes the cache stale: its index is not used either
+    js = root / JSON
+    js.write_text(js.read_text() + " ")
+    with pytest.raises(AssertionError, match="json read"):
+        open_dataset(root)
+    monkeypatch.setattr(COCODataset, "_load", staticmethod(real_load))
+    assert open_dataset(root).index_source == "annotation file"
+    # a cache of the same json built before the index existed: stale, rebuilt by --build-cache
+    assert _cli("info", root, "--build-cache", "--quiet")[0] == 0
+    with h5py.File(root / CACHE, "a") as f:
+        del f["coco_index"]
+    ds = open_dataset(root)
+    ds.gt(ds.ids[0])
+    assert ds.index_source == "annotation file" and ds.cache_state == "stale"
+    assert "without the image index" in json.loads(_cli("info", root, "--json")[1])["gt_cache"]
+    code, output = _cli("info", root, "--build-cache", "--quiet")
+    assert code == 0 and "rebuilt, 3 of 3" in output, output
+    assert open_dataset(root).index_source == "GT cache"

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import h5py
 import numpy as np
@@ -352,6 +352,11 @@ class StoreWriter:
 
     def __contains__(self, item_id: object) -> bool:
         return item_id in self.done
+
+    def write_extra(self, fill: Callable[[h5py.File], object]) -> None:
+        """Let `fill(file)` write root-level data beside 'items' (a GT cache's image index); readers
+        of the store contract ignore it."""
+        fill(self._file)
 
     def write(self, item_id: str, arrays: dict[str, np.ndarray], attrs: dict[str, dict] | None = None) -> None:
         attrs = attrs or {}
