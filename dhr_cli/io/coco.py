@@ -55,6 +55,7 @@ class COCODataset(Dataset):
         available = [s for s in COCO_SPLITS if (root / "annotations" / f"instances_{s}.json").is_file()]
         split = _pick_split(root, split, available, "COCO layout")
         self._json = root / "annotations" / f"instances_{split}.json"
+        self.root, self.split = root, split  # (Dataset.__init__ sets them again) for messages before it runs
         self._cache_explicit = gt_cache is not None
         self.cache_path = Path(gt_cache) if gt_cache is not None else default_gt_cache(self._json)
         self._cache = None  # opened on the first gt() call, per process (HDF5 handles must not cross a fork)
@@ -62,6 +63,7 @@ class COCODataset(Dataset):
         self._cache_pid = None
         self._cache_problem: str | None = None
         self._cache_checked = False  # _cache_problem holds the check of the file there now
+        self._stale_warned = False
         self.cache_state = "absent"
         self._coco_obj = None
         # A valid GT cache carries the json's image index (ids, file names, sizes, labels, categories):
@@ -182,6 +184,12 @@ class COCODataset(Dataset):
             return mask
         return self.rasterise_gt(item_id)
 
+    def open_gt_cache(self) -> str:
+        """Open (or check) the GT cache in this process now, warning once if it is stale; loader
+        workers forked after this do not repeat the warning. Returns cache_state."""
+        self._open_cache()
+        return self.cache_state
+
     def _open_cache(self):
         if self._cache_pid == os.getpid():
             return self._cache
@@ -204,9 +212,15 @@ class COCODataset(Dataset):
             self.cache_state = "valid"
         else:
             self.cache_state = "stale"
+            self._warn_stale()
+        return self._cache
+
+    def _warn_stale(self) -> None:
+        """Once per dataset (loader workers inherit the flag), not once per process."""
+        if not self._stale_warned:
+            self._stale_warned = True
             logger.warning("%s: GT cache not used (%s); rasterising on the fly; rebuild it with "
                            "dhr info %s --split %s --build-cache", self.cache_path, self._cache_problem, self.root, self.split)
-        return self._cache
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -374,7 +388,7 @@ def build_gt_cache(ds: "COCODataset", cache: str | os.PathLike | None = None, *,
         for item_id in track([i for i in ds.ids if i not in w.done], "rasterise GT", quiet=quiet):
             w.write(item_id, {"mask": ds.rasterise_gt(item_id)})
             written += 1
-    ds._cache_pid, ds._cache_checked = None, False  # check and reopen on the next gt()
+    ds._cache_pid, ds._cache_checked, ds._stale_warned = None, False, False  # check and reopen on the next gt()
     return {"path": str(path), "written": written, "state": state, "items": len(ds)}
 
 

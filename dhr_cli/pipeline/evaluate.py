@@ -384,6 +384,8 @@ def run_eval(
         # Reading (HDF5 decompression, PNG decode, rasterisation) and scoring run in DataLoader
         # workers, a batch of images at a time; what comes back per batch is small (split totals of
         # the batch, (3, K) counts and presence per image), so this process only adds it up.
+        if hasattr(ds, "open_gt_cache"):  # COCO: a stale cache is reported once, not by every worker
+            ds.open_gt_cache()
         score = functools.partial(_score_batch, ds, sources, k, background, cfg)
         batches = [ds.ids[i:i + EVAL_BATCH] for i in range(0, len(ds.ids), EVAL_BATCH)]
         workers = store_reading_workers() if workers is None else workers
