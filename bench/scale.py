@@ -19,7 +19,12 @@ then runs, each in a fresh process (so peak RSS is the command's own):
     info / export / merge   `dhr info pred.h5`, `dhr export pred.h5 --out DIR`,
                             `dhr merge pred.h5 one.h5 --out M.h5`
     seed         `dhr seed --no-crf` on stride-16 CAMs of the present classes (only with --what seed;
-                 its loader processes' peak is loader_peak_rss_mb)
+                 its loader processes' peak is loader_peak_rss_mb); seed-crf the same with the CRF
+    propagate    `dhr propagate --no-crf` (Steps 2-3) on those seeds, with stride-16 USS features
+                 (90 x 30 x 40, fp16) and WSS features (256 x 30 x 40) simulated from class
+                 embeddings plus noise, and the CAMs; propagate-crf the same with the CRF
+                 (the images are one black JPEG: the CRF's permutohedral cost does not depend on colours)
+    Each seed/propagate figure gives img_per_s and coco_train_h, the time for COCO train's 82,081 images.
 
 Flat memory means peak RSS barely moves from N1 to N2; flat time means s/item barely moves.
 
@@ -44,6 +49,8 @@ import numpy as np
 from PIL import Image
 
 SPLIT = "train2014"
+COCO_TRAIN = 82_081
+FEATURE_STAGES = ("propagate", "propagate-crf")
 
 
 def _names() -> list[str]:
@@ -57,7 +64,7 @@ def _official_ids() -> list[int]:
     return [i for i in range(1, 91) if i not in unused]
 
 
-def build(root: Path, n: int, h: int, w: int, cams: bool = False) -> Path:
+def build(root: Path, n: int, h: int, w: int, cams: bool = False, features: bool = False) -> Path:
     from dhr_cli.io.store import create_store
 
     names = _names()
@@ -72,7 +79,11 @@ def build(root: Path, n: int, h: int, w: int, cams: bool = False) -> Path:
     rng = np.random.default_rng(0)
     images, anns = [], []
     side = max(8, min(h, w) // 5)
-    cam_writer = create_store(root / "cams.h5", "cams", classes, provenance={}) if cams else None
+    cam_writer = create_store(root / "cams.h5", "cams", classes, provenance={}) if cams or features else None
+    feat_writers = [create_store(root / f"{role}.h5", "features", classes, provenance={}) for role in ("uss", "wss")] \
+        if features else []
+    uss_table = rng.normal(0, 1, (len(classes), 90)).astype(np.float32)  # class embeddings
+    wss_table = rng.normal(0, 1, (len(classes), 256)).astype(np.float32)
     with create_store(root / "pred.h5", "masks", classes, provenance={}) as wr:
         for i in range(n):
             item = f"COCO_{SPLIT}_{i:012d}"
@@ -95,8 +106,14 @@ def build(root: Path, n: int, h: int, w: int, cams: bool = False) -> Path:
                 small = m[8::16, 8::16]
                 maps = np.stack([(small == c).astype(np.float16) for c in present])
                 cam_writer.write(item, {"cams": maps}, {"cams": {"labels": np.array(present), "image_size": [h, w]}})
-    if cam_writer is not None:
-        cam_writer.close(complete=True)
+            for writer, table, noise in zip(feat_writers, (uss_table, wss_table), (0.5, 1.0)):
+                cells = m[8::16, 8::16]
+                f = table[cells] + noise * rng.normal(0, 1, (*cells.shape, table.shape[1])).astype(np.float32)
+                writer.write(item, {"features": np.ascontiguousarray(f.transpose(2, 0, 1)).astype(np.float16)},
+                             {"features": {"image_size": [h, w]}})
+    for writer in [cam_writer, *feat_writers]:
+        if writer is not None:
+            writer.close(complete=True)
     cats = [{"id": cid, "name": name} for cid, name in zip(cat_ids, names)]
     (coco / "annotations" / f"instances_{SPLIT}.json").write_text(
         json.dumps({"images": images, "annotations": anns, "categories": cats}))
@@ -164,8 +181,9 @@ def _child(*args: str) -> dict:
 
 def run_n(tmp: Path, n: int, h: int, w: int, what: list[str]) -> dict:
     t = time.perf_counter()
-    root = build(tmp / f"n{n}", n, h, w, cams="seed" in what)
-    res: dict = {"n": n, "build_s": round(time.perf_counter() - t, 1)}
+    seeding = [x for x in what if x.startswith("seed") or x in FEATURE_STAGES]
+    root = build(tmp / f"n{n}", n, h, w, cams=bool(seeding), features=any(x in FEATURE_STAGES for x in what))
+    res: dict = {"n": n, "build_s": round(time.perf_counter() - t, 1), "load_before": round(os.getloadavg()[0], 1)}
     pred = str(root / "pred.h5")
     flat, coco = str(root / "flat"), str(root / "coco")
     if "gt" in what:
@@ -189,12 +207,26 @@ def run_n(tmp: Path, n: int, h: int, w: int, what: list[str]) -> dict:
         res["export"] = _child("--child-cli", "export", pred, "--out", str(root / "export"), "--quiet")
     if "merge" in what:
         res["merge"] = _child("--child-cli", "merge", pred, str(root / "one.h5"), "--out", str(root / "merged.h5"))
-    if "seed" in what:
-        res["seed"] = _child("--child-cli", "seed", "--cams", str(root / "cams.h5"), "--data", flat, "--out",
+    cams = str(root / "cams.h5")
+    if "seed" in what or any(x in FEATURE_STAGES for x in what):  # propagate reads these seeds
+        res["seed"] = _child("--child-cli", "seed", "--cams", cams, "--data", flat, "--out",
                              str(root / "seeds.h5"), "--no-crf", "--quiet")
+    if "seed-crf" in what:
+        res["seed_crf"] = _child("--child-cli", "seed", "--cams", cams, "--data", flat, "--out",
+                                 str(root / "seeds_crf.h5"), "--quiet")
+    for stage in FEATURE_STAGES:
+        if stage in what:
+            res[stage.replace("-", "_")] = _child(
+                "--child-cli", "propagate", "--seeds", str(root / "seeds.h5"), "--data", flat, "--uss",
+                str(root / "uss.h5"), "--wss", str(root / "wss.h5"), "--cams", cams,
+                "--out", str(root / f"{stage}.h5"), *(["--no-crf"] if stage == "propagate" else []), "--quiet")
     for key, r in res.items():
         if isinstance(r, dict) and "s" in r:
             r["ms_per_item"] = round(1000 * r["s"] / n, 2)
+            if key.startswith(("seed", "propagate")):
+                r["img_per_s"] = round(n / r["s"], 2)
+                r["coco_train_h"] = round(COCO_TRAIN * r["s"] / n / 3600, 2)
+    res["load_after"] = round(os.getloadavg()[0], 1)
     return res
 
 
@@ -203,7 +235,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[500, 2000])
     ap.add_argument("--size", type=int, nargs=2, default=[480, 640])
     ap.add_argument("--what", nargs="+", default=["gt", "eval-png", "eval-coco", "eval-cache", "info", "export", "merge"],
-                    help="gt (the three GT sources alone), eval-png, eval-coco, eval-cache, info, export, merge, seed")
+                    help="gt (the three GT sources alone), eval-png, eval-coco, eval-cache, info, export, merge, "
+                         "seed, seed-crf, propagate, propagate-crf")
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     ap.add_argument("--child-eval", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--child-gt", help=argparse.SUPPRESS)
