@@ -344,3 +344,18 @@ def test_errors_from_a_worker_stay_one_line(tmp_path):
     r = invoke("eval", "--pred", write_store(tmp_path / "bad.h5", preds), "--data", root, "-q")
     assert r.exit_code == 1 and bad in r.output and "[9]" in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_a_prediction_that_is_not_a_uint8_mask_fails_in_one_line(setup):
+    tmp, root, gts, preds, store = setup
+    bad = dict(preds)
+    bad["img1"] = bad["img1"].astype(np.uint16)
+    r = invoke("eval", "--pred", write_store(tmp / "bad.h5", bad), "--data", root, "-q")
+    assert r.exit_code == 1 and "'img1'" in r.output and "expected uint8 (H, W)" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+    path = write_store(tmp / "nomask.h5", preds)
+    with h5py.File(path, "a") as f:
+        f["items/img2/other"] = f["items/img2/mask"][()]
+        del f["items/img2/mask"]
+    r = invoke("eval", "--pred", path, "--data", root, "-q")
+    assert r.exit_code == 1 and "'img2' has no 'mask' dataset" in r.output, r.output

@@ -71,7 +71,7 @@ class Predictions:
             from dhr_cli.io.store import open_store
 
             self._store, self._pid = open_store(self.path, expect=("masks", "seeds")), os.getpid()
-        return self._store.read(item_id, names=()).mask
+        return self._store.read_mask(item_id)
 
     def __getstate__(self):
         state = dict(self.__dict__)
