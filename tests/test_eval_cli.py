@@ -341,7 +341,14 @@ def test_errors_from_a_worker_stay_one_line(tmp_path):
     bad = f"img{EVAL_BATCH + 5}"
     preds[bad] = preds[bad].copy()
     preds[bad][0, 0] = 9
-    r = invoke("eval", "--pred", write_store(tmp_path / "bad.h5", preds), "--data", root, "-q")
+    from dhr_cli.errors import InputError
+    from dhr_cli.pipeline.evaluate import run_eval
+
+    store = write_store(tmp_path / "bad.h5", preds)
+    with pytest.raises(InputError) as e:  # raised in a worker, reaches the caller as itself
+        run_eval([store], root, workers=2)
+    assert bad in str(e.value) and "[9]" in str(e.value) and "\n" not in str(e.value)
+    r = invoke("eval", "--pred", store, "--data", root, "-q")
     assert r.exit_code == 1 and bad in r.output and "[9]" in r.output and "Traceback" not in r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
 

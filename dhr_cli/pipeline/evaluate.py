@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from dhr_cli.config import EVAL_BATCH, IGNORE_INDEX, EvalConfig
+from dhr_cli.config import EVAL_BATCH, EVAL_PARALLEL_FROM, IGNORE_INDEX, EvalConfig
 from dhr_cli.errors import DatasetError, InputError
 from dhr_cli.io.datasets import class_key, read_index_png
 from dhr_cli.kernels.metrics import class_scores, fold_joint, joint_histogram, mean_over_present
@@ -345,7 +345,8 @@ def run_eval(
         cfg: protocol options (size mismatch, missing predictions, background-only images).
         names: display names of the methods (default: file stems).
         quiet: no progress bar.
-        workers: loader processes that read and score (None: io.loading.store_reading_workers()).
+        workers: loader processes that read and score (None: io.loading.store_reading_workers() from
+            config.EVAL_PARALLEL_FROM images on, none below).
 
     Raises:
         DatasetError: the split is empty, has no ground truth, or a GT mask is bad.
@@ -388,7 +389,8 @@ def run_eval(
             ds.open_gt_cache()
         score = functools.partial(_score_batch, ds, sources, k, background, cfg)
         batches = [ds.ids[i:i + EVAL_BATCH] for i in range(0, len(ds.ids), EVAL_BATCH)]
-        workers = store_reading_workers() if workers is None else workers
+        if workers is None:
+            workers = store_reading_workers() if len(ds.ids) >= EVAL_PARALLEL_FROM else 0
         for done in track(iterate_batches(batches, score, 1, workers=workers if len(batches) > 1 else 0),
                           description=f"eval ({EVAL_BATCH} images a step)", total=len(batches), quiet=quiet):
             b = done[0]
