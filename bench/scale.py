@@ -25,6 +25,9 @@ then runs, each in a fresh process (so peak RSS is the command's own):
                  embeddings plus noise, and the CAMs; propagate-crf the same with the CRF
                  (the images are one black JPEG: the CRF's permutohedral cost does not depend on colours)
     Each seed/propagate figure gives img_per_s and coco_train_h, the time for COCO train's 82,081 images.
+    index        (once, not per N) an instances json of COCO train's size (82,783 images, 604,907
+                 polygons of 30 points, ~370 MB): time and peak RSS of reading the image index from it
+                 (pycocotools) vs from a GT cache's coco_index group, each in a fresh process
 
 Flat memory means peak RSS barely moves from N1 to N2; flat time means s/item barely moves.
 
@@ -157,6 +160,51 @@ def child_gt(data: str) -> None:
                       "cache": getattr(ds, "cache_state", None), "peak_rss_mb": round(_peak_mb())}))
 
 
+def build_big_json(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    cat_ids = _official_ids()
+    n_img, n_ann = 82_783, 604_907
+    images = [{"id": i, "file_name": f"COCO_{SPLIT}_{i:012d}.jpg", "height": 480, "width": 640} for i in range(n_img)]
+    img_of, cat_of = rng.integers(0, n_img, n_ann), rng.integers(0, 80, n_ann)
+    polys = np.round(rng.uniform(0, 480, (n_ann, 60)), 2)
+    anns = [{"id": a + 1, "image_id": int(img_of[a]), "category_id": cat_ids[cat_of[a]], "iscrowd": 0, "area": 100.0,
+             "bbox": [1.0, 2.0, 3.0, 4.0], "segmentation": [polys[a].tolist()]} for a in range(n_ann)]
+    cats = [{"id": cid, "name": name} for cid, name in zip(cat_ids, _names())]
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+
+
+def child_index(json_path: str, index_path: str, source: str) -> None:
+    """The image index from the json (pycocotools, what a COCO reader did without a cache) or from
+    a GT cache's coco_index group (written from the json the first time)."""
+    import h5py
+
+    from dhr_cli.io.coco import COCODataset, CocoIndex
+
+    t = time.perf_counter()
+    if source == "json":
+        ds = COCODataset.__new__(COCODataset)  # only the json reading, no image folder
+        ds._coco_obj, ds._json, ds.root = None, Path(json_path), Path(json_path).parent
+        index = ds._index_from_json()
+        if not Path(index_path).exists():
+            with h5py.File(index_path, "w") as f:
+                index.write(f)
+    else:
+        index = CocoIndex.read(Path(index_path))
+    dt = time.perf_counter() - t
+    print(json.dumps({"images": len(index.file_names), "s": round(dt, 2), "peak_rss_mb": round(_peak_mb())}))
+
+
+def run_index(tmp: Path) -> dict:
+    js, idx = tmp / "instances_big.json", tmp / "index.h5"
+    build_big_json(js)
+    res = {"json_mb": round(js.stat().st_size / 2**20), "load_before": round(os.getloadavg()[0], 1)}
+    res["from_json"] = _child("--child-index", str(js), str(idx), "json")
+    res["index_kb"] = round(idx.stat().st_size / 1024)
+    res["from_cache"] = _child("--child-index", str(js), str(idx), "cache")
+    res["load_after"] = round(os.getloadavg()[0], 1)
+    return res
+
+
 def child_cli(argv: list[str]) -> None:
     from dhr_cli.cli.app import main
 
@@ -236,22 +284,30 @@ def main() -> None:
     ap.add_argument("--size", type=int, nargs=2, default=[480, 640])
     ap.add_argument("--what", nargs="+", default=["gt", "eval-png", "eval-coco", "eval-cache", "info", "export", "merge"],
                     help="gt (the three GT sources alone), eval-png, eval-coco, eval-cache, info, export, merge, "
-                         "seed, seed-crf, propagate, propagate-crf")
+                         "seed, seed-crf, propagate, propagate-crf, index")
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     ap.add_argument("--child-eval", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--child-gt", help=argparse.SUPPRESS)
+    ap.add_argument("--child-index", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--child-cli", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child_eval:
         return child_eval(*a.child_eval)
     if a.child_gt:
         return child_gt(a.child_gt)
+    if a.child_index:
+        return child_index(*a.child_index)
     if a.child_cli is not None:
         return child_cli(a.child_cli)
     results = []
     with tempfile.TemporaryDirectory(prefix="dhr-scale-") as tmp:
-        for n in a.n:
-            r = run_n(Path(tmp), n, *a.size, a.what)
+        if "index" in a.what:
+            r = run_index(Path(tmp))
+            results.append({"index": r})
+            print(json.dumps({"index": r}), flush=True)
+        stages = [w for w in a.what if w != "index"]
+        for n in (a.n if stages else []):
+            r = run_n(Path(tmp), n, *a.size, stages)
             results.append(r)
             print(json.dumps(r), flush=True)
             import shutil
