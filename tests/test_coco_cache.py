@@ -165,3 +165,77 @@ def test_every_data_command_takes_skip_missing_images():
     takes_data = {n: opts for n, opts in takes_data.items() if "--data" in opts}
     assert {"cams", "seed", "propagate", "eval", "import"} <= set(takes_data)
     assert [n for n, opts in takes_data.items() if "--skip-missing-images" not in opts] == []
+
+
+def test_eval_with_the_cache_never_reads_the_json(tmp_path, monkeypatch):
+    import h5py
+
+    root = make_coco(tmp_path / "coco")
+    pred = _pred_store(root, tmp_path / "pred.h5")
+    before = _eval_json(root, pred, tmp_path / "a.json")
+    from_json = open_dataset(root)
+    assert from_json.index_source == "annotation file"
+    assert _cli("info", root, "--build-cache", "--quiet")[0] == 0
+    real_load = COCODataset._load
+    monkeypatch.setattr(COCODataset, "_load", staticmethod(lambda p: (_ for _ in ()).throw(AssertionError("json read"))))
+    ds = open_dataset(root)  # ids, classes, labels, file names and sizes all come from the cache's index
+    assert ds.index_source == "GT cache"
+    assert (ds.ids, ds.classes) == (from_json.ids, from_json.classes)
+    for i in ds.ids:
+        assert ds.labels(i) == from_json.labels(i) and ds.image_path(i) == from_json.image_path(i)
+        np.testing.assert_array_equal(ds.gt(i), from_json.gt(i))
+    after = _eval_json(root, pred, tmp_path / "b.json")
+    assert {k: after[k] for k in ("miou", "mfpr", "mfnr", "per_class", "pixels", "vanishing")} == \
+        {k: before[k] for k in ("miou", "mfpr", "mfnr", "per_class", "pixels", "vanishing")}
+    # a changed json makes the cache stale: its index is not used either
+    js = root / JSON
+    js.write_text(js.read_text() + " ")
+    with pytest.raises(AssertionError, match="json read"):
+        open_dataset(root)
+    monkeypatch.setattr(COCODataset, "_load", staticmethod(real_load))
+    assert open_dataset(root).index_source == "annotation file"
+    # a cache of the same json built before the index existed: stale, rebuilt by --build-cache
+    assert _cli("info", root, "--build-cache", "--quiet")[0] == 0
+    with h5py.File(root / CACHE, "a") as f:
+        del f["coco_index"]
+    ds = open_dataset(root)
+    ds.gt(ds.ids[0])
+    assert ds.index_source == "annotation file" and ds.cache_state == "stale"
+    assert "without the image index" in json.loads(_cli("info", root, "--json")[1])["gt_cache"]
+    code, output = _cli("info", root, "--build-cache", "--quiet")
+    assert code == 0 and "rebuilt, 3 of 3" in output, output
+    assert open_dataset(root).index_source == "GT cache"
+
+
+def test_a_stale_cache_is_reported_once_with_loader_workers(tmp_path, monkeypatch):
+    from dhr_cli.config import EVAL_BATCH
+    from dhr_cli.io import coco as coco_mod
+    from dhr_cli.pipeline.evaluate import run_eval
+    from tests.test_coco_layouts import CATS, _write_image
+
+    root = tmp_path / "coco"
+    n = 2 * EVAL_BATCH + 1  # three loader tasks
+    images = [{"id": i, "file_name": f"COCO_train2014_{i:012d}.jpg", "height": 12, "width": 16} for i in range(n)]
+    anns = [{"id": i + 1, "image_id": i, "category_id": 1, "iscrowd": 0, "segmentation": [[2, 2, 10, 2, 10, 9, 2, 9]]}
+            for i in range(n)]
+    (root / "annotations").mkdir(parents=True)
+    js = root / JSON
+    js.write_text(json.dumps({"images": images, "annotations": anns, "categories": CATS}))
+    for img in images:
+        _write_image(root / "train2014" / img["file_name"], 12, 16)
+    assert _cli("info", root, "--build-cache", "--quiet")[0] == 0
+    with create_store(tmp_path / "pred.h5", "masks", ["background", "person", "car", "dog"], provenance={}) as w:
+        for img in images:
+            w.write(img["file_name"][:-4], {"mask": np.ones((12, 16), np.uint8)})
+    js.write_text(js.read_text() + " ")  # stale now
+    said = tmp_path / "warnings.txt"
+
+    def warning(msg, *args):  # appends from whichever process logs (forked workers too)
+        with open(said, "a") as f:
+            f.write((msg % args).replace("\n", " ") + "\n")
+
+    monkeypatch.setattr(coco_mod.logger, "warning", warning)
+    r = run_eval([tmp_path / "pred.h5"], root, workers=2)
+    assert len(r.methods[0].ids) == n
+    lines = [line for line in said.read_text().splitlines() if "GT cache not used" in line]
+    assert len(lines) == 1, lines

@@ -287,3 +287,82 @@ def test_export_refuses_cams_store(setup):
         f.attrs["kind"] = "cams"
     r = invoke("export", store, "--out", tmp / "o")
     assert r.exit_code == 1 and "expected 'masks' or 'seeds'" in r.output and not (tmp / "o").exists()
+
+
+# ---- several loader batches, in workers -------------------------------------------------------
+def _per_image_reference(gt: np.ndarray, pred: np.ndarray, k: int) -> tuple[float, set[int]]:
+    """Image mIoU over classes with union > 0, and the foreground GT classes with no predicted pixel."""
+    valid = gt != 255
+    ious, vanished = [], set()
+    for c in range(k):
+        t, p = (gt == c) & valid, (pred == c) & valid
+        u = np.sum(t | p)
+        if u:
+            ious.append(np.sum(t & p) / u)
+        if c > 0 and t.any() and not (pred == c).any():
+            vanished.add(c)
+    return float(np.mean(ious)) if ious else float("nan"), vanished
+
+
+def test_batches_in_workers_match_one_process_and_references(tmp_path):
+    from dhr_cli.config import EVAL_BATCH
+    from dhr_cli.pipeline.evaluate import run_eval
+
+    n = 2 * EVAL_BATCH + 7  # three loader tasks, the last one short
+    gts = gt_masks(n=n)
+    root = make_dataset(tmp_path / "data", gts)
+    a, b = noisy(gts, seed=1), noisy(gts, seed=2, p=0.6)
+    b["img5"] = np.where(b["img5"] == 1, 0, b["img5"]).astype(np.uint8)  # a vanished cat, if img5 has one
+    del b[f"img{EVAL_BATCH + 3}"]  # missing from the second source, in the second task
+    sa, sb = write_store(tmp_path / "a.h5", a), write_store(tmp_path / "b.h5", b)
+    one = run_eval([sa, sb], root, workers=0)
+    two = run_eval([sa, sb], root, workers=2)
+    assert json.dumps(one.to_json(top=n)) == json.dumps(two.to_json(top=n))
+    ids = sorted(gts)
+    for m, preds in zip(two.methods, (a, b)):
+        scored = [i for i in ids if i in preds]
+        assert m.ids == scored
+        ref = reference([gts[i] for i in scored], [preds[i] for i in scored], 3)
+        for c, (iou, fpr, fnr) in ref.items():
+            assert m.scores.iou[c] == pytest.approx(iou) and m.scores.fpr[c] == pytest.approx(fpr)
+        per = [_per_image_reference(gts[i], preds[i], 3) for i in scored]
+        np.testing.assert_allclose(m.per_image_miou(), [p[0] for p in per])
+        pairs = sum(len(set(np.unique(gts[i]).tolist()) & {1, 2}) for i in scored)
+        assert m.vanishing == (sum(len(p[1]) for p in per), pairs)
+    assert two.methods[1].missing == [f"img{EVAL_BATCH + 3}"]
+
+
+def test_errors_from_a_worker_stay_one_line(tmp_path):
+    from dhr_cli.config import EVAL_BATCH
+
+    gts = gt_masks(n=2 * EVAL_BATCH + 1)
+    root = make_dataset(tmp_path / "data", gts)
+    preds = noisy(gts, seed=1)
+    bad = f"img{EVAL_BATCH + 5}"
+    preds[bad] = preds[bad].copy()
+    preds[bad][0, 0] = 9
+    from dhr_cli.errors import InputError
+    from dhr_cli.pipeline.evaluate import run_eval
+
+    store = write_store(tmp_path / "bad.h5", preds)
+    with pytest.raises(InputError) as e:  # raised in a worker, reaches the caller as itself
+        run_eval([store], root, workers=2)
+    assert bad in str(e.value) and "[9]" in str(e.value) and "\n" not in str(e.value)
+    r = invoke("eval", "--pred", store, "--data", root, "-q")
+    assert r.exit_code == 1 and bad in r.output and "[9]" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_a_prediction_that_is_not_a_uint8_mask_fails_in_one_line(setup):
+    tmp, root, gts, preds, store = setup
+    bad = dict(preds)
+    bad["img1"] = bad["img1"].astype(np.uint16)
+    r = invoke("eval", "--pred", write_store(tmp / "bad.h5", bad), "--data", root, "-q")
+    assert r.exit_code == 1 and "'img1'" in r.output and "expected uint8 (H, W)" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1
+    path = write_store(tmp / "nomask.h5", preds)
+    with h5py.File(path, "a") as f:
+        f["items/img2/other"] = f["items/img2/mask"][()]
+        del f["items/img2/mask"]
+    r = invoke("eval", "--pred", path, "--data", root, "-q")
+    assert r.exit_code == 1 and "'img2' has no 'mask' dataset" in r.output, r.output

@@ -13,6 +13,8 @@ from dhr_cli.kernels.metrics import (
     ConfusionMatrix,
     class_scores,
     confusion_matrix,
+    fold_joint,
+    joint_histogram,
     mean_over_present,
     vanishing_pairs,
 )
@@ -157,3 +159,49 @@ def test_vanishing_pairs():
     assert vanishing_pairs(confusion_matrix(t, p, 4), fg) == (1, 2)
     # background never counts, even when it vanishes
     assert vanishing_pairs(confusion_matrix(np.zeros((1, 2), np.uint8), np.ones((1, 2), np.uint8), 4), fg) == (0, 0)
+
+
+def _brute_joint(t: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Independent count: one unbuffered increment per pixel."""
+    ref = np.zeros((256, 256), np.int64)
+    np.add.at(ref, (t.ravel().astype(np.int64), p.ravel().astype(np.int64)), 1)
+    return ref
+
+
+def _blocky(rng, h: int, w: int, values) -> np.ndarray:
+    """A mask of a few rectangles (long runs: the run-length path of joint_histogram)."""
+    m = np.full((h, w), rng.choice(values), np.uint8)
+    for _ in range(rng.integers(1, 6)):
+        y, x = rng.integers(0, h), rng.integers(0, w)
+        m[y:y + rng.integers(1, h + 1), x:x + rng.integers(1, w + 1)] = rng.choice(values)
+    return m
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_joint_histogram_matches_a_per_pixel_count(seed):
+    rng = np.random.default_rng(seed)
+    values = np.r_[np.arange(8), 200, 254, 255]
+    h, w = int(rng.integers(20, 90)), int(rng.integers(20, 90))
+    t = _blocky(rng, h, w, values)
+    p = _blocky(rng, h, w, values)
+    p[::7, ::5] = rng.choice(values)  # a grid of short runs, as bench/scale.py's predictions
+    noise = rng.choice(values, size=(h, w)).astype(np.uint8)  # runs of ~1 pixel: the direct path
+    for a, b in ((t, p), (t, noise), (noise, t), (t, t), (t[:, ::3], p[:, ::3]), (np.stack([t, p]), np.stack([p, noise]))):
+        got = joint_histogram(a, b)
+        assert got.dtype == np.int64 and got.shape == (256, 256)
+        np.testing.assert_array_equal(got, _brute_joint(a, b))
+        k = int(rng.integers(1, 10))
+        np.testing.assert_array_equal(fold_joint(got, k), confusion_matrix(a.astype(np.int64), b.astype(np.int64), k))
+
+
+def test_joint_histogram_edges():
+    one = np.array([[3]], np.uint8)
+    assert joint_histogram(one, one)[3, 3] == 1 and joint_histogram(one, one).sum() == 1
+    empty = np.zeros((0, 5), np.uint8)
+    assert joint_histogram(empty, empty).sum() == 0
+    flat = np.full((480, 640), 7, np.uint8)  # one run
+    assert joint_histogram(flat, np.zeros_like(flat))[7, 0] == 480 * 640
+    with pytest.raises(ShapeError):
+        joint_histogram(flat, flat[:10])
+    with pytest.raises(ShapeError):
+        joint_histogram(flat.astype(np.int32), flat)

@@ -52,44 +52,86 @@ class COCODataset(Dataset):
     convention = "background 0, the json's categories in ascending id -> 1..K, crowd regions 255"
 
     def __init__(self, root: Path, split: str | None, missing: str = "fail", gt_cache: str | os.PathLike | None = None):
-        try:
-            from pycocotools.coco import COCO  # noqa: F401
-        except ImportError:
-            raise DatasetError(f"{root}: reading COCO annotations needs pycocotools (pip install 'dhr[coco]')") from None
         available = [s for s in COCO_SPLITS if (root / "annotations" / f"instances_{s}.json").is_file()]
         split = _pick_split(root, split, available, "COCO layout")
         self._json = root / "annotations" / f"instances_{split}.json"
-        coco = self._load(self._json)
-        cats = sorted(coco.cats)
-        self._label_of = {cid: i + 1 for i, cid in enumerate(cats)}
-        classes = ["background"] + [coco.cats[c]["name"] for c in cats]
-        folder = root / split
-        present = {e.name for e in os.scandir(folder)} if folder.is_dir() else set()
-        by_id, absent = {}, []
-        for img in coco.imgs.values():
-            name = img["file_name"]
-            (by_id.__setitem__(Path(name).stem, img) if name in present else absent.append(name))
-        self.skipped_missing = len(absent)
-        if absent:
-            absent.sort()
-            msg = f"{self._json}: {len(absent)} of {len(coco.imgs)} images are missing from {folder}, first {absent[0]}"
-            if missing != "skip":
-                raise DatasetError(msg + " (pass --skip-missing-images to leave them out)")
-            logger.warning("%s; skipped (--skip-missing-images)", msg)
-        for ann in coco.anns.values():
-            if ann["category_id"] not in self._label_of:
-                raise DatasetError(f"{self._json}: annotation {ann['id']} has unknown category id {ann['category_id']}")
-            seg = ann.get("segmentation")
-            if not seg or (isinstance(seg, list) and not any(len(p) >= 6 for p in seg)):
-                raise DatasetError(f"{self._json}: annotation {ann['id']} has an empty segmentation")
-        self._coco, self._folder, self._by_id = coco, folder, by_id
-        super().__init__(root, split, classes, sorted(by_id))
+        self.root, self.split = root, split  # (Dataset.__init__ sets them again) for messages before it runs
         self._cache_explicit = gt_cache is not None
         self.cache_path = Path(gt_cache) if gt_cache is not None else default_gt_cache(self._json)
         self._cache = None  # opened on the first gt() call, per process (HDF5 handles must not cross a fork)
         self._cache_store = None
         self._cache_pid = None
+        self._cache_problem: str | None = None
+        self._cache_checked = False  # _cache_problem holds the check of the file there now
+        self._stale_warned = False
         self.cache_state = "absent"
+        self._coco_obj = None
+        # A valid GT cache carries the json's image index (ids, file names, sizes, labels, categories):
+        # then the json (hundreds of MB for COCO train) is not read unless an image must be rasterised.
+        index = self._cached_index()
+        self.index_source = "GT cache" if index is not None else "annotation file"
+        if index is None:
+            index = self._index_from_json()
+        self._cindex = index
+        self._label_of = {cid: i + 1 for i, (cid, _) in enumerate(index.categories)}
+        classes = ["background"] + [name for _, name in index.categories]
+        folder = root / split
+        present = {e.name for e in os.scandir(folder)} if folder.is_dir() else set()
+        by_id, absent = {}, []
+        for row, name in enumerate(index.file_names):
+            (by_id.__setitem__(Path(name).stem, row) if name in present else absent.append(name))
+        self.skipped_missing = len(absent)
+        if absent:
+            absent.sort()
+            msg = f"{self._json}: {len(absent)} of {len(index.file_names)} images are missing from {folder}, first {absent[0]}"
+            if missing != "skip":
+                raise DatasetError(msg + " (pass --skip-missing-images to leave them out)")
+            logger.warning("%s; skipped (--skip-missing-images)", msg)
+        self._folder, self._by_id = folder, by_id
+        super().__init__(root, split, classes, sorted(by_id))
+
+    # -- the image index: from the GT cache when it is valid, else from the json
+    def _cached_index(self) -> "CocoIndex | None":
+        if not self.cache_path.is_file():
+            return None
+        self._cache_problem = gt_cache_problem(self.cache_path, self._json)
+        self._cache_checked = True
+        if self._cache_problem is not None:
+            return None
+        return CocoIndex.read(self.cache_path)
+
+    def _index_from_json(self) -> "CocoIndex":
+        coco = self._coco
+        cats = sorted(coco.cats)
+        label_of = {cid: i + 1 for i, cid in enumerate(cats)}
+        for ann in coco.anns.values():
+            if ann["category_id"] not in label_of:
+                raise DatasetError(f"{self._json}: annotation {ann['id']} has unknown category id {ann['category_id']}")
+            seg = ann.get("segmentation")
+            if not seg or (isinstance(seg, list) and not any(len(p) >= 6 for p in seg)):
+                raise DatasetError(f"{self._json}: annotation {ann['id']} has an empty segmentation")
+        imgs = list(coco.imgs.values())
+        labels = [sorted({label_of[a["category_id"]] for a in coco.imgToAnns.get(img["id"], []) if not a.get("iscrowd", 0)})
+                  for img in imgs]
+        return CocoIndex(
+            categories=[(cid, coco.cats[cid]["name"]) for cid in cats],
+            image_ids=np.array([img["id"] for img in imgs], np.int64),
+            file_names=[img["file_name"] for img in imgs],
+            heights=np.array([img["height"] for img in imgs], np.int64),
+            widths=np.array([img["width"] for img in imgs], np.int64),
+            labels=labels,
+        )
+
+    @property
+    def _coco(self):
+        """The pycocotools index of the json, loaded on first use (rasterising, or no valid cache)."""
+        if self._coco_obj is None:
+            try:
+                from pycocotools.coco import COCO  # noqa: F401
+            except ImportError:
+                raise DatasetError(f"{self.root}: reading COCO annotations needs pycocotools (pip install 'dhr[coco]')") from None
+            self._coco_obj = self._load(self._json)
+        return self._coco_obj
 
     @staticmethod
     def _load(path: Path):
@@ -112,16 +154,20 @@ class COCODataset(Dataset):
     def image_path(self, item_id: str) -> Path:
         if item_id not in self._by_id:
             raise DatasetError(f"{self._json}: no image {item_id!r}")
-        return self._folder / self._by_id[item_id]["file_name"]
+        return self._folder / self._cindex.file_names[self._by_id[item_id]]
 
     def gt_path(self, item_id: str) -> Path | None:
         return self._json
 
+    def _hw(self, item_id: str) -> tuple[int, int]:
+        row = self._by_id[item_id]
+        return int(self._cindex.heights[row]), int(self._cindex.widths[row])
+
     def _anns(self, item_id: str) -> list[dict]:
-        return self._coco.imgToAnns.get(self._by_id[item_id]["id"], [])
+        return self._coco.imgToAnns.get(int(self._cindex.image_ids[self._by_id[item_id]]), [])
 
     def _named_labels(self, item_id: str) -> list[str] | None:
-        return [self.classes[self._label_of[a["category_id"]]] for a in self._anns(item_id) if not a.get("iscrowd", 0)]
+        return [self.classes[v] for v in self._cindex.labels[self._by_id[item_id]]]
 
     def _labels_source(self, item_id: str) -> Path:
         return self._json
@@ -131,12 +177,18 @@ class COCODataset(Dataset):
         cache = self._open_cache()
         if cache is not None and item_id in self._cache_ids:
             mask = cache[f"items/{item_id}/mask"][()]  # straight from HDF5 (checksummed): no Item bookkeeping
-            img = self._by_id[item_id]
-            if mask.dtype != np.uint8 or mask.shape != (img["height"], img["width"]):
+            h, w = self._hw(item_id)
+            if mask.dtype != np.uint8 or mask.shape != (h, w):
                 raise DatasetError(f"{self.cache_path}: cached mask of {item_id} is {mask.shape[1]}x{mask.shape[0]} but "
-                                   f"{self._json.name} says {img['width']}x{img['height']}; rebuild it with --build-cache")
+                                   f"{self._json.name} says {w}x{h}; rebuild it with --build-cache")
             return mask
         return self.rasterise_gt(item_id)
+
+    def open_gt_cache(self) -> str:
+        """Open (or check) the GT cache in this process now, warning once if it is stale; loader
+        workers forked after this do not repeat the warning. Returns cache_state."""
+        self._open_cache()
+        return self.cache_state
 
     def _open_cache(self):
         if self._cache_pid == os.getpid():
@@ -148,8 +200,10 @@ class COCODataset(Dataset):
                 raise DatasetError(f"{self.cache_path}: no such GT cache; build it with dhr info {self.root} --split "
                                    f"{self.split} --build-cache --gt-cache {self.cache_path}")
             return None
-        problem = gt_cache_problem(self.cache_path, self._json, self.classes)
-        if problem is None:
+        if not self._cache_checked:  # checked once (at opening when the index came from the cache)
+            self._cache_problem = gt_cache_problem(self.cache_path, self._json, self.classes)
+            self._cache_checked = True
+        if self._cache_problem is None:
             from dhr_cli.io.store import open_store
 
             self._cache_store = open_store(self.cache_path, expect="masks")  # validates the root attributes
@@ -158,9 +212,15 @@ class COCODataset(Dataset):
             self.cache_state = "valid"
         else:
             self.cache_state = "stale"
-            logger.warning("%s: GT cache not used (%s); rasterising on the fly; rebuild it with "
-                           "dhr info %s --split %s --build-cache", self.cache_path, problem, self.root, self.split)
+            self._warn_stale()
         return self._cache
+
+    def _warn_stale(self) -> None:
+        """Once per dataset (loader workers inherit the flag), not once per process."""
+        if not self._stale_warned:
+            self._stale_warned = True
+            logger.warning("%s: GT cache not used (%s); rasterising on the fly; rebuild it with "
+                           "dhr info %s --split %s --build-cache", self.cache_path, self._cache_problem, self.root, self.split)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -169,8 +229,7 @@ class COCODataset(Dataset):
 
     def rasterise_gt(self, item_id: str) -> np.ndarray:
         """Crowd regions first (255), then every non-crowd object painted over them with its label."""
-        img = self._by_id[item_id]
-        mask = np.zeros((img["height"], img["width"]), np.uint8)
+        mask = np.zeros(self._hw(item_id), np.uint8)
         anns = self._anns(item_id)
         for ann in sorted(anns, key=lambda a: not a.get("iscrowd", 0)):  # crowd first
             m = self._coco.annToMask(ann).astype(bool)
@@ -178,10 +237,63 @@ class COCODataset(Dataset):
         return mask
 
     def describe(self) -> str:
-        return f"{super().describe()} (COCO official files {self._json.name}; {self.convention})"
+        return f"{super().describe()} (COCO official files {self._json.name}, image index from the {self.index_source}; {self.convention})"
 
 
 # ---- GT cache: COCO instance GT rasterised once ----------------------------------------------
+INDEX_GROUP = "coco_index"  # the json's image index inside a GT cache (CocoIndex)
+
+
+class CocoIndex:
+    """What the readers need of an instances json besides the polygons: categories (id, name) in
+    ascending id, and per image (json order) its id, file name, size and non-crowd label values."""
+
+    def __init__(self, categories, image_ids, file_names, heights, widths, labels):
+        self.categories = [(int(c), str(n)) for c, n in categories]
+        self.image_ids, self.file_names = image_ids, list(file_names)
+        self.heights, self.widths = heights, widths
+        self.labels = labels  # list of sorted label-value lists
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        counts = np.array([len(v) for v in self.labels], np.int64)
+        return {
+            "image_id": np.asarray(self.image_ids, np.int64),
+            "file_name": np.array([n.encode() for n in self.file_names], dtype=bytes),
+            "height": np.asarray(self.heights, np.int32),
+            "width": np.asarray(self.widths, np.int32),
+            "label_ptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            "label": np.array([v for vs in self.labels for v in vs], np.uint8),
+        }
+
+    def write(self, f) -> None:
+        """Into an open h5py.File (the GT cache being built), replacing any previous index."""
+        from dhr_cli.io.store import dataset_kwargs
+
+        if INDEX_GROUP in f:
+            del f[INDEX_GROUP]
+        g = f.create_group(INDEX_GROUP)
+        for name, a in self.arrays().items():
+            g.create_dataset(name, data=a, **dataset_kwargs(a))
+        g.attrs["categories"] = json.dumps(self.categories)
+        f.flush()
+
+    @classmethod
+    def read(cls, path: Path) -> "CocoIndex":
+        import h5py
+
+        try:
+            with h5py.File(path, "r") as f:
+                g = f[INDEX_GROUP]
+                a = {name: g[name][()] for name in ("image_id", "file_name", "height", "width", "label_ptr", "label")}
+                cats = json.loads(g.attrs["categories"])
+        except (OSError, KeyError, ValueError) as e:
+            raise DatasetError(f"{path}: GT cache image index unreadable ({e.__class__.__name__}); "
+                               "rebuild it with dhr info --build-cache") from None
+        ptr, lab = a["label_ptr"], a["label"].tolist()
+        labels = [lab[ptr[i]:ptr[i + 1]] for i in range(len(a["image_id"]))]
+        return cls(cats, a["image_id"], [n.decode() for n in a["file_name"].tolist()], a["height"], a["width"], labels)
+
+
 def default_gt_cache(json_path: Path) -> Path:
     """annotations/instances_<split>.json -> annotations/instances_<split>.gt.h5 (next to the json)."""
     return json_path.with_name(json_path.stem + ".gt.h5")
@@ -201,17 +313,19 @@ def json_fingerprint(path: Path, with_hash: bool = True) -> dict:
     return fp
 
 
-def gt_cache_problem(cache: Path, json_path: Path, classes: list[str]) -> str | None:
+def gt_cache_problem(cache: Path, json_path: Path, classes: list[str] | None = None) -> str | None:
     """None when `cache` is a GT cache of this very annotation file, else why not (one phrase).
 
     Size and modification time decide; when only the time differs (a copy, a touch) the sha256
-    recorded at build time decides."""
+    recorded at build time decides. `classes` (the json's, when it was read) must match the
+    cache's; a cache without the image index (built by dhr before it) counts as stale."""
     import h5py
 
     try:
         with h5py.File(cache, "r") as f:
             attrs = {k: f.attrs[k] for k in ("kind", "classes", "gt_json_size", "gt_json_mtime_ns", "gt_json_sha256")
                      if k in f.attrs}
+            has_index = INDEX_GROUP in f
     except OSError:
         return "not readable as HDF5"
     if "gt_json_size" not in attrs or "gt_json_sha256" not in attrs:
@@ -220,8 +334,10 @@ def gt_cache_problem(cache: Path, json_path: Path, classes: list[str]) -> str | 
     kind = kind.decode() if isinstance(kind, bytes) else str(kind)
     stored_classes = attrs.get("classes")
     stored_classes = stored_classes.decode() if isinstance(stored_classes, bytes) else str(stored_classes)
-    if kind != "masks" or json.loads(stored_classes) != list(classes):
+    if kind != "masks" or (classes is not None and json.loads(stored_classes) != list(classes)):
         return "its classes differ from the annotation file's"
+    if not has_index:
+        return "built by an older dhr, without the image index"
     now = json_fingerprint(json_path, with_hash=False)
     if int(attrs["gt_json_size"]) != now["gt_json_size"]:
         return f"{json_path.name} changed since it was built (size {int(attrs['gt_json_size'])} -> {now['gt_json_size']} bytes)"
@@ -268,10 +384,11 @@ def build_gt_cache(ds: "COCODataset", cache: str | os.PathLike | None = None, *,
     written = 0
     with create_store(path, "masks", ds.classes, provenance=provenance, overwrite=overwrite,
                       resume=not overwrite, root_attrs={**fingerprint, "gt_cache_of": ds._json.name}) as w:
+        w.write_extra(lambda f: INDEX_GROUP in f or ds._cindex.write(f))  # what eval reads instead of the json
         for item_id in track([i for i in ds.ids if i not in w.done], "rasterise GT", quiet=quiet):
             w.write(item_id, {"mask": ds.rasterise_gt(item_id)})
             written += 1
-    ds._cache_pid = None  # reopen on the next gt()
+    ds._cache_pid, ds._cache_checked, ds._stale_warned = None, False, False  # check and reopen on the next gt()
     return {"path": str(path), "written": written, "state": state, "items": len(ds)}
 
 

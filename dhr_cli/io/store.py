@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import h5py
 import numpy as np
@@ -205,6 +205,24 @@ class Store:
             raise StoreError(f"{self.path}: item {item_id!r} has no {main!r} dataset (kind {self.kind!r})")
         return Item(self.path, item_id, arrays, attrs)
 
+    def read_mask(self, item_id: str) -> np.ndarray:
+        """The (H, W) uint8 mask of a masks/seeds item, read straight from its dataset: what
+        read(item_id, names=()).mask gives, without the Item bookkeeping (eval reads 82k of them)."""
+        main = MAIN_DATASET[self.kind]
+        if main != "mask":
+            raise StoreError(f"{self.path}: a {self.kind} store holds no masks")
+        try:
+            ds = self._items[f"{item_id}/mask"]
+        except KeyError:
+            if item_id not in self._items:
+                raise StoreError(f"{self.path}: no item {item_id!r}") from None
+            raise StoreError(f"{self.path}: item {item_id!r} has no 'mask' dataset (kind {self.kind!r})") from None
+        x = ds[()] if isinstance(ds, h5py.Dataset) else None
+        if x is None or x.ndim != 2 or x.dtype != np.uint8:
+            what = f"dtype {x.dtype} shape {x.shape}" if x is not None else "a group"
+            raise StoreError(f"{self.path}: item {item_id!r}: mask has {what}, expected uint8 (H, W)")
+        return x
+
     def close(self) -> None:
         self._file.close()
 
@@ -352,6 +370,11 @@ class StoreWriter:
 
     def __contains__(self, item_id: object) -> bool:
         return item_id in self.done
+
+    def write_extra(self, fill: Callable[[h5py.File], object]) -> None:
+        """Let `fill(file)` write root-level data beside 'items' (a GT cache's image index); readers
+        of the store contract ignore it."""
+        fill(self._file)
 
     def write(self, item_id: str, arrays: dict[str, np.ndarray], attrs: dict[str, dict] | None = None) -> None:
         attrs = attrs or {}

@@ -25,6 +25,8 @@ from dhr_cli.errors import ShapeError
 
 __all__ = [
     "confusion_matrix",
+    "joint_histogram",
+    "fold_joint",
     "ConfusionMatrix",
     "ClassScores",
     "class_scores",
@@ -76,21 +78,54 @@ def confusion_matrix(target, pred, num_classes: int, *, ignore_index: int = IGNO
     t = np.asarray(target)
     p = np.asarray(pred)
     if t.dtype == np.uint8 and p.dtype == np.uint8:
-        # Fast path for masks: one bincount over the 256 x 256 joint histogram, then fold it.
-        joint = np.bincount((t.astype(np.int32) << 8 | p).ravel(), minlength=65536).reshape(256, 256)
-        rows = joint[:k]
-        if ignore_index < k:
-            rows = rows.copy()
-            rows[ignore_index] = 0
-        out = np.empty((k, k + 1), np.int64)
-        out[:, :k] = rows[:, :k]
-        out[:, k] = rows[:, k:].sum(axis=1)
-        return out
+        # Fast path for masks: the 256 x 256 joint histogram, folded.
+        return fold_joint(joint_histogram(t, p), k, ignore_index=ignore_index)
     t = t.astype(np.int64, copy=False).ravel()
     p = p.astype(np.int64, copy=False).ravel()
     keep = (t >= 0) & (t < k) & (t != ignore_index)
     p = np.where((p >= 0) & (p < k), p, k)
     return np.bincount(t[keep] * (k + 1) + p[keep], minlength=k * (k + 1)).reshape(k, k + 1).astype(np.int64)
+
+
+def joint_histogram(target: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """(256, 256) int64 counts of (target value, pred value) pairs of two uint8 arrays of one shape.
+
+    Masks are piecewise constant, so the pair codes (target << 8 | pred) are counted run by run:
+    one comparison pass finds where the code changes and one bincount weighs each run's code by its
+    length (a 480 x 640 COCO-like GT/prediction pair of bench/scale.py has ~10^4 runs for 3 x 10^5
+    pixels: 0.3 ms against 1.4 ms for a bincount over every pixel, measured on 2 loaded cores). When
+    runs are short (noise-like masks) it counts pixels directly: the worst case stays one bincount.
+    """
+    if target.shape != pred.shape or target.dtype != np.uint8 or pred.dtype != np.uint8:
+        raise ShapeError(f"expected two uint8 arrays of one shape, got {target.dtype} {tuple(target.shape)} "
+                         f"and {pred.dtype} {tuple(pred.shape)}")
+    code = (target.astype(np.uint16) << 8 | pred).ravel()
+    n = code.size
+    if n == 0:
+        return np.zeros((256, 256), np.int64)
+    change = np.flatnonzero(code[1:] != code[:-1])
+    if change.size > n // 8:
+        return np.bincount(code, minlength=65536).astype(np.int64, copy=False).reshape(256, 256)
+    starts = np.empty(change.size + 1, np.intp)
+    starts[0] = 0
+    starts[1:] = change + 1
+    lengths = np.diff(starts, append=n)
+    # float64 weights add integers exactly up to 2**53 pixels
+    counts = np.bincount(code[starts], weights=lengths, minlength=65536)
+    return counts.astype(np.int64).reshape(256, 256)
+
+
+def fold_joint(joint: np.ndarray, num_classes: int, *, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """(K, K + 1) confusion matrix (module docstring) from a (256, 256) joint_histogram."""
+    k = num_classes
+    rows = joint[:k]
+    if ignore_index < k:
+        rows = rows.copy()
+        rows[ignore_index] = 0
+    out = np.empty((k, k + 1), np.int64)
+    out[:, :k] = rows[:, :k]
+    out[:, k] = rows[:, k:].sum(axis=1)
+    return out
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ class, means over classes with union > 0; prediction 255 is "no class" (a false 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -21,10 +22,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from dhr_cli.config import IGNORE_INDEX, EvalConfig
+from dhr_cli.config import EVAL_BATCH, EVAL_PARALLEL_FROM, IGNORE_INDEX, EvalConfig
 from dhr_cli.errors import DatasetError, InputError
 from dhr_cli.io.datasets import class_key, read_index_png
-from dhr_cli.kernels.metrics import class_scores, confusion_matrix, mean_over_present
+from dhr_cli.kernels.metrics import class_scores, fold_joint, joint_histogram, mean_over_present
 
 logger = logging.getLogger(__name__)
 
@@ -58,16 +59,27 @@ class Predictions:
             self.classes = self._store.classes
             _check_classes(self.path, self.classes, classes)
 
+        self._pid = os.getpid()
+
     def mask(self, item_id: str) -> np.ndarray | None:
         """(H, W) uint8 predicted labels, or None when this source has no prediction for the id."""
         if item_id not in self.ids:
             return None
-        if self._store is not None:
-            return self._store.read(item_id, names=()).mask
-        return read_index_png(self._pngs[item_id])
+        if self.kind == "png":
+            return read_index_png(self._pngs[item_id])
+        if self._pid != os.getpid():  # a loader worker: HDF5 handles must not cross a fork
+            from dhr_cli.io.store import open_store
+
+            self._store, self._pid = open_store(self.path, expect=("masks", "seeds")), os.getpid()
+        return self._store.read_mask(item_id)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_store"], state["_pid"] = None, None
+        return state
 
     def close(self) -> None:
-        if self._store is not None:
+        if self._store is not None and self._pid == os.getpid():
             self._store.close()
 
     def __enter__(self) -> "Predictions":
@@ -323,6 +335,7 @@ def run_eval(
     *,
     names: list[str] | None = None,
     quiet: bool = True,
+    workers: int | None = None,
 ) -> EvalResult:
     """Score one or more prediction sources on the ground truth of a dataset split.
 
@@ -332,6 +345,8 @@ def run_eval(
         cfg: protocol options (size mismatch, missing predictions, background-only images).
         names: display names of the methods (default: file stems).
         quiet: no progress bar.
+        workers: loader processes that read and score (None: io.loading.store_reading_workers() from
+            config.EVAL_PARALLEL_FROM images on, none below).
 
     Raises:
         DatasetError: the split is empty, has no ground truth, or a GT mask is bad.
@@ -339,6 +354,7 @@ def run_eval(
             outside the class list, or sizes differ (with on_size_mismatch="fail").
     """
     from dhr_cli.io.datasets import open_dataset
+    from dhr_cli.io.loading import iterate_batches, store_reading_workers
     from dhr_cli.io.progress import track
 
     preds = [Path(p) for p in preds]
@@ -366,42 +382,32 @@ def run_eval(
             for _ in sources
         ]
         dataset_skipped: dict[str, list[str]] = defaultdict(list)
-        for item_id in track(ds.ids, description="eval", quiet=quiet):
-            gt = ds.gt(item_id)
-            if gt is None:
-                dataset_skipped["no ground truth"].append(item_id)
-                continue
-            if cfg.skip_background_only and background is not None and not _has_foreground(gt, k, background):
-                dataset_skipped["background only (skip_background_only)"].append(item_id)
-                continue
-            for src, a in zip(sources, acc):
-                pred = src.mask(item_id)
-                if pred is None:
-                    a["missing"].append(item_id)
-                    if cfg.on_missing == "skip":
-                        continue
-                    a["empty"].append(item_id)
-                    pred = np.full(gt.shape, IGNORE_INDEX, np.uint8)
-                if pred.shape != gt.shape:
-                    msg = (f"{src.path}: prediction for image {item_id} is {pred.shape[1]}x{pred.shape[0]} "
-                           f"but its ground truth is {gt.shape[1]}x{gt.shape[0]}")
-                    if cfg.on_size_mismatch == "fail":
-                        raise InputError(msg + " (pass --on-size-mismatch skip to leave such images out)")
+        # Reading (HDF5 decompression, PNG decode, rasterisation) and scoring run in DataLoader
+        # workers, a batch of images at a time; what comes back per batch is small (split totals of
+        # the batch, (3, K) counts and presence per image), so this process only adds it up.
+        if hasattr(ds, "open_gt_cache"):  # COCO: a stale cache is reported once, not by every worker
+            ds.open_gt_cache()
+        score = functools.partial(_score_batch, ds, sources, k, background, cfg)
+        batches = [ds.ids[i:i + EVAL_BATCH] for i in range(0, len(ds.ids), EVAL_BATCH)]
+        if workers is None:
+            workers = store_reading_workers() if len(ds.ids) >= EVAL_PARALLEL_FROM else 0
+        for done in track(iterate_batches(batches, score, 1, workers=workers if len(batches) > 1 else 0),
+                          description=f"eval ({EVAL_BATCH} images a step)", total=len(batches), quiet=quiet):
+            b = done[0]
+            for reason, ids in b.dataset_skipped.items():
+                dataset_skipped[reason].extend(ids)
+            for a, r in zip(acc, b.sources):
+                for msg in r.warnings:
                     logger.warning("%s; skipped", msg)
-                    a["skipped"]["size mismatch"].append(item_id)
-                    continue
-                hist = np.bincount(pred.ravel(), minlength=256)
-                bad = np.flatnonzero(hist[k:IGNORE_INDEX]) + k
-                if bad.size:
-                    raise InputError(
-                        f"{src.path}: prediction for image {item_id} holds label values {bad.tolist()[:5]} "
-                        f"outside the {k} classes of {ds.root} (0..{k - 1}, 255 = ignore)"
-                    )
-                a["ids"].append(item_id)
-                counts = confusion_matrix(gt, pred, k)
-                a["total"] += counts  # split totals accumulate; per image only (3, K) is kept
-                a["stats"].append(image_stats(counts))
-                a["present"].append(hist[:k] > 0)
+                a["missing"].extend(r.missing)
+                a["empty"].extend(r.empty)
+                for reason, ids in r.skipped.items():
+                    a["skipped"][reason].extend(ids)
+                if r.ids:
+                    a["ids"].extend(r.ids)
+                    a["total"] += r.total
+                    a["stats"].append(r.stats)
+                    a["present"].append(r.present)
         methods = []
         for src, name, a in zip(sources, method_names, acc):
             n = len(a["ids"])
@@ -412,9 +418,9 @@ def run_eval(
                     classes=classes,
                     foreground=foreground,
                     ids=a["ids"],
-                    image_stats=np.stack(a["stats"]) if n else np.zeros((0, 3, k), np.int32),
+                    image_stats=np.concatenate(a["stats"]) if n else np.zeros((0, 3, k), np.int32),
                     total_counts=a["total"],
-                    pred_present=np.stack(a["present"]) if n else np.zeros((0, k), bool),
+                    pred_present=np.concatenate(a["present"]) if n else np.zeros((0, k), bool),
                     missing=a["missing"],
                     skipped=dict(a["skipped"]),
                     extra=len(src.ids - split_ids),
@@ -448,6 +454,78 @@ def run_eval(
 
 
 def _has_foreground(gt: np.ndarray, k: int, background: int) -> bool:
-    hist = np.bincount(gt.ravel(), minlength=256)[:k]
-    hist[background] = 0
-    return bool(hist.any())
+    fg = (gt < k) & (gt != background)
+    return bool(fg.any())
+
+
+@dataclass
+class _SourceBatch:
+    """What one prediction source scored on one batch of images (built in a loader worker)."""
+
+    ids: list[str] = field(default_factory=list)
+    total: np.ndarray | None = None  # (K, K + 1) int64 summed over the batch's scored images
+    stats: np.ndarray | None = None  # (n, 3, K) int32
+    present: np.ndarray | None = None  # (n, K) bool
+    missing: list[str] = field(default_factory=list)
+    empty: list[str] = field(default_factory=list)
+    skipped: dict[str, list[str]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # logged by the main process
+
+
+@dataclass
+class _Batch:
+    dataset_skipped: dict[str, list[str]]
+    sources: list[_SourceBatch]
+
+
+def _score_batch(ds, sources: list[Predictions], k: int, background: int | None, cfg: EvalConfig,
+                 ids: list[str]) -> _Batch:
+    """Read and score a batch of images for every source: per image one joint (GT, prediction)
+    histogram (kernels.metrics.joint_histogram), from which the confusion matrix, the per-image
+    (3, K) counts, the predicted classes and the label check all follow."""
+    skipped: dict[str, list[str]] = defaultdict(list)
+    out = [_SourceBatch() for _ in sources]
+    stats: list[list[np.ndarray]] = [[] for _ in sources]
+    present: list[list[np.ndarray]] = [[] for _ in sources]
+    totals = [np.zeros((k, k + 1), np.int64) for _ in sources]
+    for item_id in ids:
+        gt = ds.gt(item_id)
+        if gt is None:
+            skipped["no ground truth"].append(item_id)
+            continue
+        if cfg.skip_background_only and background is not None and not _has_foreground(gt, k, background):
+            skipped["background only (skip_background_only)"].append(item_id)
+            continue
+        for j, (src, r) in enumerate(zip(sources, out)):
+            pred = src.mask(item_id)
+            if pred is None:
+                r.missing.append(item_id)
+                if cfg.on_missing == "skip":
+                    continue
+                r.empty.append(item_id)
+                pred = np.full(gt.shape, IGNORE_INDEX, np.uint8)
+            if pred.shape != gt.shape:
+                msg = (f"{src.path}: prediction for image {item_id} is {pred.shape[1]}x{pred.shape[0]} "
+                       f"but its ground truth is {gt.shape[1]}x{gt.shape[0]}")
+                if cfg.on_size_mismatch == "fail":
+                    raise InputError(msg + " (pass --on-size-mismatch skip to leave such images out)")
+                r.warnings.append(msg)
+                r.skipped.setdefault("size mismatch", []).append(item_id)
+                continue
+            joint = joint_histogram(gt, pred)
+            hist = joint.sum(axis=0)  # every pixel's prediction, GT-ignored ones included
+            bad = np.flatnonzero(hist[k:IGNORE_INDEX]) + k
+            if bad.size:
+                raise InputError(
+                    f"{src.path}: prediction for image {item_id} holds label values {bad.tolist()[:5]} "
+                    f"outside the {k} classes of {ds.root} (0..{k - 1}, 255 = ignore)"
+                )
+            counts = fold_joint(joint, k)
+            totals[j] += counts  # split totals accumulate; per image only (3, K) is kept
+            r.ids.append(item_id)
+            stats[j].append(image_stats(counts))
+            present[j].append(hist[:k] > 0)
+    for j, r in enumerate(out):
+        if r.ids:
+            r.total, r.stats, r.present = totals[j], np.stack(stats[j]), np.stack(present[j])
+    return _Batch(dict(skipped), out)
