@@ -27,7 +27,8 @@ def test_majority_ties_go_to_the_lowest_label_and_255_is_highest():
 
 def test_majority_uses_adaptive_pooling_bins():
     rng = np.random.default_rng(0)
-    for h, w, gh, gw in [(37, 53, 11, 13), (20, 20, 7, 3), (9, 40, 9, 40), (5, 7, 11, 13), (375, 500, 27, 36)]:
+    for h, w, gh, gw in [(37, 53, 11, 13), (20, 20, 7, 3), (9, 40, 9, 40), (5, 7, 11, 13), (375, 500, 27, 36),
+                       (480, 480, 60, 60), (16, 24, 4, 6), (8, 8, 8, 8), (40, 6, 1, 1)]:  # + disjoint blocks
         mask = rng.choice([0, 3, 5, 255], size=(h, w))
         np.testing.assert_array_equal(majority_pool(torch.from_numpy(mask), (gh, gw)).numpy(), oracle.majority_cells(mask, (gh, gw)))
 
