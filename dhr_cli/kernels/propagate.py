@@ -86,10 +86,11 @@ def _pool_keys(h: int, w: int, gh: int, gw: int, stride: int, device: torch.devi
 
 
 # ---- step 2.1: class-level pooling ----------------------------------------------------------
-def majority_pool(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def majority_pool(mask: torch.Tensor, grid: tuple[int, int], values: list[int] | None = None) -> torch.Tensor:
     """Majority label of each adaptive-pooling bin of `mask` (H, W) on a (hu, wu) grid: (hu, wu) int64.
 
-    255 counts as a label; ties go to the lowest label value (255 being the highest).
+    255 counts as a label; ties go to the lowest label value (255 being the highest). `values`:
+    the values the mask holds (or a superset), when the caller has counted them already.
 
     >>> m = torch.tensor([[1, 1, 2, 2], [1, 255, 2, 2]])
     >>> majority_pool(m, (1, 2)).tolist()
@@ -107,6 +108,8 @@ def majority_pool(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     # The labels present, ascending (255 last), renumbered 0..k-1 first: the histogram then has
     # cells x k bins instead of cells x 256 (a mask holds a few labels; same counts, same order).
     flat = mask.reshape(-1)
+    if values and _exact_blocks(mask.shape, (gh, gw)):  # a label absent from the mask never wins a block
+        return _majority_blocks(mask, (gh, gw), torch.tensor(sorted(set(values)), device=mask.device))
     labels = torch.bincount(flat, minlength=stride).nonzero()[:, 0]
     k = max(int(labels.numel()), 1)
     if _exact_blocks(mask.shape, (gh, gw)) and labels.numel():
@@ -221,6 +224,7 @@ class PropagateItem:
     # (hu * wu,) majority label of each USS grid cell (Step 2.1), when a loader process already
     # pooled the seed (`pooled_cells`); computed from `seed` otherwise.
     cells: torch.Tensor | None = None
+    seed_values: list[int] | None = None  # the values `seed` holds (or a superset), when a loader counted them
 
 
 def _wss_maps(item: PropagateItem) -> list[torch.Tensor]:
@@ -247,7 +251,7 @@ def pooled_cells(item: PropagateItem) -> torch.Tensor:
         if item.cells.numel() != grid[0] * grid[1]:
             raise ShapeError(f"cells has {item.cells.numel()} values, the USS grid {grid[0]}x{grid[1]} cells")
         return item.cells.to(item.uss.device, torch.long).view(-1)
-    return majority_pool(item.seed.to(item.uss.device), grid).view(-1)
+    return majority_pool(item.seed.to(item.uss.device), grid, item.seed_values).view(-1)
 
 
 @dataclass

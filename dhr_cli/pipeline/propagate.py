@@ -177,6 +177,7 @@ class _Loaded:
     cam_labels: list[int] | None = None
     cells: np.ndarray | None = None  # Step 2.1's majority label per USS cell
     wss: list[np.ndarray] | None = None  # read where Step 3 runs
+    seed_values: list[int] | None = None  # the values the seed holds (counted for the check above)
 
 
 def _load_item(dataset, reader: StoreReaders, cfg: PropagateConfig, with_image: bool, background: int,
@@ -194,17 +195,19 @@ def _load_item(dataset, reader: StoreReaders, cfg: PropagateConfig, with_image: 
                          f"its image {size[1]}x{size[0]}")
     allowed = np.zeros(256, bool)
     allowed[[0, IGNORE_INDEX, *labels]] = True  # background, unsure, the image's labels
-    extra = [v for v in np.flatnonzero(np.bincount(seed.ravel(), minlength=256)).tolist() if not allowed[v]]
+    values = np.flatnonzero(np.bincount(seed.ravel(), minlength=256)).tolist()
+    extra = [v for v in values if not allowed[v]]
     if extra:  # a seed of a class the image does not have would be propagated as if it had it
         raise StoreError(f"{seed_store.path}: seed mask of {item_id} holds label values {extra[:5]} that are not "
                          f"among the image's labels {labels}")
-    loaded = _Loaded(item_id, image, labels, seed, _features(reader.store("uss"), item_id))
+    loaded = _Loaded(item_id, image, labels, seed, _features(reader.store("uss"), item_id), seed_values=values)
     if "cams" in reader.paths:
         cam_item = reader.store("cams").read(item_id, names=("cams",))
         loaded.cams, loaded.cam_labels = cam_item.cams, cam_item.labels.tolist()
         check_cam_labels(reader.paths["cams"], item_id, loaded.cam_labels, labels)
     if foresee and cfg.method == "dhr" and _wss_roles(reader):
         item = PropagateItem(seed=torch.from_numpy(seed), uss=torch.from_numpy(loaded.uss), wss=[], labels=labels,
+                             seed_values=values,
                              cams=None if loaded.cams is None else torch.from_numpy(loaded.cams),
                              cam_labels=loaded.cam_labels)
         with torch.no_grad():
@@ -222,7 +225,8 @@ def _to_item(reader: StoreReaders, loaded: _Loaded, device) -> PropagateItem:
         wss = functools.partial(_read_wss, reader, loaded.item_id, device)
     return PropagateItem(seed=to_tensor(loaded.seed, device), uss=to_tensor(loaded.uss, device), wss=wss,
                          labels=loaded.labels, cams=to_tensor(loaded.cams, device), cam_labels=loaded.cam_labels,
-                         image=to_tensor(loaded.image, device), cells=to_tensor(loaded.cells, device))
+                         image=to_tensor(loaded.image, device), cells=to_tensor(loaded.cells, device),
+                         seed_values=loaded.seed_values)
 
 
 def _read_wss(reader: StoreReaders, item_id: str, device) -> list[torch.Tensor]:
