@@ -27,9 +27,15 @@ def test_majority_ties_go_to_the_lowest_label_and_255_is_highest():
 
 def test_majority_uses_adaptive_pooling_bins():
     rng = np.random.default_rng(0)
-    for h, w, gh, gw in [(37, 53, 11, 13), (20, 20, 7, 3), (9, 40, 9, 40), (5, 7, 11, 13), (375, 500, 27, 36)]:
+    for h, w, gh, gw in [(37, 53, 11, 13), (20, 20, 7, 3), (9, 40, 9, 40), (5, 7, 11, 13), (375, 500, 27, 36),
+                       (480, 480, 60, 60), (16, 24, 4, 6), (8, 8, 8, 8), (40, 6, 1, 1)]:  # + disjoint blocks
         mask = rng.choice([0, 3, 5, 255], size=(h, w))
-        np.testing.assert_array_equal(majority_pool(torch.from_numpy(mask), (gh, gw)).numpy(), oracle.majority_cells(mask, (gh, gw)))
+        expected = oracle.majority_cells(mask, (gh, gw))
+        np.testing.assert_array_equal(majority_pool(torch.from_numpy(mask), (gh, gw)).numpy(), expected)
+        # the values a loader counted, or a superset of them: the same cells
+        for values in ([0, 3, 5, 255], [255, 0, 1, 3, 5, 9]):
+            np.testing.assert_array_equal(majority_pool(torch.from_numpy(mask.astype(np.uint8)), (gh, gw), values).numpy(),
+                                          expected)
 
 
 def test_prototype_of_one_class_is_the_plain_mean():

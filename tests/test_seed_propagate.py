@@ -320,10 +320,12 @@ def test_propagate_loader_processes_equal_in_process_loading(synth, tmp_path, mo
     """Stores read in DataLoader workers (own HDF5 handles) or in this process: the same masks.
 
     When the loader does not foresee Step 3 for an image, the WSS maps are read here instead.
+    (The GPU's arrangement, kernels in this process, run here on the CPU.)
     """
     import dhr_cli.pipeline.propagate as prop
     from dhr_cli.pipeline.propagate import run_propagate
 
+    monkeypatch.setattr(prop, "_batches_in_workers", lambda device: False)
     _cli(["seed", "--cams", synth / "cams.h5", "--data", synth, "--out", tmp_path / "s.h5", "--no-crf", "-q"])
     if not foresee:
         monkeypatch.setattr(prop, "step3_needed", lambda *a, **k: False)
@@ -341,6 +343,38 @@ def test_propagate_loader_processes_equal_in_process_loading(synth, tmp_path, mo
         assert a.ids == b.ids and len(a.ids) == 8
         for item_id in a.ids:
             np.testing.assert_array_equal(a.read(item_id).mask, b.read(item_id).mask)
+
+
+def test_batches_in_worker_processes_equal_batches_in_this_process(synth, tmp_path, monkeypatch):
+    """The CPU's arrangement: whole batches (reads, kernels, CRF) in DataLoader workers or in this
+    process, the seeds and the masks are the same, the GPU's arrangement (kernels here) too."""
+    import dhr_cli.pipeline.propagate as prop
+    import dhr_cli.pipeline.seed as seed_mod
+    from dhr_cli.pipeline.propagate import run_propagate
+    from dhr_cli.pipeline.seed import run_seed
+
+    for workers in (0, 2):
+        monkeypatch.setattr(seed_mod, "batch_workers", lambda n=workers: n)
+        run_seed(SeedConfig(batch_size=3, device="cpu"), synth / "cams.h5", synth, tmp_path / f"s{workers}.h5",
+                 quiet=True)
+    with open_store(tmp_path / "s0.h5") as a, open_store(tmp_path / "s2.h5") as b:
+        assert a.ids == b.ids and len(a.ids) == 8
+        for item_id in a.ids:
+            np.testing.assert_array_equal(a.read(item_id).mask, b.read(item_id).mask)
+    cfg = PropagateConfig(batch_size=3, device="cpu")  # CRF on: it runs in the workers too
+    kw = dict(seeds=tmp_path / "s0.h5", data=synth, uss=synth / "uss.h5", wss=[synth / "wss.h5"], cams=synth / "cams.h5",
+              quiet=True)
+    for workers in (0, 2):
+        monkeypatch.setattr(prop, "batch_workers", lambda n=workers: n)
+        assert run_propagate(cfg, out=tmp_path / f"m{workers}.h5", **kw)["written"] == 8
+    monkeypatch.setattr(prop, "_batches_in_workers", lambda device: False)
+    run_propagate(cfg, out=tmp_path / "m_here.h5", **kw)
+    with open_store(tmp_path / "m0.h5") as a, open_store(tmp_path / "m2.h5") as b, \
+            open_store(tmp_path / "m_here.h5") as c:
+        assert a.ids == b.ids == c.ids and len(a.ids) == 8
+        for item_id in a.ids:
+            np.testing.assert_array_equal(a.read(item_id).mask, b.read(item_id).mask)
+            np.testing.assert_array_equal(a.read(item_id).mask, c.read(item_id).mask)
 
 
 def test_step3_on_a_small_grid_inside_a_batch_of_larger_grids():

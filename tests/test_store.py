@@ -56,6 +56,18 @@ def test_chunked_gzip(tmp_path):
         assert ds.compression == "gzip" and ds.chunks is not None
 
 
+def test_feature_maps_are_checksummed_not_compressed(tmp_path):
+    """Feature maps are stored chunked with fletcher32 but without gzip (reading them was propagate's largest cost)."""
+    feats = np.random.default_rng(0).random((8, 12, 16)).astype(np.float16)
+    with create_store(tmp_path / "f.h5", "features", CLASSES, provenance={}, root_attrs={"source": "stego"}) as w:
+        w.write("a", {"features": feats}, {"features": {"image_size": [24, 32]}})
+    with h5py.File(tmp_path / "f.h5") as f:
+        ds = f["items/a/features"]
+        assert ds.compression is None and ds.fletcher32 and ds.chunks is not None
+    with open_store(tmp_path / "f.h5", expect="features") as s:
+        np.testing.assert_array_equal(s.read("a").arrays["features"], feats)
+
+
 def test_plain_h5py_store_is_readable(tmp_path):
     cams = np.ones((1, 3, 3), np.float32)
     path = write_plain_store(tmp_path / "x.h5", "cams", CLASSES, {"img1": ("cams", cams, {"labels": [2], "image_size": [9, 9]})})

@@ -63,6 +63,17 @@ def store_reading_workers() -> int:
     return 0 if cores < 2 else min(4, cores)
 
 
+def batch_workers() -> int:
+    """Processes that each run whole batches on the CPU (seed, propagate: reading, decoding, the
+    kernels and the CRF, one torch thread each), the main process only writing: one per core, at
+    most 4, none on a single core. One torch thread per process: an OpenMP pool waits for its
+    slowest thread at every operation, and on a shared machine that thread is often descheduled
+    (measured on 2 cores under load ~5: propagate 51 s with 2 threads in one process, 8-12 s
+    with one thread per process)."""
+    cores = os.cpu_count() or 1
+    return 0 if cores < 2 else min(4, cores)
+
+
 class StoreReaders:
     """Stores opened by path on first use in each process, one per role ("seeds", "uss", ...).
 

@@ -239,16 +239,22 @@ def open_store(path: str | os.PathLike, expect: str | tuple[str, ...] | None = N
 
 
 # ---- writing --------------------------------------------------------------------------------
-def dataset_kwargs(array: np.ndarray) -> dict:
-    """Chunked gzip level 1 for every dataset (bench/store_memory.py, VOC-like mask + fp16 USS
-    features: gzip1 169 KB/item, write 4.4 ms, read 1.5 ms; gzip4 168 KB, 5.4 ms, 2.0 ms;
-    lzf 187 KB; byte shuffle gained nothing). Gzip is readable by every HDF5 build.
+def dataset_kwargs(array: np.ndarray, name: str | None = None) -> dict:
+    """Chunked gzip level 1 for every dataset but feature maps (bench/store_memory.py, VOC-like
+    mask + fp16 USS features: gzip1 169 KB/item, write 4.4 ms, read 1.5 ms; gzip4 168 KB, 5.4 ms,
+    2.0 ms; lzf 187 KB; byte shuffle gained nothing). Gzip is readable by every HDF5 build.
+
+    `features` datasets (USS / WSS maps, the bulk of every store that holds them) are chunked
+    without compression: their float16 mantissas are close to noise, and inflating them was the
+    largest single cost of `dhr propagate` (a 90x60x60 fp16 map: gzip1 93 % of the raw size,
+    read 5.7 ms; uncompressed 103 %, read 0.8 ms; a half-zero ReLU-like 384x60x60 map: gzip1 63 %,
+    28 ms; uncompressed 4 ms). Stores written before read as they are.
 
     Every non-scalar dataset carries HDF5's fletcher32 checksum per chunk: h5py and any other HDF5
     reader verify it transparently, `dhr info --verify` and `--resume` read every item to check it."""
     if array.ndim == 0 or array.size == 0:
         return {}
-    if array.size < 64:
+    if array.size < 64 or (name == "features" and array.dtype.kind == "f"):
         return {"fletcher32": True, "chunks": True}
     # A mask is always read whole: one chunk decodes ~30 % faster than h5py's default tiling of
     # a 480x640 mask (bench/scale.py, eval's GT cache and prediction reads), and is smaller.
@@ -403,7 +409,7 @@ class StoreWriter:
             group = self._items.create_group(tmp)
             for name, array in arrays.items():
                 array = np.ascontiguousarray(array)
-                ds = group.create_dataset(name, data=array, **dataset_kwargs(array))
+                ds = group.create_dataset(name, data=array, **dataset_kwargs(array, name))
                 for k, v in attrs.get(name, {}).items():
                     ds.attrs[k] = v
             self._items.move(tmp, item_id)

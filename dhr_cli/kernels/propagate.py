@@ -86,10 +86,11 @@ def _pool_keys(h: int, w: int, gh: int, gw: int, stride: int, device: torch.devi
 
 
 # ---- step 2.1: class-level pooling ----------------------------------------------------------
-def majority_pool(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def majority_pool(mask: torch.Tensor, grid: tuple[int, int], values: list[int] | None = None) -> torch.Tensor:
     """Majority label of each adaptive-pooling bin of `mask` (H, W) on a (hu, wu) grid: (hu, wu) int64.
 
-    255 counts as a label; ties go to the lowest label value (255 being the highest).
+    255 counts as a label; ties go to the lowest label value (255 being the highest). `values`:
+    the values the mask holds (or a superset), when the caller has counted them already.
 
     >>> m = torch.tensor([[1, 1, 2, 2], [1, 255, 2, 2]])
     >>> majority_pool(m, (1, 2)).tolist()
@@ -107,8 +108,12 @@ def majority_pool(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     # The labels present, ascending (255 last), renumbered 0..k-1 first: the histogram then has
     # cells x k bins instead of cells x 256 (a mask holds a few labels; same counts, same order).
     flat = mask.reshape(-1)
+    if values and _exact_blocks(mask.shape, (gh, gw)):  # a label absent from the mask never wins a block
+        return _majority_blocks(mask, (gh, gw), torch.tensor(sorted(set(values)), device=mask.device))
     labels = torch.bincount(flat, minlength=stride).nonzero()[:, 0]
     k = max(int(labels.numel()), 1)
+    if _exact_blocks(mask.shape, (gh, gw)) and labels.numel():
+        return _majority_blocks(mask, (gh, gw), labels)
     compact = torch.zeros(stride, dtype=torch.long, device=mask.device)
     compact[labels] = torch.arange(labels.numel(), device=mask.device)
     flat = compact.index_select(0, flat.long())
@@ -119,6 +124,32 @@ def majority_pool(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         counts.index_add_(0, extra, torch.ones(1, dtype=counts.dtype, device=counts.device).expand(len(extra)))
     best = first_argmax(counts.view(gh * gw, k).T)  # first maximum: the lowest label
     return labels.index_select(0, best).view(gh, gw)
+
+
+def _exact_blocks(size: tuple[int, int], grid: tuple[int, int]) -> bool:
+    """Whether the adaptive-pooling bins are disjoint blocks of equal size (each side a multiple of its cells),
+    small enough for `_majority_blocks`' counters (uint8 along a block row, int16 per block)."""
+    (h, w), (gh, gw) = size, grid
+    return gh > 0 and gw > 0 and h % gh == 0 and w % gw == 0 and 0 < w // gw < 256 and (h // gh) * (w // gw) < 2**15
+
+
+def _majority_blocks(mask: torch.Tensor, grid: tuple[int, int], labels: torch.Tensor) -> torch.Tensor:
+    """`majority_pool` when the bins are disjoint equal blocks: one pass per label present (ascending),
+    counting its pixels per block (uint8 sums along each block row, then int16 down the block), the
+    first label with the most pixels winning. 3-4x faster on the CPU than the histogram of keys,
+    which also handles overlapping bins."""
+    (h, w), (gh, gw) = mask.shape, grid
+    blocks = mask.view(gh, h // gh, gw, w // gw)
+    best_count = best = None
+    for j, label in enumerate(labels.tolist()):
+        count = (blocks == label).view(torch.uint8).sum(3, dtype=torch.uint8).sum(1, dtype=torch.int16)
+        if best is None:
+            best_count, best = count, torch.zeros(count.shape, dtype=torch.long, device=mask.device)
+        else:
+            win = count > best_count
+            best_count = torch.where(win, count, best_count)
+            best.masked_fill_(win, j)
+    return labels.index_select(0, best.flatten()).view(gh, gw)
 
 
 def correlation_groups(protos: torch.Tensor, class_valid: torch.Tensor, tau: float) -> torch.Tensor:
@@ -193,6 +224,7 @@ class PropagateItem:
     # (hu * wu,) majority label of each USS grid cell (Step 2.1), when a loader process already
     # pooled the seed (`pooled_cells`); computed from `seed` otherwise.
     cells: torch.Tensor | None = None
+    seed_values: list[int] | None = None  # the values `seed` holds (or a superset), when a loader counted them
 
 
 def _wss_maps(item: PropagateItem) -> list[torch.Tensor]:
@@ -219,7 +251,7 @@ def pooled_cells(item: PropagateItem) -> torch.Tensor:
         if item.cells.numel() != grid[0] * grid[1]:
             raise ShapeError(f"cells has {item.cells.numel()} values, the USS grid {grid[0]}x{grid[1]} cells")
         return item.cells.to(item.uss.device, torch.long).view(-1)
-    return majority_pool(item.seed.to(item.uss.device), grid).view(-1)
+    return majority_pool(item.seed.to(item.uss.device), grid, item.seed_values).view(-1)
 
 
 @dataclass
@@ -239,7 +271,8 @@ class _Classes:
     protos: torch.Tensor  # (B, N, D)
 
 
-def _class_setup(items: list[PropagateItem], cfg: PropagateConfig, background: int) -> _Classes:
+def _class_setup(items: list[PropagateItem], cfg: PropagateConfig, background: int,
+                 dtype: torch.dtype = torch.float64) -> _Classes:
     dev = items[0].uss.device
     n_img = len(items)
     grids = [(int(it.uss.shape[-2]), int(it.uss.shape[-1])) for it in items]
@@ -278,10 +311,10 @@ def _class_setup(items: list[PropagateItem], cfg: PropagateConfig, background: i
     # Class-level work runs in float64: grids are small, and min-max with its 1e-5 guard
     # amplifies rounding wherever a heat-map is nearly flat. Classes come first, (B, N, G):
     # reductions over cells then run along the contiguous axis (several times faster on the CPU).
-    weights = ((classes[:, :, None] == cell_labels[:, None, :]) & cell_valid[:, None, :]).double()
+    weights = ((classes[:, :, None] == cell_labels[:, None, :]) & cell_valid[:, None, :]).to(dtype)
     for i, k, w in extras:
         weights[i, k, : sizes[i]] = w
-    feats = _stack_cells([it.uss.flatten(1) for it in items], g_max)  # (B, G, D) view of (B, D, G)
+    feats = _stack_cells([it.uss.flatten(1) for it in items], g_max, dtype)  # (B, G, D) view of (B, D, G)
     return _Classes(grids, sizes, cell_labels, cell_valid, None if all(g == g_max for g in sizes) else cell_valid,
                     classes_list, classes, class_valid, weights, feats, class_prototypes(feats, weights))
 
@@ -290,11 +323,13 @@ def step3_needed(item: PropagateItem, cfg: PropagateConfig, *, background: int =
     """Whether Step 3 runs for this image (some USS group holds several classes), given WSS maps.
 
     What `propagate_items` decides for the image, computed alone: a loader process asks it to
-    read the WSS maps only for the images that use them.
+    read the WSS maps only for the images that use them. The class set-up runs in float32 here
+    (3x cheaper than float64; the features are float16 as stored): a cosine within rounding of
+    tau may decide otherwise than the float64 kernels, which then read the maps themselves.
     """
     if not cfg.step3:
         return False
-    setup = _class_setup([item], cfg, background)
+    setup = _class_setup([item], cfg, background, dtype=torch.float32)
     return bool((correlation_groups(setup.protos, setup.class_valid, cfg.tau).sum(2) > 1).any())
 
 
@@ -355,14 +390,15 @@ def _to_float64(x: torch.Tensor) -> torch.Tensor:
     return (x.float() if x.dtype in (torch.float16, torch.bfloat16) else x).to(torch.float64)
 
 
-def _stack_cells(maps: list[torch.Tensor], cells: int) -> torch.Tensor:
-    """[(D, G_i)] feature maps -> (B, G, D) float64, zero beyond G_i.
+def _stack_cells(maps: list[torch.Tensor], cells: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """[(D, G_i)] feature maps -> (B, G, D) float64 (or `dtype`), zero beyond G_i.
 
     The result is a transposed view of a (B, D, G) tensor: no layout copy of the features.
     """
     if all(m.shape == (maps[0].shape[0], cells) for m in maps):  # one grid for the whole batch: no padding
-        return _to_float64(torch.stack(maps)).transpose(1, 2)
-    out = torch.zeros(len(maps), maps[0].shape[0], cells, dtype=torch.float64, device=maps[0].device)
+        stacked = torch.stack(maps)
+        return (_to_float64(stacked) if dtype == torch.float64 else stacked.to(dtype)).transpose(1, 2)
+    out = torch.zeros(len(maps), maps[0].shape[0], cells, dtype=dtype, device=maps[0].device)
     for i, m in enumerate(maps):
         out[i, :, : m.shape[1]] = m
     return out.transpose(1, 2)

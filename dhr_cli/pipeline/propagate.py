@@ -23,7 +23,7 @@ from dhr_cli.config import IGNORE_INDEX, PropagateConfig
 from dhr_cli.errors import InputError, StoreError
 from dhr_cli.io.datasets import open_dataset
 from dhr_cli.io.distributed import device_for_rank, output_store, shard
-from dhr_cli.io.loading import StoreReaders, iterate_batches, kernel_threads, store_reading_workers
+from dhr_cli.io.loading import StoreReaders, batch_workers, iterate_batches, kernel_threads, store_reading_workers
 from dhr_cli.io.progress import track
 from dhr_cli.io.runtime import resolve_device
 from dhr_cli.io.store import Store, make_provenance
@@ -109,18 +109,29 @@ def run_propagate(cfg: PropagateConfig, *, seeds: Path, data: Path, uss: str | P
         with output_store(out, "masks", dataset.classes, provenance=make_provenance("propagate", cfg, inputs),
                           overwrite=overwrite, resume=resume) as writer:
             todo = [i for i in ids if i not in writer]
-            # Store reads (gzip decompression), Step 2.1's pooling of the seeds and the Step 3
-            # decision run in DataLoader workers, each with its own HDF5 handles; this process
-            # runs the kernels and writes the masks.
             reader = StoreReaders({role: store.path for role, store in opened.items()})
             reader.lend(opened)  # used as they are when loading runs in this process
             with_image = crf is not None or (cfg.upsample == "guided" and cfg.method == "dhr")
             load = functools.partial(_load_item, dataset, reader, cfg, with_image, background)
             workers = store_reading_workers()  # io.loading: the measured policy
+            n_batches = -(-len(todo) // cfg.batch_size)
+            if _batches_in_workers(device):
+                # On the CPU each DataLoader worker runs whole batches: store reads (gzip), Step
+                # 2.1's pooling, the kernels and the CRF, one torch thread each, and hands back
+                # the uint8 masks (a fifth of the bytes of the features it read); this process
+                # only writes them. The same batches as below, so the same masks.
+                chunks = [todo[k : k + cfg.batch_size] for k in range(0, len(todo), cfg.batch_size)]
+                compute = functools.partial(_masks_of_batch, load, reader, cfg, background, crf, device)
+                results = (r[0] for r in iterate_batches(chunks, compute, 1, workers=batch_workers()))
+                for masks in track(results, f"propagate ({cfg.method})", total=n_batches, quiet=quiet):
+                    for item_id, mask in masks:
+                        writer.write(item_id, {"mask": mask})
+                return {"written": len(todo), "items": len(ids)}
+            # On a GPU: store reads, Step 2.1's pooling and the Step 3 decision run in DataLoader
+            # workers, each with its own HDF5 handles; this process runs the kernels and writes.
             batches = iterate_batches(todo, load, cfg.batch_size, workers=workers)
             with kernel_threads(device, workers if len(todo) > cfg.batch_size else 0):
-                for batch in track(batches, f"propagate ({cfg.method})", total=-(-len(todo) // cfg.batch_size),
-                                   quiet=quiet):
+                for batch in track(batches, f"propagate ({cfg.method})", total=n_batches, quiet=quiet):
                     items = [_to_item(reader, loaded, device) for loaded in batch]
                     with torch.no_grad():
                         masks = propagate_method(items, cfg, background, crf)
@@ -132,6 +143,21 @@ def run_propagate(cfg: PropagateConfig, *, seeds: Path, data: Path, uss: str | P
             store.close()
 
 
+
+
+def _batches_in_workers(device: torch.device) -> bool:
+    """Whole batches run in the loader processes on the CPU; with a GPU the kernels stay in this process."""
+    return device.type == "cpu"
+
+
+def _masks_of_batch(load, reader: StoreReaders, cfg: PropagateConfig, background: int, crf, device,
+                    ids: list[str]) -> list[tuple[str, np.ndarray]]:
+    """One batch from the stores to its (item id, uint8 mask) pairs (what a CPU loader worker runs)."""
+    batch = [load(item_id, foresee=False) for item_id in ids]
+    items = [_to_item(reader, loaded, device) for loaded in batch]
+    with torch.no_grad():
+        masks = propagate_method(items, cfg, background, crf)
+    return [(loaded.item_id, mask.to(torch.uint8).cpu().numpy()) for loaded, mask in zip(batch, masks)]
 
 
 def _wss_roles(reader: StoreReaders) -> list[str]:
@@ -151,12 +177,15 @@ class _Loaded:
     cam_labels: list[int] | None = None
     cells: np.ndarray | None = None  # Step 2.1's majority label per USS cell
     wss: list[np.ndarray] | None = None  # read where Step 3 runs
+    seed_values: list[int] | None = None  # the values the seed holds (counted for the check above)
 
 
 def _load_item(dataset, reader: StoreReaders, cfg: PropagateConfig, with_image: bool, background: int,
-               item_id: str) -> _Loaded:
+               item_id: str, foresee: bool = True) -> _Loaded:
     """Loader work for one item: the image (for the CRF), labels, seed, USS features, CAMs; for
-    DHR also the seed's majority pooling (Step 2.1) and, where Step 3 runs, the WSS maps."""
+    DHR, when `foresee` (the kernels run in another process), also the seed's majority pooling
+    (Step 2.1) and, where Step 3 runs, the WSS maps. Without it the kernels pool the seed and
+    read the WSS maps of the images Step 3 needs themselves (`_to_item`)."""
     item_id, image, labels, size = image_and_labels(dataset, with_image, item_id)
     check_labels(dataset, item_id, labels)
     seed_store = reader.store("seeds")
@@ -166,17 +195,19 @@ def _load_item(dataset, reader: StoreReaders, cfg: PropagateConfig, with_image: 
                          f"its image {size[1]}x{size[0]}")
     allowed = np.zeros(256, bool)
     allowed[[0, IGNORE_INDEX, *labels]] = True  # background, unsure, the image's labels
-    extra = [v for v in np.flatnonzero(np.bincount(seed.ravel(), minlength=256)).tolist() if not allowed[v]]
+    values = np.flatnonzero(np.bincount(seed.ravel(), minlength=256)).tolist()
+    extra = [v for v in values if not allowed[v]]
     if extra:  # a seed of a class the image does not have would be propagated as if it had it
         raise StoreError(f"{seed_store.path}: seed mask of {item_id} holds label values {extra[:5]} that are not "
                          f"among the image's labels {labels}")
-    loaded = _Loaded(item_id, image, labels, seed, _features(reader.store("uss"), item_id))
+    loaded = _Loaded(item_id, image, labels, seed, _features(reader.store("uss"), item_id), seed_values=values)
     if "cams" in reader.paths:
         cam_item = reader.store("cams").read(item_id, names=("cams",))
         loaded.cams, loaded.cam_labels = cam_item.cams, cam_item.labels.tolist()
         check_cam_labels(reader.paths["cams"], item_id, loaded.cam_labels, labels)
-    if cfg.method == "dhr" and _wss_roles(reader):
+    if foresee and cfg.method == "dhr" and _wss_roles(reader):
         item = PropagateItem(seed=torch.from_numpy(seed), uss=torch.from_numpy(loaded.uss), wss=[], labels=labels,
+                             seed_values=values,
                              cams=None if loaded.cams is None else torch.from_numpy(loaded.cams),
                              cam_labels=loaded.cam_labels)
         with torch.no_grad():
@@ -194,7 +225,8 @@ def _to_item(reader: StoreReaders, loaded: _Loaded, device) -> PropagateItem:
         wss = functools.partial(_read_wss, reader, loaded.item_id, device)
     return PropagateItem(seed=to_tensor(loaded.seed, device), uss=to_tensor(loaded.uss, device), wss=wss,
                          labels=loaded.labels, cams=to_tensor(loaded.cams, device), cam_labels=loaded.cam_labels,
-                         image=to_tensor(loaded.image, device), cells=to_tensor(loaded.cells, device))
+                         image=to_tensor(loaded.image, device), cells=to_tensor(loaded.cells, device),
+                         seed_values=loaded.seed_values)
 
 
 def _read_wss(reader: StoreReaders, item_id: str, device) -> list[torch.Tensor]:

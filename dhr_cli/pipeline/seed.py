@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from dhr_cli.config import SeedConfig
 from dhr_cli.errors import InputError
 from dhr_cli.io.datasets import open_dataset, read_index_png
 from dhr_cli.io.distributed import device_for_rank, output_store, shard
-from dhr_cli.io.loading import default_workers, iterate_batches, kernel_threads
+from dhr_cli.io.loading import StoreReaders, batch_workers, default_workers, iterate_batches, kernel_threads
 from dhr_cli.io.progress import track
 from dhr_cli.io.runtime import resolve_device
 from dhr_cli.io.store import make_provenance, open_store
@@ -42,6 +43,7 @@ class InitMasks:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._store = None
+        self._pid = os.getpid()
         if self.path.is_dir():
             self._pngs = {p.stem: p for p in self.path.glob("*.png")}
             if not self._pngs:
@@ -52,14 +54,19 @@ class InitMasks:
     def __contains__(self, item_id: str) -> bool:
         return item_id in (self._store if self._store is not None else self._pngs)
 
+    def __getstate__(self) -> dict:  # a spawned worker opens its own handle
+        return self.__dict__ | {"_pid": None}
+
     def read(self, item_id: str, size: tuple[int, int]) -> np.ndarray:
+        if self._store is not None and self._pid != os.getpid():  # HDF5 handles must not cross a fork
+            self._pid, self._store = os.getpid(), open_store(self.path, expect=("masks", "seeds"))
         mask = self._store.read(item_id).mask if self._store is not None else read_index_png(self._pngs[item_id])
         if mask.shape != size:
             raise InputError(f"{self.path}: initial mask of {item_id} is {mask.shape[1]}x{mask.shape[0]}, its image {size[1]}x{size[0]}")
         return mask
 
     def close(self) -> None:
-        if self._store is not None:
+        if self._store is not None and self._pid == os.getpid():
             self._store.close()
 
 
@@ -84,11 +91,26 @@ def run_seed(cfg: SeedConfig, cams: Path, data: Path, out: Path, *, split: str |
                           resume=resume) as writer:
             todo = [i for i in ids if i not in writer]
             load = functools.partial(image_and_labels, dataset, crf is not None)
+            reader = StoreReaders({"cams": cam_store.path})
+            reader.lend({"cams": cam_store})  # used as it is when the batches run in this process
+            n_batches = -(-len(todo) // cfg.batch_size)
+            if device.type == "cpu":
+                # On the CPU each DataLoader worker runs whole batches (image decoding, CAM reads,
+                # the seed kernels and the CRF), one torch thread each, and hands back the masks;
+                # this process only writes them. The same batches, so the same masks.
+                chunks = [todo[k : k + cfg.batch_size] for k in range(0, len(todo), cfg.batch_size)]
+                compute = functools.partial(_seed_chunk, load, dataset, reader, base, cfg, device, background, crf)
+                results = (r[0] for r in iterate_batches(chunks, compute, 1, workers=batch_workers()))
+                for masks in track(results, "seed", total=n_batches, quiet=quiet):
+                    for item_id, mask in masks:
+                        writer.write(item_id, {"mask": mask})
+                return {"written": len(todo), "items": len(ids)}
             workers = default_workers()
             batches = iterate_batches(todo, load, cfg.batch_size, workers=workers)
             with kernel_threads(device, workers if len(todo) > cfg.batch_size else 0):
-                for batch in track(batches, "seed", total=-(-len(todo) // cfg.batch_size), quiet=quiet):
-                    _seed_batch(batch, dataset, cam_store, base, cfg, device, background, crf, writer)
+                for batch in track(batches, "seed", total=n_batches, quiet=quiet):
+                    for item_id, mask in _seed_batch(batch, dataset, reader, base, cfg, device, background, crf):
+                        writer.write(item_id, {"mask": mask})
         return {"written": len(todo), "items": len(ids)}
     finally:
         cam_store.close()
@@ -96,7 +118,13 @@ def run_seed(cfg: SeedConfig, cams: Path, data: Path, out: Path, *, split: str |
             base.close()
 
 
-def _seed_batch(batch, dataset, cam_store, base, cfg, device, background, crf, writer) -> None:
+def _seed_chunk(load, dataset, reader, base, cfg, device, background, crf, ids: list[str]) -> list[tuple[str, np.ndarray]]:
+    """One batch from the images and CAMs to its (item id, seed mask) pairs (what a CPU loader worker runs)."""
+    return _seed_batch([load(item_id) for item_id in ids], dataset, reader, base, cfg, device, background, crf)
+
+
+def _seed_batch(batch, dataset, reader: StoreReaders, base, cfg, device, background, crf) -> list[tuple[str, np.ndarray]]:
+    cam_store = reader.store("cams")
     cams, labels, sizes, images, bases = [], [], [], [], []
     for item_id, image, image_labels, size in batch:
         item = cam_store.read(item_id, names=("cams",))  # not the WSS features beside them
@@ -111,5 +139,4 @@ def _seed_batch(batch, dataset, cam_store, base, cfg, device, background, crf, w
     with torch.no_grad():
         masks = seed_masks(cams, labels, sizes, cfg, images=images if crf else None, base=bases if base else None,
                            background=background, crf=crf)
-    for (item_id, *_), mask in zip(batch, masks):
-        writer.write(item_id, {"mask": mask.cpu().numpy()})
+    return [(item_id, mask.cpu().numpy()) for (item_id, *_), mask in zip(batch, masks)]
