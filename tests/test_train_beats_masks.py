@@ -11,7 +11,7 @@ far worse than them.
 
 Plain training (--no-dhr): online regeneration needs a network whose CAMs already mean something (the
 paper starts from ImageNet weights); from a random init, with nothing downloaded, it has none (tried:
---dhr on these scenes trains towards masks of mIoU 0.10).
+--dhr on these scenes, 60 iterations, predicts masks of mIoU 0.10).
 """
 
 from __future__ import annotations
