@@ -328,8 +328,9 @@ def _kill_mid_run(args: list, partial: Path, n_items: int, sig: int, seed: int, 
     else:
         proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    time.sleep(1.5)
-    left = _orphans(marker)
+    deadline = time.time() + 1.5  # workers get 1.5 s to follow their parent (parent-death signal or watchdog)
+    while (left := _orphans(marker)) and time.time() < deadline:
+        time.sleep(0.05)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"processes outlived their parent: {left}"
