@@ -328,8 +328,9 @@ def _kill_mid_run(args: list, partial: Path, n_items: int, sig: int, seed: int, 
     else:
         proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    time.sleep(1.5)
-    left = _orphans(marker)
+    deadline = time.time() + 1.5  # workers get 1.5 s to follow their parent (parent-death signal or watchdog)
+    while (left := _orphans(marker)) and time.time() < deadline:
+        time.sleep(0.05)
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, f"processes outlived their parent: {left}"
@@ -341,9 +342,8 @@ def _slow_seed(synth, out):
 
 
 @pytest.mark.slow
-def test_sigterm_is_one_line_and_resume_completes(synth, tmp_path):
-    clean, out = tmp_path / "clean.h5", tmp_path / "s.h5"
-    assert invoke(*_slow_seed(synth, clean)).exit_code == 0
+def test_sigterm_is_one_line_and_resume_completes(synth, uninterrupted, tmp_path):
+    clean, out = uninterrupted("seed"), tmp_path / "s.h5"
     code, err = _kill_mid_run(_slow_seed(synth, out), tmp_path / "s.h5.partial", 12, signal.SIGTERM, seed=1)
     assert code == 143, err[-1500:]
     lines = [line for line in err.splitlines() if line.strip()]
@@ -358,15 +358,40 @@ def _propagate(synth, seeds, out):
             "--out", out, "--batch-size", "1", "-q"]
 
 
+def _build(command, synth, seeds):
+    return (lambda o: _slow_seed(synth, o)) if command == "seed" else (lambda o: _propagate(synth, seeds, o))
+
+
+@pytest.fixture(scope="module")
+def seeds(synth, tmp_path_factory):
+    """Seeds without CRF: the --seeds of the propagate runs."""
+    out = tmp_path_factory.mktemp("seeds") / "seeds.h5"
+    assert invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", out, "--no-crf", "-q").exit_code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synth, seeds, tmp_path_factory):
+    """"seed" | "propagate" -> the store of one uninterrupted run of that command: what every killed and
+    resumed run of it (SIGTERM, SIGKILL, under torchrun) must give. Computed once per command."""
+    root, done = tmp_path_factory.mktemp("uninterrupted"), {}
+
+    def get(command):
+        if command not in done:
+            out = root / f"{command}.h5"
+            r = invoke(*_build(command, synth, seeds)(out))
+            assert r.exit_code == 0, r.output
+            done[command] = out
+        return done[command]
+
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["seed", "propagate"])
-def test_sigkill_then_resume_equals_an_uninterrupted_run(synth, tmp_path, command):
-    seeds = tmp_path / "seeds.h5"
-    assert invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", seeds, "--no-crf", "-q").exit_code == 0
-    build = (lambda o: _slow_seed(synth, o)) if command == "seed" else (lambda o: _propagate(synth, seeds, o))
-    clean, out = tmp_path / "clean.h5", tmp_path / "out.h5"
-    r = invoke(*build(clean))
-    assert r.exit_code == 0, r.output
+def test_sigkill_then_resume_equals_an_uninterrupted_run(synth, seeds, uninterrupted, tmp_path, command):
+    build = _build(command, synth, seeds)
+    clean, out = uninterrupted(command), tmp_path / "out.h5"
     code, err = _kill_mid_run(build(out), tmp_path / "out.h5.partial", 12, signal.SIGKILL, seed=2)
     assert code == -9
     assert (tmp_path / "out.h5.lock").exists()  # stale now: the next run names it and takes it over
@@ -379,12 +404,10 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(synth, tmp_path, comman
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["seed", "propagate"])
-def test_sigkill_under_torchrun_then_resume_equals_an_uninterrupted_run(synth, tmp_path, command):
-    seeds = tmp_path / "seeds.h5"
-    assert invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", seeds, "--no-crf", "-q").exit_code == 0
-    build = (lambda o: _slow_seed(synth, o)) if command == "seed" else (lambda o: _propagate(synth, seeds, o))
-    clean, out = tmp_path / "clean.h5", tmp_path / "out.h5"
-    assert invoke(*build(clean)).exit_code == 0
+def test_sigkill_under_torchrun_then_resume_equals_an_uninterrupted_run(synth, seeds, uninterrupted, tmp_path,
+                                                                       command):
+    build = _build(command, synth, seeds)
+    clean, out = uninterrupted(command), tmp_path / "out.h5"
     shard0 = tmp_path / "out.rank0-of-2.h5.partial"
     _kill_mid_run(build(out), shard0, 6, signal.SIGKILL, seed=3, torchrun=True)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",

@@ -32,10 +32,30 @@ def _run(args, torchrun=False):
     return r
 
 
-def _kill_then_resume(tmp_path, build, n_items, seed, torchrun=False):
-    """Clean run to clean.h5; SIGKILLed run to out.h5, then --resume; the two stores must be equal."""
-    clean, out = tmp_path / "clean.h5", tmp_path / "out.h5"
-    _run(build(clean), torchrun)
+def _run_here(args):
+    """The uninterrupted reference run, in this process (a fresh interpreter only adds torch's start-up) and
+    on one thread like the subprocesses, so that its store is bit for bit theirs."""
+    from typer.testing import CliRunner
+
+    import tests.fault_cli  # noqa: F401  (registers the vit_tiny SAM)
+    from dhr_cli.cli import app
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+    assert r.exit_code == 0, r.output[-2000:]
+
+
+def _kill_then_resume(tmp_path, build, n_items, seed, torchrun=False, clean=None):
+    """Clean run to clean.h5 (or CLEAN, a store the uninterrupted command wrote); SIGKILLed run to out.h5,
+    then --resume; the two stores must be equal."""
+    out = tmp_path / "out.h5"
+    if clean is None:
+        clean = tmp_path / "clean.h5"
+        _run(build(clean), torchrun) if torchrun else _run_here(build(clean))
     partial = tmp_path / ("out.rank0-of-2.h5.partial" if torchrun else "out.h5.partial")
     code, err = _kill_mid_run(build(out), partial, n_items, signal.SIGKILL, seed=seed, torchrun=torchrun,
                               module="tests.fault_cli", env=SLOW)
@@ -79,12 +99,22 @@ def _predict(data, run):
                       "--device", "cpu", "--quiet"]
 
 
-def test_predict(data, trained, tmp_path):
-    _kill_then_resume(tmp_path, _predict(data, trained), len(open_dataset(data)), seed=5)
+@pytest.fixture(scope="module")
+def predicted(data, trained, tmp_path_factory):
+    """One uninterrupted `predict` in one process: what the killed and resumed runs, one process or two
+    under torchrun, must give (each rank predicts its images exactly as one process does)."""
+    clean = tmp_path_factory.mktemp("fcli_pred") / "clean.h5"
+    _run_here(_predict(data, trained)(clean))
+    return clean
 
 
-def test_predict_under_torchrun(data, trained, tmp_path):
-    _kill_then_resume(tmp_path, _predict(data, trained), len(open_dataset(data)) // 2, seed=6, torchrun=True)
+def test_predict(data, trained, predicted, tmp_path):
+    _kill_then_resume(tmp_path, _predict(data, trained), len(open_dataset(data)), seed=5, clean=predicted)
+
+
+def test_predict_under_torchrun(data, trained, predicted, tmp_path):
+    _kill_then_resume(tmp_path, _predict(data, trained), len(open_dataset(data)) // 2, seed=6, torchrun=True,
+                      clean=predicted)
 
 
 def test_import(data, tmp_path):

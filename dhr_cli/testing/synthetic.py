@@ -41,6 +41,7 @@ class SceneSpec:
     wss_stride: int = 16
     uss_dim: int = 32
     wss_dim: int = 48
+    classes: tuple[int, ...] | None = None  # the labels objects are drawn from; None: all five (the default scenes)
 
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
@@ -77,14 +78,18 @@ def make_scene(rng: np.random.Generator, spec: SceneSpec) -> tuple[np.ndarray, n
     field = _smooth_noise(rng, h, w, 4)[..., None]
     image = base * (0.7 + 0.6 * field) + rng.normal(0, 6, (h, w, 3))
     gt = np.zeros((h, w), np.uint8)
-    big = int(rng.integers(1, 6))
+    pool = spec.classes
+    big = int(rng.integers(1, 6)) if pool is None else int(rng.choice(pool))
     ry, rx = h * rng.uniform(0.18, 0.3), w * rng.uniform(0.14, 0.24)
     cy, cx = h * rng.uniform(0.4, 0.6), w * rng.uniform(0.3, 0.6)
     objects = [(big, cy, cx, ry, rx)]
     for _ in range(int(rng.integers(1, 3))):
         # A small object touching the large one: often of the same group (cat beside dog).
-        same_group = [c for c in GROUPS if GROUPS[c] == GROUPS[big] and c != big]
-        cls = int(rng.choice(same_group)) if same_group and rng.random() < 0.5 else int(rng.integers(1, 6))
+        same_group = [c for c in GROUPS if GROUPS[c] == GROUPS[big] and c != big and (pool is None or c in pool)]
+        if same_group and rng.random() < 0.5:
+            cls = int(rng.choice(same_group))
+        else:
+            cls = int(rng.integers(1, 6)) if pool is None else int(rng.choice(pool))
         sry, srx = ry * rng.uniform(0.25, 0.45), rx * rng.uniform(0.25, 0.45)
         angle = rng.uniform(0, 2 * math.pi)
         sy = np.clip(cy + (ry + sry * 0.6) * math.sin(angle), sry, h - sry)
