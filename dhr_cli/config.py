@@ -110,6 +110,11 @@ CRF_PRESETS = {"authors": dict(n_iter=10, gauss_sxy=1.0, gauss_compat=3.0, bilat
 BG_RULES = ("power", "otsu")
 
 PROPAGATE_CRF_MAX_SIDE = 128  # PropagateConfig's CRF grid (CRFConfig.max_side stays Step 1's)
+# PropagateConfig's CRF: on the 128-px grid each cell's colour is a mean over about 15 image pixels, so
+# colour edges are softer than at full resolution and the authors' srgb 3 keeps too few same-object
+# pairs. Chosen by bench/tune_real.py on bench/real.py's dataset seed 1 (DHR mIoU): srgb 3 / 6 / 10 /
+# 15 / 25 gave 30.9 / 31.4 / 31.7 / 31.6 / 31.1, srgb 10 with compat 8 31.9 (docs/crf.md).
+PROPAGATE_CRF = CRFConfig(max_side=PROPAGATE_CRF_MAX_SIDE, bilateral_srgb=10.0, bilateral_compat=8.0)
 
 
 @dataclass(frozen=True)
@@ -146,8 +151,9 @@ class PropagateConfig:
 
     sinkhorn: SinkhornConfig = field(default_factory=SinkhornConfig)
     # The CRF after Steps 2-3 (also the one of the `--method cam` baseline) runs on a finer grid
-    # than Step 1's: chosen by bench/tune_real.py on bench/real.py's dataset seed 1 (docs/crf.md).
-    crf: CRFConfig = field(default_factory=lambda: CRFConfig(max_side=PROPAGATE_CRF_MAX_SIDE))
+    # than Step 1's, with a wider colour kernel: chosen by bench/tune_real.py on bench/real.py's
+    # dataset seed 1 (PROPAGATE_CRF, docs/crf.md).
+    crf: CRFConfig = field(default_factory=lambda: PROPAGATE_CRF)
     use_crf: bool = True
     tau: float = 0.8  # prototype cosine above which classes share a USS group (paper)
     step3: bool = True  # intra-class rebalancing with WSS features; off: Step 2 alone, no WSS needed

@@ -361,8 +361,9 @@ def test_crf_cli_options_build_the_config():
 
     prop = PropagateConfig().crf
     assert prop.max_side == PROPAGATE_CRF_MAX_SIDE and SeedConfig().crf == CRFConfig()
+    assert (prop.bilateral_srgb, prop.bilateral_compat) == (10.0, 8.0)  # propagate's own colour kernel
     assert crf_config(None, None, None, base=prop) == prop
-    assert crf_config(None, 48, None, base=prop) == CRFConfig(max_side=48)
+    assert crf_config(None, 48, None, base=prop) == CRFConfig(max_side=48, bilateral_srgb=10.0, bilateral_compat=8.0)
     assert crf_config(CrfPreset.authors, None, None, base=prop).max_side == 0
     res = CliRunner().invoke(app, ["seed", "--cams", "x.h5", "--data", ".", "--out", "y.h5", "--crf-preset", "bogus"])
     assert res.exit_code == 2 and "Traceback" not in res.output
