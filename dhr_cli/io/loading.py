@@ -69,9 +69,8 @@ def batch_workers() -> int:
     most 4, none on a single core. One torch thread per process: an OpenMP pool waits for its
     slowest thread at every operation, and on a shared machine that thread is often descheduled
     (measured on 2 cores under load ~5: propagate 51 s with 2 threads in one process, 8-12 s
-    with one thread per process)."""
-    cores = os.cpu_count() or 1
-    return 0 if cores < 2 else min(4, cores)
+    with one thread per process). The same count as `store_reading_workers`."""
+    return store_reading_workers()
 
 
 class StoreReaders:
