@@ -63,3 +63,23 @@ def test_any_dhr_error_in_a_worker_is_reraised_with_its_own_message(workers):
             seen += batch["x"][:, 0].tolist()
     assert str(e.value) == "feat.h5: item 'x5' has shape (32, 0, 0), expected (channels, h, w)"
     assert seen == [0.0, 1.0, 2.0, 3.0]  # default collate of the batches before it
+
+
+@pytest.mark.parametrize("parent_alive", [True, False])
+def test_a_worker_whose_parent_died_before_its_init_exits(parent_alive):
+    """The parent's PID is taken before the fork: a worker starting after its parent died (a kill
+    during start-up) exits at once instead of adopting the reaper as its parent and living on."""
+    import os
+
+    from dhr_cli.io.loading import die_with_parent
+
+    pid = os.fork()
+    if pid == 0:  # the worker
+        try:
+            parent = os.getppid() if parent_alive else os.getppid() + 10_000_000  # not our parent: it died
+            die_with_parent(0, parent=parent)
+            os._exit(0)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == (0 if parent_alive else 1)

@@ -348,13 +348,13 @@ def test_propagate_loader_processes_equal_in_process_loading(synth, tmp_path, mo
 def test_batches_in_worker_processes_equal_batches_in_this_process(synth, tmp_path, monkeypatch):
     """The CPU's arrangement: whole batches (reads, kernels, CRF) in DataLoader workers or in this
     process, the seeds and the masks are the same, the GPU's arrangement (kernels here) too."""
+    import dhr_cli.io.loading as loading
     import dhr_cli.pipeline.propagate as prop
-    import dhr_cli.pipeline.seed as seed_mod
     from dhr_cli.pipeline.propagate import run_propagate
     from dhr_cli.pipeline.seed import run_seed
 
     for workers in (0, 2):
-        monkeypatch.setattr(seed_mod, "batch_workers", lambda n=workers: n)
+        monkeypatch.setattr(loading, "batch_workers", lambda n=workers: n)
         run_seed(SeedConfig(batch_size=3, device="cpu"), synth / "cams.h5", synth, tmp_path / f"s{workers}.h5",
                  quiet=True)
     with open_store(tmp_path / "s0.h5") as a, open_store(tmp_path / "s2.h5") as b:
@@ -365,7 +365,7 @@ def test_batches_in_worker_processes_equal_batches_in_this_process(synth, tmp_pa
     kw = dict(seeds=tmp_path / "s0.h5", data=synth, uss=synth / "uss.h5", wss=[synth / "wss.h5"], cams=synth / "cams.h5",
               quiet=True)
     for workers in (0, 2):
-        monkeypatch.setattr(prop, "batch_workers", lambda n=workers: n)
+        monkeypatch.setattr(loading, "batch_workers", lambda n=workers: n)
         assert run_propagate(cfg, out=tmp_path / f"m{workers}.h5", **kw)["written"] == 8
     monkeypatch.setattr(prop, "_batches_in_workers", lambda device: False)
     run_propagate(cfg, out=tmp_path / "m_here.h5", **kw)

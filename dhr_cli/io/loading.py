@@ -10,6 +10,7 @@ number of items.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
@@ -154,7 +155,8 @@ def error_carrying_loader(dataset, *, collate_fn: Callable[[list], object] | Non
     """DataLoader whose workers' DhrErrors reach the parent unchanged (iterate it through `raise_carried`)
     and whose workers die with the parent. Every DataLoader of dhr is made here."""
     if kwargs.get("num_workers"):
-        kwargs.setdefault("worker_init_fn", die_with_parent)
+        # the parent's PID read here, before the fork: read in the worker it may already be the reaper's
+        kwargs.setdefault("worker_init_fn", functools.partial(die_with_parent, parent=os.getpid()))
     return DataLoader(CarryErrors(dataset), collate_fn=CarryingCollate(collate_fn), **kwargs)
 
 
@@ -192,17 +194,19 @@ def _drop_inherited_partials() -> None:
             pass
 
 
-def die_with_parent(_worker_id: int = 0) -> None:
+def die_with_parent(_worker_id: int = 0, parent: int | None = None) -> None:
     """DataLoader worker_init_fn: the worker gets SIGKILL when its parent dies (SIGKILL, OOM kill),
     so no orphan keeps input stores or the output partial open. Linux: prctl(PR_SET_PDEATHSIG);
-    elsewhere a watchdog thread polls the parent PID."""
+    elsewhere a watchdog thread polls the parent PID. `parent`: the parent's PID, taken before the
+    fork (error_carrying_loader); read here instead, a worker whose parent was killed while it
+    started would take the reaper for its parent and live on (seen under torchrun at load ~8)."""
     import signal
     import sys
     import threading
     import time
 
     _drop_inherited_partials()
-    parent = os.getppid()
+    parent = os.getppid() if parent is None else parent
     if sys.platform.startswith("linux"):
         try:
             import ctypes
@@ -240,3 +244,11 @@ def iterate_batches(ids: Sequence[str], load: Callable[[str], T], batch_size: in
     loader = error_carrying_loader(_Items(ids, load), batch_size=batch_size, shuffle=False, num_workers=workers,
                                    collate_fn=_as_list, prefetch_factor=2)
     yield from raise_carried(loader)
+
+
+def batches_in_workers(ids: Sequence[str], batch_size: int, compute: Callable[[list[str]], list[tuple[str, T]]]
+                       ) -> Iterator[list[tuple[str, T]]]:
+    """`compute(batch of ids)` for consecutive batches of `ids`, in `batch_workers()` processes, in order:
+    seed and propagate on the CPU run whole batches (reads, kernels, CRF) there and only write here."""
+    chunks = [list(ids[k : k + batch_size]) for k in range(0, len(ids), batch_size)]
+    return (r[0] for r in iterate_batches(chunks, compute, 1, workers=batch_workers()))

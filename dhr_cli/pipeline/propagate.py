@@ -23,7 +23,7 @@ from dhr_cli.config import IGNORE_INDEX, PropagateConfig
 from dhr_cli.errors import InputError, StoreError
 from dhr_cli.io.datasets import open_dataset
 from dhr_cli.io.distributed import device_for_rank, output_store, shard
-from dhr_cli.io.loading import StoreReaders, batch_workers, iterate_batches, kernel_threads, store_reading_workers
+from dhr_cli.io.loading import StoreReaders, batches_in_workers, iterate_batches, kernel_threads, store_reading_workers
 from dhr_cli.io.progress import track
 from dhr_cli.io.runtime import resolve_device
 from dhr_cli.io.store import Store, make_provenance
@@ -120,10 +120,9 @@ def run_propagate(cfg: PropagateConfig, *, seeds: Path, data: Path, uss: str | P
                 # 2.1's pooling, the kernels and the CRF, one torch thread each, and hands back
                 # the uint8 masks (a fifth of the bytes of the features it read); this process
                 # only writes them. The same batches as below, so the same masks.
-                chunks = [todo[k : k + cfg.batch_size] for k in range(0, len(todo), cfg.batch_size)]
                 compute = functools.partial(_masks_of_batch, load, reader, cfg, background, crf, device)
-                results = (r[0] for r in iterate_batches(chunks, compute, 1, workers=batch_workers()))
-                for masks in track(results, f"propagate ({cfg.method})", total=n_batches, quiet=quiet):
+                for masks in track(batches_in_workers(todo, cfg.batch_size, compute), f"propagate ({cfg.method})",
+                                   total=n_batches, quiet=quiet):
                     for item_id, mask in masks:
                         writer.write(item_id, {"mask": mask})
                 return {"written": len(todo), "items": len(ids)}

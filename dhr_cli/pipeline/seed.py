@@ -17,7 +17,7 @@ from dhr_cli.config import SeedConfig
 from dhr_cli.errors import InputError
 from dhr_cli.io.datasets import open_dataset, read_index_png
 from dhr_cli.io.distributed import device_for_rank, output_store, shard
-from dhr_cli.io.loading import StoreReaders, batch_workers, default_workers, iterate_batches, kernel_threads
+from dhr_cli.io.loading import StoreReaders, batches_in_workers, default_workers, iterate_batches, kernel_threads
 from dhr_cli.io.progress import track
 from dhr_cli.io.runtime import resolve_device
 from dhr_cli.io.store import make_provenance, open_store
@@ -98,10 +98,8 @@ def run_seed(cfg: SeedConfig, cams: Path, data: Path, out: Path, *, split: str |
                 # On the CPU each DataLoader worker runs whole batches (image decoding, CAM reads,
                 # the seed kernels and the CRF), one torch thread each, and hands back the masks;
                 # this process only writes them. The same batches, so the same masks.
-                chunks = [todo[k : k + cfg.batch_size] for k in range(0, len(todo), cfg.batch_size)]
                 compute = functools.partial(_seed_chunk, load, dataset, reader, base, cfg, device, background, crf)
-                results = (r[0] for r in iterate_batches(chunks, compute, 1, workers=batch_workers()))
-                for masks in track(results, "seed", total=n_batches, quiet=quiet):
+                for masks in track(batches_in_workers(todo, cfg.batch_size, compute), "seed", total=n_batches, quiet=quiet):
                     for item_id, mask in masks:
                         writer.write(item_id, {"mask": mask})
                 return {"written": len(todo), "items": len(ids)}
