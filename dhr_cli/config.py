@@ -8,7 +8,7 @@ Paper defaults are marked (paper); defaults we chose by measurement say where it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 IGNORE_INDEX = 255  # the one label value meaning "unsure / ignore" in every mask
 
@@ -107,7 +107,7 @@ CRF_BACKENDS = ("permutohedral", "exact")
 CRF_PRESETS = {"authors": dict(n_iter=10, gauss_sxy=1.0, gauss_compat=3.0, bilateral_sxy=67.0, bilateral_srgb=3.0,
                                bilateral_compat=4.0, max_side=0)}
 
-BG_RULES = ("power", "otsu")
+BG_RULES = get_args(BgRule)
 
 PROPAGATE_CRF_MAX_SIDE = 128  # PropagateConfig's CRF grid (CRFConfig.max_side stays Step 1's)
 # PropagateConfig's CRF: on the 128-px grid each cell's colour is a mean over about 15 image pixels, so

@@ -108,11 +108,12 @@ def majority_pool(mask: torch.Tensor, grid: tuple[int, int], values: list[int] |
     # The labels present, ascending (255 last), renumbered 0..k-1 first: the histogram then has
     # cells x k bins instead of cells x 256 (a mask holds a few labels; same counts, same order).
     flat = mask.reshape(-1)
-    if values and _exact_blocks(mask.shape, (gh, gw)):  # a label absent from the mask never wins a block
+    blocks = _exact_blocks(mask.shape, (gh, gw))
+    if values and blocks:  # a label absent from the mask never wins a block
         return _majority_blocks(mask, (gh, gw), torch.tensor(sorted(set(values)), device=mask.device))
     labels = torch.bincount(flat, minlength=stride).nonzero()[:, 0]
     k = max(int(labels.numel()), 1)
-    if _exact_blocks(mask.shape, (gh, gw)) and labels.numel():
+    if blocks and labels.numel():
         return _majority_blocks(mask, (gh, gw), labels)
     compact = torch.zeros(stride, dtype=torch.long, device=mask.device)
     compact[labels] = torch.arange(labels.numel(), device=mask.device)
