@@ -2,9 +2,9 @@
 
 Only picklable work goes to the workers: decoding PNG/JPEG files through a Dataset, and reading
 HDF5 stores by path. A loader that reads stores must open its own handles in each worker
-process (HDF5 handles must not cross a fork: `StoreReaders`). Items come
-back in order, a few batches ahead at most (prefetch), so memory stays bounded whatever the
-number of items.
+process (HDF5 handles must not cross a fork: `StoreReaders`; one store checked up front and read
+that way: `LazyStore`). Items come back in order, a few batches ahead at most (prefetch), so
+memory stays bounded whatever the number of items.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from dhr_cli.errors import DhrError
-from dhr_cli.io.store import Store, open_store
+from dhr_cli.io.store import Item, Store, open_store
 
 T = TypeVar("T")
 
@@ -86,19 +87,62 @@ class StoreReaders:
         self.paths = {role: Path(p) for role, p in paths.items()}
         self._pid: int | None = None
         self._stores: dict[str, Store] = {}
+        self._lent: set[str] = set()
 
     def lend(self, opened: dict[str, Store]) -> None:
-        self._pid, self._stores = os.getpid(), dict(opened)
+        self._pid, self._stores, self._lent = os.getpid(), dict(opened), set(opened)
 
     def __getstate__(self) -> dict:
-        return {"paths": self.paths, "_pid": None, "_stores": {}}
+        return {"paths": self.paths, "_pid": None, "_stores": {}, "_lent": set()}
 
     def store(self, role: str) -> Store:
         if self._pid != os.getpid():
-            self._pid, self._stores = os.getpid(), {}
+            self._pid, self._stores, self._lent = os.getpid(), {}, set()
         if role not in self._stores:
             self._stores[role] = open_store(self.paths[role])
         return self._stores[role]
+
+    def close(self) -> None:
+        """Close the handles this process opened (lent ones stay open: their owner closes them); a
+        later read opens them again. A forked copy leaves its parent's handles alone."""
+        if self._pid == os.getpid():
+            for role, store in self._stores.items():
+                if role not in self._lent:
+                    store.close()
+        self._pid, self._stores, self._lent = None, {}, set()
+
+
+class LazyStore:
+    """One store validated now, in the process that builds it, and read later by path in whichever
+    process reads it: the main one, a forked DataLoader worker, a spawned one.
+
+    `open_store(path, expect=expect)` checks it at construction, so a bad or wrong-kind store fails
+    before any worker starts; its `kind`, `ids` (a set) and `classes` are kept and the handle closed
+    again. Reads go through `StoreReaders`: each process opens its own handle on its first read, and a
+    pickled copy carries the path only. `close()` closes the handle of the current process.
+    """
+
+    def __init__(self, path: str | os.PathLike, expect: str | tuple[str, ...] | None = None):
+        self.path = Path(path)
+        with open_store(self.path, expect=expect) as s:
+            self.kind, self.ids, self.classes = s.kind, set(s.ids), list(s.classes)
+        self._readers = StoreReaders({"store": self.path})
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self.ids
+
+    def store(self) -> Store:
+        """This process's handle (opened on first use)."""
+        return self._readers.store("store")
+
+    def read(self, item_id: str, names: Iterable[str] | None = None) -> Item:
+        return self.store().read(item_id, names)
+
+    def read_mask(self, item_id: str) -> np.ndarray:
+        return self.store().read_mask(item_id)
+
+    def close(self) -> None:
+        self._readers.close()
 
 
 class CarryErrors(TorchDataset):

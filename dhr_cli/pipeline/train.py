@@ -44,7 +44,7 @@ from dhr_cli import __version__
 from dhr_cli.config import IGNORE_INDEX, TrainConfig
 from dhr_cli.errors import CheckpointError, DatasetError, InputError
 from dhr_cli.io.datasets import Dataset, open_dataset, read_index_png
-from dhr_cli.io.loading import StoreReaders, error_carrying_loader, raise_carried
+from dhr_cli.io.loading import LazyStore, error_carrying_loader, raise_carried
 from dhr_cli.io.progress import progress_bar
 from dhr_cli.io.runtime import resolve_device
 from dhr_cli.models.deeplab import DHRNet, NetworkSpec, build_network
@@ -63,23 +63,6 @@ logger = logging.getLogger(__name__)
 
 
 # ---- inputs -------------------------------------------------------------------------------------
-class _LazyStore:
-    """One store validated now, in the main process, and read through `StoreReaders` (its own
-    handle in each DataLoader worker)."""
-
-    def __init__(self, path: Path, expect):
-        from dhr_cli.io.store import open_store
-
-        with open_store(path, expect=expect) as s:
-            self.ids = set(s.ids)
-            self.classes = list(s.classes)
-        self.path = Path(path)
-        self._readers = StoreReaders({"store": self.path})
-
-    def read(self, item_id: str):
-        return self._readers.store("store").read(item_id)
-
-
 class MaskSource:
     """The fixed input pseudo-masks M0: a masks/seeds store or a folder of <id>.png."""
 
@@ -89,7 +72,7 @@ class MaskSource:
             self._store = None
             missing = [i for i in ids if not (self.path / f"{i}.png").is_file()]
         elif self.path.is_file():
-            self._store = _LazyStore(self.path, ("masks", "seeds"))
+            self._store = LazyStore(self.path, ("masks", "seeds"))
             missing = [i for i in ids if i not in self._store.ids]
         else:
             raise InputError(f"--masks {self.path}: no such store or folder")
@@ -111,7 +94,7 @@ class FeatureSource:
             raise InputError(f"{option} {spec}: no such store; give a features store, or a network name on the "
                              f"command line (`dhr train --uss stego --uss-weights ...`)")
         self.path = path
-        self._store = _LazyStore(path, ("features", "cams"))
+        self._store = LazyStore(path, ("features", "cams"))
         missing = [i for i in ids if i not in self._store.ids]
         if missing:
             raise InputError(f"{option} {path}: {len(missing)} training images have no features, e.g. {missing[:3]}")
