@@ -83,3 +83,71 @@ def test_a_worker_whose_parent_died_before_its_init_exits(parent_alive):
             os._exit(2)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == (0 if parent_alive else 1)
+
+
+def _read_masks(source, ids):
+    """What a worker does with a mask source (module level: a spawned process imports it)."""
+    return [source.read(i) for i in ids]
+
+
+def _read_masks_into(source, ids, results):
+    try:
+        results.put(_read_masks(source, ids))
+    except Exception as e:  # back to the test, which would otherwise wait for the masks
+        results.put(repr(e))
+
+
+def _masks_store(path):
+    import numpy as np
+
+    from tests.helpers import write_plain_store
+
+    masks = {f"m{k}": np.full((4 + k, 6), k, np.uint8) for k in range(3)}
+    write_plain_store(path, "masks", ("background", "cat", "dog"), {i: ("mask", m, {}) for i, m in masks.items()})
+    return masks
+
+
+def _mask_source(path):
+    from dhr_cli.io.loading import MaskSource
+
+    return MaskSource(path)  # dhr seed --init-masks, and train's --masks
+
+
+def _predictions(path):
+    from dhr_cli.pipeline.evaluate import Predictions
+
+    return Predictions(path, ["background", "cat", "dog"])  # dhr eval --pred, dhr report
+
+
+@pytest.mark.parametrize("open_source", [_mask_source, _predictions])
+def test_a_store_backed_mask_source_reads_after_pickling_and_in_spawned_and_forked_processes(tmp_path, open_source):
+    """The masks reader pickles with the store's path, not the HDF5 handle its process has open (h5py
+    handles do not pickle): a pickled copy, as a spawned loader worker gets it, opens its own; a
+    forked child, which inherits the object as it is, reads too; the parent's handle still reads after."""
+    import multiprocessing
+    import pickle
+
+    import numpy as np
+
+    masks = _masks_store(tmp_path / "masks.h5")
+    ids = sorted(masks)
+
+    def same(got):
+        return isinstance(got, list) and len(got) == len(ids) and all(np.array_equal(a, masks[i]) for a, i in zip(got, ids))
+
+    with open_source(tmp_path / "masks.h5") as source:
+        assert source.kind == "masks" and source.ids == set(ids) and source.name == "masks"
+        np.testing.assert_array_equal(source.read("m1"), masks["m1"])  # this process's handle is open now
+        copy = pickle.loads(pickle.dumps(source))
+        assert same(_read_masks(copy, ids))
+        copy.close()
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            assert same(pool.apply_async(_read_masks, (source, ids)).get(timeout=120))
+        fork = multiprocessing.get_context("fork")
+        results = fork.Queue()
+        child = fork.Process(target=_read_masks_into, args=(source, ids, results))
+        child.start()
+        forked = results.get(timeout=120)
+        child.join(timeout=60)
+        assert child.exitcode == 0 and same(forked), forked
+        np.testing.assert_array_equal(source.read("m2"), masks["m2"])

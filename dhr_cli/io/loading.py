@@ -3,8 +3,8 @@
 Only picklable work goes to the workers: decoding PNG/JPEG files through a Dataset, and reading
 HDF5 stores by path. A loader that reads stores must open its own handles in each worker
 process (HDF5 handles must not cross a fork: `StoreReaders`; one store checked up front and read
-that way: `LazyStore`). Items come back in order, a few batches ahead at most (prefetch), so
-memory stays bounded whatever the number of items.
+that way: `LazyStore`; masks from a store or a PNG folder: `MaskSource`). Items come back in
+order, a few batches ahead at most (prefetch), so memory stays bounded whatever the number of items.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from dhr_cli.errors import DhrError
+from dhr_cli.errors import DhrError, InputError
+from dhr_cli.io.datasets import read_index_png
 from dhr_cli.io.store import Item, Store, open_store
 
 T = TypeVar("T")
@@ -143,6 +144,52 @@ class LazyStore:
 
     def close(self) -> None:
         self._readers.close()
+
+
+class MaskSource:
+    """(H, W) uint8 masks by image id from a masks/seeds store or a folder of <id>.png masks
+    (palette, grayscale or RGB in VOC colours: `read_index_png`), safe to read in loader workers.
+
+    The one reader behind `dhr train --masks`, `dhr seed --init-masks` and `dhr eval --pred`: a store
+    is read through `LazyStore` (validated here, one handle per process, pickled as its path), a folder
+    is listed once here. `kind` is the store's kind or "png"; `ids` a set; `classes` the store's class
+    list (None for a folder); `name` the file stem or folder name. A folder without PNG masks is an
+    error unless `empty_folder_ok` (the caller then reports the images it lacks). Use as a context
+    manager, or call close().
+    """
+
+    def __init__(self, path: str | os.PathLike, *, empty_folder_ok: bool = False):
+        self.path = Path(path)
+        self.name = self.path.stem if self.path.is_file() else self.path.name
+        self._store: LazyStore | None = None
+        self._pngs: dict[str, Path] = {}
+        if self.path.is_dir():
+            self._pngs = {p.stem: p for p in self.path.iterdir() if p.suffix.lower() == ".png" and p.is_file()}
+            if not self._pngs and not empty_folder_ok:
+                raise InputError(f"{self.path}: folder holds no .png masks")
+            self.kind, self.ids, self.classes = "png", set(self._pngs), None
+        else:
+            self._store = LazyStore(self.path, ("masks", "seeds"))
+            self.kind, self.ids, self.classes = self._store.kind, self._store.ids, self._store.classes
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self.ids
+
+    def read(self, item_id: str) -> np.ndarray:
+        """The mask of an id in `ids` (StoreError from a damaged store item, DatasetError from a bad PNG)."""
+        if self._store is None:
+            return read_index_png(self._pngs[item_id])
+        return self._store.read_mask(item_id)
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+    def __enter__(self) -> "MaskSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class CarryErrors(TorchDataset):

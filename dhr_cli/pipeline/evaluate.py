@@ -24,7 +24,8 @@ import numpy as np
 
 from dhr_cli.config import EVAL_BATCH, EVAL_PARALLEL_FROM, IGNORE_INDEX, EvalConfig
 from dhr_cli.errors import DatasetError, InputError
-from dhr_cli.io.datasets import class_key, read_index_png
+from dhr_cli.io.datasets import class_key
+from dhr_cli.io.loading import MaskSource
 from dhr_cli.kernels.metrics import class_scores, fold_joint, joint_histogram, mean_over_present
 
 logger = logging.getLogger(__name__)
@@ -33,60 +34,21 @@ __all__ = ["run_eval", "EvalResult", "MethodResult", "Predictions", "open_predic
 
 
 # ---- prediction sources ---------------------------------------------------------------------
-class Predictions:
-    """Predicted masks by image id, from a store or a PNG folder. Use as a context manager."""
+class Predictions(MaskSource):
+    """Predicted masks by image id, from a store or a PNG folder (io.loading.MaskSource), a store's
+    classes checked against the dataset's. Use as a context manager."""
 
     def __init__(self, path: str | os.PathLike, classes: list[str]):
-        self.path = Path(path)
-        self.name = self.path.stem if self.path.is_file() else self.path.name
-        self._store = None
-        self._pngs: dict[str, Path] = {}
-        if not self.path.exists():
-            raise InputError(f"{self.path}: no such file or folder (expected a masks store or a folder of PNG masks)")
-        if self.path.is_dir():
-            self.kind = "png"
-            self._pngs = {p.stem: p for p in self.path.iterdir() if p.suffix.lower() == ".png" and p.is_file()}
-            if not self._pngs:
-                raise InputError(f"{self.path}: folder holds no .png masks")
-            self.ids = set(self._pngs)
-            self.classes = None
-        else:
-            from dhr_cli.io.store import open_store
-
-            self._store = open_store(self.path, expect=("masks", "seeds"))
-            self.kind = self._store.kind
-            self.ids = set(self._store.ids)
-            self.classes = self._store.classes
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"{path}: no such file or folder (expected a masks store or a folder of PNG masks)")
+        super().__init__(path)
+        if self.classes is not None:
             _check_classes(self.path, self.classes, classes)
-
-        self._pid = os.getpid()
 
     def mask(self, item_id: str) -> np.ndarray | None:
         """(H, W) uint8 predicted labels, or None when this source has no prediction for the id."""
-        if item_id not in self.ids:
-            return None
-        if self.kind == "png":
-            return read_index_png(self._pngs[item_id])
-        if self._pid != os.getpid():  # a loader worker: HDF5 handles must not cross a fork
-            from dhr_cli.io.store import open_store
-
-            self._store, self._pid = open_store(self.path, expect=("masks", "seeds")), os.getpid()
-        return self._store.read_mask(item_id)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_store"], state["_pid"] = None, None
-        return state
-
-    def close(self) -> None:
-        if self._store is not None and self._pid == os.getpid():
-            self._store.close()
-
-    def __enter__(self) -> "Predictions":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        return self.read(item_id) if item_id in self.ids else None
 
 
 def open_predictions(path: str | os.PathLike, classes: list[str]) -> Predictions:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +14,12 @@ import torch
 
 from dhr_cli.config import SeedConfig
 from dhr_cli.errors import InputError
-from dhr_cli.io.datasets import open_dataset, read_index_png
+from dhr_cli.io.datasets import open_dataset
 from dhr_cli.io.distributed import device_for_rank, output_store, shard
-from dhr_cli.io.loading import StoreReaders, batches_in_workers, default_workers, iterate_batches, kernel_threads
+from dhr_cli.io.loading import MaskSource, StoreReaders, batches_in_workers, default_workers, iterate_batches, kernel_threads
 from dhr_cli.io.progress import track
 from dhr_cli.io.runtime import resolve_device
-from dhr_cli.io.store import make_provenance, open_store
+from dhr_cli.io.store import make_provenance
 from dhr_cli.kernels.crf import crf_function
 from dhr_cli.kernels.seed import seed_masks
 from dhr_cli.pipeline.inputs import (
@@ -37,37 +36,12 @@ from dhr_cli.pipeline.inputs import (
 logger = logging.getLogger(__name__)
 
 
-class InitMasks:
-    """Initial masks M0 from another WSS method: a masks/seeds store or a folder of <id>.png."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._store = None
-        self._pid = os.getpid()
-        if self.path.is_dir():
-            self._pngs = {p.stem: p for p in self.path.glob("*.png")}
-            if not self._pngs:
-                raise InputError(f"{self.path}: folder holds no .png masks")
-        else:
-            self._store = open_store(self.path, expect=("masks", "seeds"))
-
-    def __contains__(self, item_id: str) -> bool:
-        return item_id in (self._store if self._store is not None else self._pngs)
-
-    def __getstate__(self) -> dict:  # a spawned worker opens its own handle
-        return self.__dict__ | {"_pid": None}
-
-    def read(self, item_id: str, size: tuple[int, int]) -> np.ndarray:
-        if self._store is not None and self._pid != os.getpid():  # HDF5 handles must not cross a fork
-            self._pid, self._store = os.getpid(), open_store(self.path, expect=("masks", "seeds"))
-        mask = self._store.read(item_id).mask if self._store is not None else read_index_png(self._pngs[item_id])
-        if mask.shape != size:
-            raise InputError(f"{self.path}: initial mask of {item_id} is {mask.shape[1]}x{mask.shape[0]}, its image {size[1]}x{size[0]}")
-        return mask
-
-    def close(self) -> None:
-        if self._store is not None and self._pid == os.getpid():
-            self._store.close()
+def _init_mask(base: MaskSource, item_id: str, size: tuple[int, int]) -> np.ndarray:
+    """The --init-masks mask of an image, which must have the image's size."""
+    mask = base.read(item_id)
+    if mask.shape != size:
+        raise InputError(f"{base.path}: initial mask of {item_id} is {mask.shape[1]}x{mask.shape[0]}, its image {size[1]}x{size[0]}")
+    return mask
 
 
 def run_seed(cfg: SeedConfig, cams: Path, data: Path, out: Path, *, split: str | None = None,
@@ -79,7 +53,7 @@ def run_seed(cfg: SeedConfig, cams: Path, data: Path, out: Path, *, split: str |
     device = resolve_device(device_for_rank(cfg.device))
     crf = crf_function(cfg.crf) if cfg.use_crf else None
     cam_store = open_checked(cams, "cams", dataset, "cams")
-    base = InitMasks(init_masks) if init_masks is not None else None
+    base = MaskSource(init_masks) if init_masks is not None else None  # initial masks M0 from another WSS method
     try:
         ids = shard(select_ids(dataset, {"cams": cam_store}, missing))
         if base is not None:
@@ -133,7 +107,7 @@ def _seed_batch(batch, dataset, reader: StoreReaders, base, cfg, device, backgro
         labels.append(cam_labels)
         sizes.append(size)
         images.append(to_tensor(image, device))
-        bases.append(to_tensor(base.read(item_id, size), device) if base is not None else None)
+        bases.append(to_tensor(_init_mask(base, item_id, size), device) if base is not None else None)
     with torch.no_grad():
         masks = seed_masks(cams, labels, sizes, cfg, images=images if crf else None, base=bases if base else None,
                            background=background, crf=crf)

@@ -43,8 +43,8 @@ from torch.utils.data import Sampler
 from dhr_cli import __version__
 from dhr_cli.config import IGNORE_INDEX, TrainConfig
 from dhr_cli.errors import CheckpointError, DatasetError, InputError
-from dhr_cli.io.datasets import Dataset, open_dataset, read_index_png
-from dhr_cli.io.loading import LazyStore, error_carrying_loader, raise_carried
+from dhr_cli.io.datasets import Dataset, open_dataset
+from dhr_cli.io.loading import LazyStore, MaskSource, error_carrying_loader, raise_carried
 from dhr_cli.io.progress import progress_bar
 from dhr_cli.io.runtime import resolve_device
 from dhr_cli.models.deeplab import DHRNet, NetworkSpec, build_network
@@ -63,26 +63,17 @@ logger = logging.getLogger(__name__)
 
 
 # ---- inputs -------------------------------------------------------------------------------------
-class MaskSource:
-    """The fixed input pseudo-masks M0: a masks/seeds store or a folder of <id>.png."""
-
-    def __init__(self, path: str | os.PathLike, ids: list[str]):
-        self.path = Path(path)
-        if self.path.is_dir():
-            self._store = None
-            missing = [i for i in ids if not (self.path / f"{i}.png").is_file()]
-        elif self.path.is_file():
-            self._store = LazyStore(self.path, ("masks", "seeds"))
-            missing = [i for i in ids if i not in self._store.ids]
-        else:
-            raise InputError(f"--masks {self.path}: no such store or folder")
-        if missing:
-            raise InputError(f"--masks {self.path}: {len(missing)} training images have no mask, e.g. {missing[:3]}")
-
-    def read(self, item_id: str) -> np.ndarray:
-        if self._store is None:
-            return read_index_png(self.path / f"{item_id}.png")
-        return self._store.read(item_id).mask
+def open_training_masks(path: str | os.PathLike, ids: list[str]) -> MaskSource:
+    """The fixed input pseudo-masks M0 (--masks): a masks/seeds store or a folder of <id>.png,
+    holding a mask for every training image."""
+    path = Path(path)
+    if not (path.is_dir() or path.is_file()):
+        raise InputError(f"--masks {path}: no such store or folder")
+    masks = MaskSource(path, empty_folder_ok=True)  # an empty folder is reported as the images it lacks
+    missing = [i for i in ids if i not in masks]
+    if missing:
+        raise InputError(f"--masks {path}: {len(missing)} training images have no mask, e.g. {missing[:3]}")
+    return masks
 
 
 class FeatureSource:
@@ -372,7 +363,7 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
         raise InputError("DHR training needs USS features: pass --uss USS.h5 (or --no-dhr to train on --masks only)")
     inputs = {"data": str(data), "split": split, "masks": str(masks_path), "uss": None if uss_spec is None else str(uss_spec),
               "backbone_weights": None if backbone_weights is None else str(backbone_weights)}
-    mask_source = MaskSource(masks_path, ids)
+    mask_source = open_training_masks(masks_path, ids)
     uss_source = FeatureSource(uss_spec, ids) if cfg.dhr else None
     regen = OnlineRegenerator(cfg, dataset, cam_index(dataset)[1]) if cfg.dhr else None
     last = _prepare_run_dir(run_dir, resume, overwrite, rank)
