@@ -149,6 +149,37 @@ def test_resume_with_other_options_is_refused_naming_them(synth, tmp_path):
     assert r.exit_code == 0, r.output
 
 
+def test_resume_with_nothing_to_do_leaves_the_store_as_it_was_so_downstream_resumes_still_work(synth, tmp_path):
+    """A pipeline rerun with --resume everywhere: a complete seed store must stay byte- and
+    time-identical, or propagate's resume refuses it as an input changed since its partial run."""
+    seeds, masks = tmp_path / "s.h5", tmp_path / "m.h5"
+    seed = ["seed", "--cams", synth / "cams.h5", "--data", synth, "--out", seeds, "--no-crf", "-q"]
+    prop = ["propagate", "--seeds", seeds, "--data", synth, "--uss", synth / "uss.h5", "--wss", synth / "wss.h5",
+            "--out", masks, "--no-crf", "-q"]
+    assert invoke(*seed).exit_code == 0
+    stamp = (seeds.read_bytes(), seeds.stat().st_mtime_ns)
+    assert invoke(*seed, "--resume").exit_code == 0
+    assert (seeds.read_bytes(), seeds.stat().st_mtime_ns) == stamp
+    assert invoke(*prop).exit_code == 0
+    assert invoke(*seed, "--resume").exit_code == 0  # nothing to do again
+    r = invoke(*prop, "--resume")
+    assert r.exit_code == 0, r.output
+    with open_store(seeds) as s:
+        assert "resumed_at" not in s.provenance  # nothing was resumed into it
+
+
+def test_resume_that_writes_records_it_and_changes_the_store(tmp_path):
+    out = tmp_path / "m.h5"
+    with create_store(out, "masks", CLASSES, provenance={"command": "t"}) as w:
+        w.write("a", {"mask": np.zeros((2, 2), np.uint8)})
+    os.utime(out, ns=(1, 1))
+    with create_store(out, "masks", CLASSES, provenance={"command": "t"}, resume=True) as w:
+        w.write("b", {"mask": np.ones((2, 2), np.uint8)})
+    assert out.stat().st_mtime_ns != 1
+    with open_store(out) as s:
+        assert s.ids == ["a", "b"] and len(s.provenance["resumed_at"]) == 1
+
+
 # ---- 2. per-item integrity, disk full ------------------------------------------------------
 def _corrupt(path: Path, item: str, name: str) -> None:
     with h5py.File(path, "r") as f:

@@ -311,8 +311,10 @@ class StoreWriter:
         moved = False
         if resume:
             if self.path.exists() and not self.partial.exists():
+                st = self.path.stat()
                 os.replace(self.path, self.partial)  # a complete store: resume fills what is missing
                 moved = True
+                self._complete_times = (st.st_atime_ns, st.st_mtime_ns)
         else:
             check_output(self.path, overwrite=overwrite)
         if resume and self.partial.exists():
@@ -366,13 +368,21 @@ class StoreWriter:
             for key in list(items.keys()):
                 if key.startswith(_TMP_PREFIX) or _UNSURE in items[key].attrs or _item_problem(items[key]) is not None:
                     del items[key]
+                    self._changed = True
         except BaseException:
             f.close()
             raise
         if isinstance(prov, dict):
             prov.setdefault("resumed_at", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            f.attrs["provenance"] = json.dumps(prov, default=str)
+            self._resumed_provenance = json.dumps(prov, default=str)  # recorded with the first change
+            if self._changed:
+                f.attrs["provenance"], self._resumed_provenance = self._resumed_provenance, None
         return f
+
+    def _note_change(self) -> None:
+        if self._resumed_provenance is not None:
+            self._file.attrs["provenance"], self._resumed_provenance = self._resumed_provenance, None
+        self._changed = True
 
     def __contains__(self, item_id: object) -> bool:
         return item_id in self.done
@@ -380,6 +390,7 @@ class StoreWriter:
     def write_extra(self, fill: Callable[[h5py.File], object]) -> None:
         """Let `fill(file)` write root-level data beside 'items' (a GT cache's image index); readers
         of the store contract ignore it."""
+        self._note_change()
         fill(self._file)
 
     def write(self, item_id: str, arrays: dict[str, np.ndarray], attrs: dict[str, dict] | None = None) -> None:
@@ -404,6 +415,7 @@ class StoreWriter:
             raise StoreError(f"{self.partial}: disk full ({free // 1024} KiB left, item {item_id!r} needs up to "
                              f"{need // 1024} KiB); the items written so far are kept, free space and rerun with --resume")
         try:
+            self._note_change()
             if tmp in self._items:
                 del self._items[tmp]
             group = self._items.create_group(tmp)
@@ -442,6 +454,11 @@ class StoreWriter:
 
     broken = False
     _fresh = False  # this run created the partial (not a resume)
+    # A --resume over a complete store that finds nothing to do gives it back as it was, times
+    # included: downstream runs that recorded its size and mtime as an input can still resume.
+    _complete_times: tuple[int, int] | None = None
+    _resumed_provenance: str | None = None
+    _changed = False
 
     def close(self, complete: bool, failed: bool = False) -> None:
         try:
@@ -454,6 +471,8 @@ class StoreWriter:
                         raise StoreError(f"{self.partial}: could not be closed ({e}); free space and rerun with --resume") from None
                 if complete and not self.broken:
                     os.replace(self.partial, self.path)
+                    if self._complete_times is not None and not self._changed:
+                        os.utime(self.path, ns=self._complete_times)
             if failed and self._fresh and not self.done and not self.broken and self.partial.exists():
                 self.partial.unlink()  # an error before the first item: nothing to resume, leave nothing behind
         finally:
