@@ -94,6 +94,37 @@ def test_step3_changes_the_result_when_classes_share_a_group():
     assert torch.equal(propagate_items([lazy], PropagateConfig(use_crf=False, step3=False))[0], no_step3)
 
 
+@pytest.mark.parametrize("marginals", ["uniform", "seeded"])
+def test_background_in_a_step3_group_only_when_asked(marginals):
+    """Background shares class 4's USS embedding, classes 3 and 5 share another: by default Step 3
+    separates 3 from 5 and leaves background alone; --step3-background lets it join 4's group (the
+    authors). Each equals the oracle with the same rule, and the two differ."""
+    rng = np.random.default_rng(11)
+    seed = _scene(rng, 48, 60, [3, 4, 5])
+    groups = {0: "g", 4: "g", 3: "h", 5: "h"}
+    uss = _features(rng, seed, (8, 10), 12, groups, 0.3).astype(np.float32)
+    wss = [_features(rng, seed, (6, 7), 9, {c: f"w{c}" for c in (0, 3, 4, 5)}, 0.5).astype(np.float32)]
+    out = {}
+    for together in (False, True):
+        item = PropagateItem(seed=torch.from_numpy(seed), uss=torch.from_numpy(uss),
+                             wss=[torch.from_numpy(w) for w in wss], labels=[3, 4, 5])
+        cfg = PropagateConfig(use_crf=False, marginals=marginals, recover_missing=False, step3_background=together)
+        out[together] = propagate_items([item], cfg)[0].numpy()
+        expected = oracle.propagate(seed, uss, wss, [3, 4, 5], marginals=marginals, recover=False,
+                                    background_in_groups=together)
+        np.testing.assert_array_equal(out[together], expected)
+        assert step3_needed(item, cfg)  # 3 and 5 share a group either way
+    assert not np.array_equal(out[False], out[True])
+    # background alone and no other shared group: Step 3 does not run (its WSS maps are not read)
+    lone = {0: "g", 4: "g", 3: "h", 5: "k"}
+    uss2 = _features(rng, seed, (8, 10), 12, lone, 0.3).astype(np.float32)
+    item = PropagateItem(seed=torch.from_numpy(seed), uss=torch.from_numpy(uss2), labels=[3, 4, 5],
+                         wss=lambda: pytest.fail("WSS read"))
+    assert not step3_needed(item, PropagateConfig(use_crf=False))
+    propagate_items([item], PropagateConfig(use_crf=False))
+    assert step3_needed(item, PropagateConfig(use_crf=False, step3_background=True))
+
+
 def test_recovery_of_a_class_that_wins_no_cell():
     rng = np.random.default_rng(5)
     seed = np.zeros((40, 40), np.int64)

@@ -67,6 +67,7 @@ def propagate_cmd(
     skip_missing_images: SkipMissingImages = False,
     tau: Annotated[float, typer.Option("--tau", help="Prototype cosine above which classes share a USS group (Step 3).")] = _P.tau,
     step3: Annotated[bool, typer.Option("--step3/--no-step3", help="Step 3 (classes alike in USS space told apart with WSS features); --no-step3 needs no --wss.")] = _P.step3,
+    step3_background: Annotated[bool, typer.Option("--step3-background/--no-step3-background", help="Let background share a Step-3 group like any class (the authors); default: Step 3 tells foreground classes apart only.")] = _P.step3_background,
     crf: Crf = _P.use_crf,
     crf_preset: CrfPresetOpt = None,
     crf_max_side: CrfMaxSide = None,
@@ -104,6 +105,7 @@ def propagate_cmd(
     try:
         cfg = PropagateConfig(
             sinkhorn=sinkhorn_config(ot_solver, sinkhorn_max_iter, sinkhorn_tol, sinkhorn_eps), use_crf=crf, crf=crf_config(crf_preset, crf_max_side, crf_backend, base=_P.crf), tau=tau, step3=step3,
+            step3_background=step3_background,
             marginals=ot_marginals, recover_missing=recover,
             restore_classes=restore_classes, upsample=upsample,
             guided_radius=guided_radius, guided_eps=guided_eps,

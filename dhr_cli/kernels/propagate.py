@@ -153,12 +153,27 @@ def _majority_blocks(mask: torch.Tensor, grid: tuple[int, int], labels: torch.Te
     return labels.index_select(0, best.flatten()).view(gh, gw)
 
 
-def correlation_groups(protos: torch.Tensor, class_valid: torch.Tensor, tau: float) -> torch.Tensor:
-    """G[b, i, j] = j >= i and relu(cos(V_i, V_j)) > tau (the triangular grouping): (B, N, N) bool."""
+def correlation_groups(protos: torch.Tensor, class_valid: torch.Tensor, tau: float,
+                       alone: torch.Tensor | None = None) -> torch.Tensor:
+    """G[b, i, j] = j >= i and relu(cos(V_i, V_j)) > tau (the triangular grouping): (B, N, N) bool.
+
+    `alone` (B, N) bool marks classes kept out of every group but their own (background, unless
+    PropagateConfig.step3_background)."""
     v = F.normalize(protos, dim=-1, eps=1e-12)
     corr = torch.triu(torch.relu(torch.bmm(v, v.transpose(1, 2))))
     both = class_valid[:, :, None] & class_valid[:, None, :]
-    return (corr > tau) & both
+    groups = (corr > tau) & both
+    if alone is not None:
+        n = groups.shape[1]
+        apart = (alone[:, :, None] | alone[:, None, :]) & ~torch.eye(n, dtype=torch.bool, device=groups.device)
+        groups = groups & ~apart
+    return groups
+
+
+def step3_groups(setup: "_Classes", cfg: PropagateConfig, background: int) -> torch.Tensor:
+    """Step 3's groups of a batch: `correlation_groups` at cfg.tau, background alone unless allowed."""
+    alone = None if cfg.step3_background else setup.classes == background
+    return correlation_groups(setup.protos, setup.class_valid, cfg.tau, alone)
 
 
 def seeded_marginals(cell_labels: torch.Tensor, cell_valid: torch.Tensor, classes: torch.Tensor,
@@ -331,7 +346,7 @@ def step3_needed(item: PropagateItem, cfg: PropagateConfig, *, background: int =
     if not cfg.step3:
         return False
     setup = _class_setup([item], cfg, background, dtype=torch.float32)
-    return bool((correlation_groups(setup.protos, setup.class_valid, cfg.tau).sum(2) > 1).any())
+    return bool((step3_groups(setup, cfg, background).sum(2) > 1).any())
 
 
 def propagate_items(items: list[PropagateItem], cfg: PropagateConfig, *, background: int = 0,
@@ -344,7 +359,7 @@ def propagate_items(items: list[PropagateItem], cfg: PropagateConfig, *, backgro
     classes, class_valid, classes_list = setup.classes, setup.class_valid, setup.classes_list
     weights, protos = setup.weights, setup.protos
     heat_us = cosine_heatmap(setup.feats, protos, cells_ok, class_valid)
-    groups = correlation_groups(protos, class_valid, cfg.tau)
+    groups = step3_groups(setup, cfg, background)
     heat_ws = None
     has_wss = [cfg.step3 and (callable(it.wss) or bool(it.wss)) for it in items]
     if not all(has_wss):
