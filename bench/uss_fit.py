@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     sys.path.insert(0, str(HERE.parent))
+    from dhr_cli.config import DemoConfig
     from dhr_cli.pipeline.evaluate import run_eval
     from dhr_cli.testing.synthetic import make_dataset
 
@@ -55,7 +56,8 @@ def main(argv=None) -> int:
         dhr("cams", "--data", data, "--split", "train", "--wss", "lite0", "--train-head", "--out", cams, *common)
     seeds = a.out / "seeds.h5"
     if not seeds.exists():
-        dhr("seed", "--cams", cams, "--data", data, "--split", "train", "--out", seeds, *common)
+        dhr("seed", "--cams", cams, "--data", data, "--split", "train", "--out", seeds,
+            "--bg-rule", DemoConfig().seed_bg_rule, *common)  # the demo's seeds
     uss = {"lite0 features (raw)": ["--uss", "lite0"],
            "fitted head, other seed's images": ["--uss", "fitted", "--uss-weights", heads["held_out"][0]],
            "fitted head, these images": ["--uss", "fitted", "--uss-weights", heads["same_images"][0]]}
