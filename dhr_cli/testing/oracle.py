@@ -99,7 +99,8 @@ def _prototypes(feats: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 def propagate_heat(seed: np.ndarray, uss: np.ndarray, wss: list[np.ndarray], labels: list[int], *,
                    cams: np.ndarray | None = None, cam_labels: list[int] | None = None, tau: float = 0.8,
-                   background: int = 0, background_in_groups: bool = False, marginals: str = "uniform", min_marginal: float = 0.02, recover: bool = True,
+                   background: int = 0, background_in_groups: bool = False, marginals: str = "uniform",
+                   min_marginal: float = 0.02, recover: bool = True,
                    eps: float = 0.1, max_iter: int = 100, tol: float = 1e-2) -> tuple[np.ndarray, list[int]]:
     """Steps 2.1-2.6 before the argmax for one image: ((N, H, W) heat-maps, class label values)."""
     d, hu, wu = uss.shape
@@ -128,7 +129,7 @@ def propagate_heat(seed: np.ndarray, uss: np.ndarray, wss: list[np.ndarray], lab
     v = protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
     corr = np.maximum(v @ v.T, 0)
     groups = [[j for j in range(i, n) if corr[i, j] > tau] for i in range(n)]
-    if not background_in_groups:  # background only in its own group (docs/method.md, Step 2.4)
+    if not background_in_groups:  # background only in its own group (docs/method.md, Steps 2-3, item 3)
         groups = [[i] if classes[i] == background else [j for j in g if classes[j] != background]
                   for i, g in enumerate(groups)]
     if any(len(g) > 1 for g in groups) and wss:
