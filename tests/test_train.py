@@ -367,3 +367,21 @@ def test_ema_and_poly_schedule_match_their_formulas():
     for k, v in tr.ema.module.state_dict().items():
         torch.testing.assert_close(v, ref[k], rtol=1e-6, atol=1e-6)
     assert tr.state()["ema_updates"] == 7
+
+
+@pytest.mark.parametrize("flag, expected", [([], False), (["--step3-background"], True)])
+def test_train_passes_the_step3_grouping_rule_to_online_regeneration(dataset, tmp_path, monkeypatch, flag, expected):
+    from typer.testing import CliRunner
+
+    import dhr_cli.pipeline.train as train_module
+    from dhr_cli.cli import app
+
+    seen = {}
+
+    def fake_run_train(cfg, *args, **kwargs):
+        seen["cfg"] = cfg
+        return {}
+
+    monkeypatch.setattr(train_module, "run_train", fake_run_train)
+    CliRunner().invoke(app, _cli_train(dataset, tmp_path / "r", *flag))
+    assert seen["cfg"].propagate.step3_background is expected

@@ -61,6 +61,7 @@ def train_cmd(
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="SGD weight decay.")] = _D.weight_decay,
     ema: Annotated[float, typer.Option("--ema", help="EMA decay of the saved weights (0 = off).")] = _D.ema_decay,
     tau: Annotated[float, typer.Option("--tau", help="USS prototype cosine above which classes are told apart by C4/C5.")] = _D.propagate.tau,
+    step3_background: Annotated[bool, typer.Option("--step3-background/--no-step3-background", help="Let background share a C4/C5 group like any class (the authors); default: foreground classes only.")] = _D.propagate.step3_background,
     ot_marginals: Annotated[str, typer.Option("--ot-marginals", help="uniform (authors) or seeded class marginals.")] = _D.propagate.marginals,
     crf: Annotated[bool, typer.Option("--crf/--no-crf", help="CRF in the online regeneration.")] = _D.propagate.use_crf,
     freeze_bn: Annotated[bool, typer.Option("--freeze-bn", help="BatchNorm layers in eval mode (small batches).")] = _D.freeze_bn,
@@ -93,7 +94,8 @@ def train_cmd(
             ema_decay=ema, dhr=dhr, freeze_bn=freeze_bn, dropout=dropout, amp=amp, seed=seed, num_workers=workers,
             device=device, val_split=None if val_split == "none" else val_split, log_every=log_every,
             checkpoint_every=checkpoint_every,
-            propagate=replace(_D.propagate, tau=tau, marginals=ot_marginals, use_crf=crf),  # type: ignore[arg-type]
+            propagate=replace(_D.propagate, tau=tau, step3_background=step3_background, marginals=ot_marginals,
+                              use_crf=crf),  # type: ignore[arg-type]
             seed_cfg=replace(_D.seed_cfg, use_crf=crf),
         )
     except ValueError as e:
