@@ -138,11 +138,11 @@ def test_out_must_be_a_regular_file(synth, tmp_path, what):
 def test_resume_with_other_options_is_refused_naming_them(synth, tmp_path):
     out = tmp_path / "s.h5"
     assert invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", out, "--no-crf", "-q").exit_code == 0
-    before = out.read_bytes()
+    before = (out.read_bytes(), out.stat().st_mtime_ns)
     r = invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", out, "--crf", "-q", "--resume")
     assert r.exit_code == 1
     assert "use_crf: False (partial) vs True (this run)" in one_line_error(r)
-    assert out.read_bytes() == before  # the complete store is given back untouched
+    assert (out.read_bytes(), out.stat().st_mtime_ns) == before  # the complete store is given back untouched
     # Options that do not change a result may change.
     r = invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", out, "--no-crf", "-q", "--resume",
                "--batch-size", "3")

@@ -308,12 +308,10 @@ class StoreWriter:
             raise
 
     def _open(self, kind, provenance, overwrite, resume, root_attrs) -> None:
-        moved = False
         if resume:
             if self.path.exists() and not self.partial.exists():
                 st = self.path.stat()
                 os.replace(self.path, self.partial)  # a complete store: resume fills what is missing
-                moved = True
                 self._complete_times = (st.st_atime_ns, st.st_mtime_ns)
         else:
             check_output(self.path, overwrite=overwrite)
@@ -321,9 +319,11 @@ class StoreWriter:
             try:
                 self._file = self._open_partial_for_resume(provenance)
             except StoreError:
-                if moved:  # give the user's complete store back untouched
-                    os.replace(self.partial, self.path)
+                if self._complete_times is not None:  # give the user's complete store back untouched
+                    self._give_back()
                 raise
+            if self._changed:  # damaged items were dropped: the resume is recorded now
+                self._note_change()
         else:
             if self.partial.exists() or self.partial.is_symlink():
                 check_output_path(self.partial)
@@ -375,9 +375,14 @@ class StoreWriter:
         if isinstance(prov, dict):
             prov.setdefault("resumed_at", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             self._resumed_provenance = json.dumps(prov, default=str)  # recorded with the first change
-            if self._changed:
-                f.attrs["provenance"], self._resumed_provenance = self._resumed_provenance, None
         return f
+
+    def _give_back(self) -> None:
+        """The complete store a --resume moved aside goes back under its name, with its times when
+        nothing in it changed (HDF5's append mode touches the file even when nothing is written)."""
+        os.replace(self.partial, self.path)
+        if not self._changed:
+            os.utime(self.path, ns=self._complete_times)
 
     def _note_change(self) -> None:
         if self._resumed_provenance is not None:
@@ -470,9 +475,10 @@ class StoreWriter:
                     if complete:
                         raise StoreError(f"{self.partial}: could not be closed ({e}); free space and rerun with --resume") from None
                 if complete and not self.broken:
-                    os.replace(self.partial, self.path)
-                    if self._complete_times is not None and not self._changed:
-                        os.utime(self.path, ns=self._complete_times)
+                    if self._complete_times is not None:
+                        self._give_back()
+                    else:
+                        os.replace(self.partial, self.path)
             if failed and self._fresh and not self.done and not self.broken and self.partial.exists():
                 self.partial.unlink()  # an error before the first item: nothing to resume, leave nothing behind
         finally:
