@@ -60,6 +60,27 @@ def test_wss_lite0_train_head_then_reuse(data, tmp_path):
     assert r.exit_code == 1 and "already exists" in r.output
 
 
+def test_head_last_stage_trains_the_wss_features_and_is_saved(data, tmp_path):
+    """--head-last-stage fine-tunes blocks.6: the stored WSS features change, and --save-head keeps them."""
+    common = ("--data", data, "--split", "train", "--wss", "lite0", "--scales", "1.0", "--no-flip",
+              "--feature-rank", 0, "--device", "cpu", "--quiet")
+    frozen, tuned, again, head = (tmp_path / n for n in ("frozen.h5", "tuned.h5", "again.h5", "head.pt"))
+    for out, extra in ((frozen, ()), (tuned, ("--head-last-stage", "--save-head", head))):
+        r = invoke("cams", *common, "--train-head", "--head-steps", 30, *extra, "--out", out)
+        assert r.exit_code == 0, r.output
+    r = invoke("cams", *common, "--head", head, "--out", again)
+    assert r.exit_code == 0, r.output
+    with open_store(frozen) as a, open_store(tuned) as b, open_store(again) as c:
+        assert b.provenance["options"]["head_last_stage"] is True and a.provenance["options"]["head_last_stage"] is False
+        i = a.ids[0]
+        fa, fb, fc = (s.read(i).features.astype(np.float32) for s in (a, b, c))
+        assert np.abs(fa - fb).max() > 1e-2  # blocks.6 moved
+        np.testing.assert_allclose(fc, fb, atol=2e-3)  # the saved head carries the tuned stage
+        np.testing.assert_allclose(c.read(i).cams, b.read(i).cams, atol=2e-3)
+    r = invoke("cams", *common, "--head", head, "--head-last-stage", "--out", tmp_path / "x.h5")
+    assert r.exit_code == 1 and "--head-last-stage" in r.output and not (tmp_path / "x.h5").exists()
+
+
 def test_uss_lite0_features_store(data, tmp_path):
     out = tmp_path / "uss.h5"
     r = invoke("cams", "--data", data, "--split", "val", "--uss", "lite0", "--scales", "2.0,1.0", "--device", "auto",

@@ -56,6 +56,9 @@ def cams_cmd(
     head: Annotated[Optional[Path], typer.Option("--head", help="lite0 WSS: reuse a head saved with --save-head.")] = None,
     save_head: Annotated[Optional[Path], typer.Option("--save-head", help="lite0 WSS: write the fitted head to this .pt file.")] = None,
     head_steps: Annotated[int, typer.Option("--head-steps", min=1, help="Optimisation steps of --train-head.")] = _D.head_steps,
+    head_last_stage: Annotated[bool, typer.Option("--head-last-stage", help=(
+        "lite0 --train-head: also fine-tune the last stage (blocks.6), so the stored WSS features are trained "
+        "on the labels too. Better CAMs on bench-real, worse on the small demo set (docs/features.md)."))] = _D.head_last_stage,
     trust_checkpoint: TrustCheckpoint = False,
     scales: Annotated[Optional[str], typer.Option("--scales", callback=parse_scales, help=(
         "Comma-separated input scales (default: " + ",".join(map(str, _D.scales)) + " for CAMs, as IRN; "
@@ -96,7 +99,8 @@ def cams_cmd(
         layers = tuple(t.strip() for t in (feature_layers or "").split(",") if t.strip())
         if feature_layers is not None and not layers:
             raise InputError("--feature-layers: name at least one layer")
-        cfg = CamsConfig(flip=not no_flip, batch_size=batch_size, device=device, head_steps=head_steps, side=side,
+        cfg = CamsConfig(flip=not no_flip, batch_size=batch_size, device=device, head_steps=head_steps,
+                         head_last_stage=head_last_stage, side=side,
                          store_dtype=dtype, feature_layers=layers, feature_stride=feature_stride,
                          feature_rank=feature_rank, **extra)
     except InputError:
@@ -117,6 +121,8 @@ def cams_cmd(
         name, weights = "dhr", weights or Path(wss)
     if (train_head or head or save_head) and not (wss and wss.lower() == "lite0"):
         raise InputError("--train-head / --head / --save-head apply to --wss lite0 only")
+    if head_last_stage and not train_head:
+        raise InputError("--head-last-stage applies to --train-head (a saved --head keeps its own last stage)")
     if wss and wss.lower() == "lite0" and not (train_head or head):
         raise InputError("--wss lite0 needs a CAM head: pass --train-head (fit on this split's labels) or --head PATH")
     if train_head and head:
