@@ -320,7 +320,7 @@ class StoreWriter:
                 self._file = self._open_partial_for_resume(provenance)
             except StoreError:
                 if self._complete_times is not None:  # give the user's complete store back untouched
-                    self._give_back()
+                    self._publish()
                 raise
             if self._changed:  # damaged items were dropped: the resume is recorded now
                 self._note_change()
@@ -377,11 +377,11 @@ class StoreWriter:
             self._resumed_provenance = json.dumps(prov, default=str)  # recorded with the first change
         return f
 
-    def _give_back(self) -> None:
-        """The complete store a --resume moved aside goes back under its name, with its times when
-        nothing in it changed (HDF5's append mode touches the file even when nothing is written)."""
+    def _publish(self) -> None:
+        """The partial file takes the store's name. A complete store that a --resume moved aside and
+        left unchanged keeps its times (HDF5's append mode touches the file even when nothing is written)."""
         os.replace(self.partial, self.path)
-        if not self._changed:
+        if self._complete_times is not None and not self._changed:
             os.utime(self.path, ns=self._complete_times)
 
     def _note_change(self) -> None:
@@ -475,10 +475,7 @@ class StoreWriter:
                     if complete:
                         raise StoreError(f"{self.partial}: could not be closed ({e}); free space and rerun with --resume") from None
                 if complete and not self.broken:
-                    if self._complete_times is not None:
-                        self._give_back()
-                    else:
-                        os.replace(self.partial, self.path)
+                    self._publish()
             if failed and self._fresh and not self.done and not self.broken and self.partial.exists():
                 self.partial.unlink()  # an error before the first item: nothing to resume, leave nothing behind
         finally:
