@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     seeds = a.out / "seeds.h5"
     if not seeds.exists():
         dhr("seed", "--cams", cams, "--data", data, "--split", "train", "--out", seeds,
-            "--bg-rule", DemoConfig().seed_bg_rule, *common)  # the demo's seeds
+            "--bg-rule", DemoConfig().seed_bg_rule, "--ot" if DemoConfig().seed_ot_lite0 else "--no-ot",
+            *common)  # the demo's seeds
     uss = {"lite0 features (raw)": ["--uss", "lite0"],
            "fitted head, other seed's images": ["--uss", "fitted", "--uss-weights", heads["held_out"][0]],
            "fitted head, these images": ["--uss", "fitted", "--uss-weights", heads["same_images"][0]]}

@@ -146,15 +146,19 @@ def test_recovery_of_a_class_that_wins_no_cell():
     np.testing.assert_array_equal(on.numpy(), expected)
 
 
-def test_seeds_equal_the_oracle():
+@pytest.mark.parametrize("ot", [True, False])
+def test_seeds_equal_the_oracle(ot):
     rng = np.random.default_rng(1)
     cams = [rng.random((k, h, w)).astype(np.float32) for k, h, w in [(1, 6, 8), (3, 7, 9), (2, 5, 5)]]
     labels = [[4], [1, 2, 7], [3, 5]]
     sizes = [(24, 32), (28, 37), (19, 21)]
-    cfg = SeedConfig(use_crf=False)
+    cfg = SeedConfig(use_crf=False, ot=ot)
     got = seed_masks([torch.from_numpy(c) for c in cams], labels, sizes, cfg)
     for g, c, lab, size in zip(got, cams, labels, sizes):
-        np.testing.assert_array_equal(g.numpy(), oracle.seed(c, lab, size, cfg.bg_power, cfg.confidence))
+        np.testing.assert_array_equal(g.numpy(), oracle.seed(c, lab, size, cfg.bg_power, cfg.confidence, ot=ot))
+    # The OT step matters on these CAMs, so the two settings are told apart.
+    other = seed_masks([torch.from_numpy(c) for c in cams], labels, sizes, SeedConfig(use_crf=False, ot=not ot))
+    assert any((a != b).any() for a, b in zip(got, other))
 
 
 def _otsu_reference(values: np.ndarray, bins: int) -> float:
@@ -233,6 +237,23 @@ def test_commands_match_the_oracle_with_float16_stores(synth, tmp_path):
                                         [wss.read(item_id).features], labels, recover=False)
             np.testing.assert_array_equal(masks.read(item_id).mask, expected)
             assert masks.read(item_id).mask.max() < 255
+
+
+def test_seed_command_without_ot_matches_the_oracle_and_records_it(synth, tmp_path):
+    _cli(["seed", "--cams", synth / "cams.h5", "--data", synth, "--out", tmp_path / "s.h5", "--no-crf", "--no-ot", "-q"])
+    _cli(["seed", "--cams", synth / "cams.h5", "--data", synth, "--out", tmp_path / "ot.h5", "--no-crf", "-q"])
+    cfg = SeedConfig()
+    with open_store(tmp_path / "s.h5") as seeds, open_store(tmp_path / "ot.h5") as with_ot, \
+         open_store(synth / "cams.h5") as cams:  # fmt: skip
+        assert seeds.provenance["options"]["ot"] is False and with_ot.provenance["options"]["ot"] is True
+        differ = 0
+        for item_id in seeds.ids:
+            item = cams.read(item_id)
+            mask = seeds.read(item_id).mask
+            expected = oracle.seed(item.cams, item.labels.tolist(), mask.shape, cfg.bg_power, cfg.confidence, ot=False)
+            np.testing.assert_array_equal(mask, expected)
+            differ += int((mask != with_ot.read(item_id).mask).any())
+        assert differ > 0
 
 
 def test_propagate_missing_ids_fail_or_skip(synth, tmp_path):

