@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     sys.path.insert(0, str(HERE.parent))
     from dhr_cli.config import DemoConfig
+    from dhr_cli.pipeline.demo import seed_options
     from dhr_cli.pipeline.evaluate import run_eval
     from dhr_cli.testing.synthetic import make_dataset
 
@@ -57,8 +58,7 @@ def main(argv=None) -> int:
     seeds = a.out / "seeds.h5"
     if not seeds.exists():
         dhr("seed", "--cams", cams, "--data", data, "--split", "train", "--out", seeds,
-            "--bg-rule", DemoConfig().seed_bg_rule, "--ot" if DemoConfig().seed_ot_lite0 else "--no-ot",
-            *common)  # the demo's seeds
+            *seed_options(DemoConfig().seed_bg_rule, DemoConfig().seed_ot_lite0), *common)  # the demo's (Lite0) seeds
     uss = {"lite0 features (raw)": ["--uss", "lite0"],
            "fitted head, other seed's images": ["--uss", "fitted", "--uss-weights", heads["held_out"][0]],
            "fitted head, these images": ["--uss", "fitted", "--uss-weights", heads["same_images"][0]]}

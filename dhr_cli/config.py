@@ -135,10 +135,10 @@ class SeedConfig:
     bg_rule: BgRule = "power"
     # Step 1.2, A * f_OT(A) (the paper). Uniform class marginals give every labelled class an equal
     # share of the mass: on real photographs that recovers small objects (bench-real seed 1: DHR 32.3
-    # with it, 29.5 without; +0.5 on average over held-out seeds 0 / 2-5), but where one labelled object is several times larger than the others
-    # and the CAMs already tell them apart (the procedural demo), it hands the large object's area
-    # to a small class (DemoConfig.seed_ot_lite0). Off: the normalised CAMs go to the background
-    # competition as they are.
+    # with it, 29.5 without; +0.5 on average over held-out seeds 0 / 2-5), but where one labelled
+    # object is several times larger than the others and the CAMs already tell them apart (the
+    # procedural demo), it hands the large object's area to a small class (DemoConfig.seed_ot_lite0).
+    # Off: the normalised CAMs go to the background competition as they are.
     ot: bool = True
     # Pixels whose winning probability is below this become 255 (unsure).
     confidence: float = 0.4

@@ -55,7 +55,9 @@ def test_make_demo_leaves_tracked_files_alone():
 
 
 def test_summary_names_the_seed_options_that_differ_from_the_defaults():
-    from dhr_cli.pipeline.demo import summary_markdown
+    from dhr_cli.pipeline.demo import seed_options, summary_markdown
+
+    assert seed_options("otsu", False) == ["--bg-rule", "otsu", "--no-ot"]  # what bench/uss_fit.py passes
 
     base = {"images": 3, "features": "f", "timings_s": {"seed": 1.0}, "methods": {}}
     assert "seeds: `dhr seed --bg-rule otsu --no-ot`." in summary_markdown({**base, "seed_bg_rule": "otsu", "seed_ot": False})

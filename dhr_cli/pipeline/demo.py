@@ -103,14 +103,20 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), overwrite: bool = False)
     return summary
 
 
+def seed_options(bg_rule: str | None, ot: bool | None) -> list[str]:
+    """The `dhr seed` options that give the demo's seeds: those that differ from SeedConfig's defaults."""
+    default = SeedConfig()
+    flags = []
+    if bg_rule and bg_rule != default.bg_rule:
+        flags += ["--bg-rule", bg_rule]
+    if ot is not None and ot != default.ot:
+        flags.append("--ot" if ot else "--no-ot")
+    return flags
+
+
 def summary_markdown(summary: dict) -> str:
     """The headline numbers as a Markdown table with the wall time per step (what README.md shows)."""
-    flags = []
-    rule = summary.get("seed_bg_rule")
-    if rule and rule != SeedConfig().bg_rule:
-        flags.append(f"--bg-rule {rule}")
-    if summary.get("seed_ot", SeedConfig().ot) != SeedConfig().ot:
-        flags.append("--ot" if summary["seed_ot"] else "--no-ot")
+    flags = seed_options(summary.get("seed_bg_rule"), summary.get("seed_ot"))
     seeds = f"; seeds: `dhr seed {' '.join(flags)}`" if flags else ""
     lines = [f"`make demo`, {summary['images']} procedural train images; {summary['features']}{seeds}.", "",
              "| method | mIoU | mFPR | mFNR | vanishing rate |", "|---|---:|---:|---:|---:|"]
