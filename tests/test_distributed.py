@@ -17,7 +17,7 @@ from tests.helpers import free_port
 from dhr_cli.io.distributed import Rank, interrupted, merge_stores, shard, shard_path
 from dhr_cli.io.store import create_store, open_store
 
-CLASSES = ["background", "cat"]
+CLASSES = ["background", "cat", "dog"]
 
 
 def _masks(path, ids, value=1, classes=CLASSES):
@@ -70,7 +70,7 @@ def test_torchrun_two_ranks_write_one_store(tmp_path):
         import numpy as np
         from dhr_cli.io.distributed import output_store, shard
         ids = [f"img{{i}}" for i in range(7)]
-        with output_store({str(tmp_path / 'out.h5')!r}, "masks", ["background", "cat"], provenance={{}}) as w:
+        with output_store({str(tmp_path / 'out.h5')!r}, "masks", [f"c{{k}}" for k in range(20)], provenance={{}}) as w:
             for i in shard(ids):
                 w.write(i, {{"mask": np.full((2, 2), int(i[3:]), np.uint8)}})
     """))
@@ -97,7 +97,7 @@ import numpy as np
 from dhr_cli.io.distributed import output_store, shard
 out, resume = sys.argv[1], sys.argv[2] == "resume"
 ids = [f"img{i}" for i in range(7)]
-with output_store(out, "masks", ["background", "cat"], provenance={}, resume=resume) as w:
+with output_store(out, "masks", [f"c{k}" for k in range(20)], provenance={}, resume=resume) as w:
     for i in shard(ids):
         if i not in w:
             w.write(i, {"mask": np.full((2, 2), int(i[3:]), np.uint8)})
@@ -108,14 +108,14 @@ def test_torchrun_resume_completes_a_merged_store(tmp_path):
     """--resume on an OUT merged by an earlier run (no shards left): only the items it lacks are computed."""
     (tmp_path / "job.py").write_text(_JOB)
     out = tmp_path / "out.h5"
-    with create_store(out, "masks", CLASSES, provenance={"command": "t"}) as w:
-        for i in range(5):  # img5 and img6 missing; 99 marks an item that must not be recomputed
-            w.write(f"img{i}", {"mask": np.full((2, 2), 99, np.uint8)})
+    with create_store(out, "masks", [f"c{k}" for k in range(20)], provenance={"command": "t"}) as w:
+        for i in range(5):  # img5 and img6 missing; 19 marks an item that must not be recomputed
+            w.write(f"img{i}", {"mask": np.full((2, 2), 19, np.uint8)})
     proc = _torchrun(tmp_path / "job.py", out, "resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
     with open_store(out) as s:
         assert s.ids == [f"img{i}" for i in range(7)]
-        assert [int(s.read(i).mask[0, 0]) for i in s.ids] == [99] * 5 + [5, 6]
+        assert [int(s.read(i).mask[0, 0]) for i in s.ids] == [19] * 5 + [5, 6]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.py", "out.h5"]
 
 

@@ -197,7 +197,7 @@ def test_labels_outside_the_class_list_fail(setup):
     bad["img2"] = bad["img2"].copy()
     bad["img2"][0, 0] = 7
     r = invoke("eval", "--pred", write_store(tmp / "bad.h5", bad), "--data", root, "-q")
-    assert r.exit_code == 1 and "img2" in r.output and "[7]" in r.output and "outside the 3 classes" in r.output
+    assert r.exit_code == 1 and "img2" in r.output and "[7]" in r.output and "beyond the store's 3 classes" in r.output
 
 
 def test_missing_predictions_are_counted_and_listed(setup):

@@ -236,8 +236,8 @@ from tests.test_faults import _payload
 out, start, stop = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 resume = start > 0
 try:
-    with create_store(out, "masks", ["background", "cat"], provenance={"command": "t"}, resume=resume) as w:
-        for i in range(stop):
+    with create_store(out, "masks", [f"c{k}" for k in range(255)], provenance={"command": "t"}, resume=resume) as w:
+        for i in range(stop):  # the payload's values 0..254 are labels of 255 classes
             if f"i{i:02d}" not in w:
                 w.write(f"i{i:02d}", {"mask": _payload(i)})
 except StoreError as e:

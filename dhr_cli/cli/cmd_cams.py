@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -109,7 +110,9 @@ def cams_cmd(
         raise InputError(f"--scales / --dtype / --feature-stride: {e}") from None
     from dhr_cli.io.store import check_output
 
-    check_output(out_path, overwrite=overwrite, resume=resume)  # before any slow work (head fitting, model loading)
+    check_output(out_path, overwrite=overwrite, resume=resume,  # before any slow work (head fitting, model loading)
+                 inputs={"--data": data, "--wss-weights": wss_weights, "--uss-weights": uss_weights,
+                         "--backbone-weights": backbone_weights, "--head": head})
     from dhr_cli.io.distributed import device_for_rank
 
     dev = resolve_device(device_for_rank(device))  # under torchrun: this rank's GPU
@@ -127,8 +130,11 @@ def cams_cmd(
         raise InputError("--wss lite0 needs a CAM head: pass --train-head (fit on this split's labels) or --head PATH")
     if train_head and head:
         raise InputError("--train-head and --head exclude each other")
-    if save_head:  # checked before the head is fitted, not after (a head file is replaced: it is small and cheap)
-        check_output(save_head, overwrite=True, resumable=False)
+    if save_head:  # checked before the head is fitted, not after
+        if os.path.abspath(save_head) == os.path.abspath(out_path):
+            raise InputError(f"{save_head}: named by both --save-head and --out; give the head file its own name")
+        check_output(save_head, overwrite=overwrite, resumable=False,
+                     inputs={"--out": out_path, "--data": data, "--head": head, "--wss-weights": wss_weights})
     if train_head:
         from dhr_cli.models.lite0 import check_feature_options
 

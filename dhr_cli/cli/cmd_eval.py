@@ -48,10 +48,11 @@ def eval_cmd(
     )
     from dhr_cli.io.store import check_output
 
+    inputs = {"--pred": list(pred) + list(compare or []), "--data": data, "--gt-cache": gt_cache}
     if json_path is not None:  # fail before the (long) scoring, not after
-        check_output(json_path, overwrite=overwrite, resumable=False)
+        check_output(json_path, overwrite=overwrite, resumable=False, inputs=inputs)
     if report is not None:
-        check_output(report, folder=True, overwrite=overwrite, resumable=False)
+        check_output(report, folder=True, overwrite=overwrite, resumable=False, inputs=inputs)
     result = run_eval(list(pred) + list(compare or []), data, split, cfg, names=names, quiet=quiet)
     _print(result, top)
     if json_path is not None:

@@ -60,7 +60,8 @@ def import_cmd(
     from dhr_cli.io.store import check_output
     from dhr_cli.pipeline.imports import run_import
 
-    check_output(out_path, overwrite=overwrite, resume=resume)  # before any work: the shared output check
+    check_output(out_path, overwrite=overwrite, resume=resume,  # before any work: the shared output check
+                 inputs={"SRC": src, "--data": data})
 
     fmt = ImportFormat(fmt).value
     ds = open_dataset(data, split)

@@ -20,7 +20,8 @@ def merge_cmd(
     from dhr_cli.io.distributed import merge_stores
     from dhr_cli.io.store import check_output
 
-    check_output(out, overwrite=overwrite, resumable=False)  # before any work: the shared output check
+    check_output(out, overwrite=overwrite, resumable=False,  # before any work: the shared output check
+                 inputs={"INPUTS": inputs})
 
     n = merge_stores(inputs, out, overwrite=overwrite)
     err.print(f"merged {len(inputs)} stores, {n} items -> {out}")

@@ -55,7 +55,8 @@ def predict_cmd(
     from dhr_cli.pipeline.predict import run_predict
     from dhr_cli.io.store import check_output
 
-    check_output(out_store, overwrite=overwrite, resume=resume)  # before any work: the shared output check
+    check_output(out_store, overwrite=overwrite, resume=resume,  # before any work: the shared output check
+                 inputs={"--model": model, "--data": data})
 
     try:
         cfg = PredictConfig(scales=scales, flip=flip,

@@ -100,7 +100,10 @@ def propagate_cmd(
     from dhr_cli.pipeline.propagate import run_propagate
     from dhr_cli.io.store import check_output
 
-    check_output(out, overwrite=overwrite, resume=resume)  # before any work: the shared output check
+    check_output(out, overwrite=overwrite, resume=resume,  # before any work: the shared output check
+                 inputs={"--seeds": seeds, "--data": data, "--uss": uss, "--wss": list(wss or []),
+                         "--cams": cams, "--uss-weights": uss_weights, "--wss-weights": list(wss_weights or []),
+                         "--backbone-weights": backbone_weights})
 
     try:
         cfg = PropagateConfig(

@@ -54,7 +54,8 @@ def refine_cmd(
     from dhr_cli.pipeline.refine import run_refine
     from dhr_cli.io.store import check_output
 
-    check_output(out_store, overwrite=overwrite, resume=resume)  # before any work: the shared output check
+    check_output(out_store, overwrite=overwrite, resume=resume,  # before any work: the shared output check
+                 inputs={"--masks": masks, "--data": data, "--sam-weights": sam_weights})
 
     try:
         cfg = RefineConfig(

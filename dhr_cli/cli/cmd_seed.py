@@ -72,7 +72,8 @@ def seed_cmd(
     from dhr_cli.pipeline.seed import run_seed
     from dhr_cli.io.store import check_output
 
-    check_output(out, overwrite=overwrite, resume=resume)  # before any work: the shared output check
+    check_output(out, overwrite=overwrite, resume=resume,  # before any work: the shared output check
+                 inputs={"--cams": cams, "--data": data, "--init-masks": init_masks})
 
     try:
         cfg = SeedConfig(sinkhorn=sinkhorn_config(ot_solver, sinkhorn_max_iter, sinkhorn_tol, sinkhorn_eps),

@@ -85,7 +85,9 @@ def train_cmd(
     from dhr_cli.io.store import check_output
     from dhr_cli.pipeline.train import run_train
 
-    check_output(out_dir, folder=True, overwrite=overwrite, resume=resume)  # before any work: the shared output check
+    check_output(out_dir, folder=True, overwrite=overwrite, resume=resume,  # before any work: the shared output check
+                 inputs={"--data": data, "--masks": masks, "--uss": uss, "--uss-weights": uss_weights,
+                         "--uss-backbone-weights": uss_backbone_weights, "--backbone-weights": backbone_weights})
 
     try:
         cfg = TrainConfig(

@@ -61,7 +61,7 @@ def fit_cmd(
     from dhr_cli.io.runtime import resolve_device
     from dhr_cli.pipeline.uss_fit import check_backbone_weights, check_output, run_uss_fit
 
-    check_output(out_path, overwrite, resume)
+    check_output(out_path, overwrite, resume, {"--data": data, "--backbone-weights": backbone_weights})
     check_backbone_weights(backbone, backbone_weights)
     try:
         cfg = UssFitConfig(steps=steps, dim=dim, neighbours=neighbours, batch_size=batch_size, lr=lr, side=side,

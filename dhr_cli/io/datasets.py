@@ -215,7 +215,7 @@ def class_key(name: str) -> str:
 
 
 def _read_list(path: Path) -> list[str]:
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    ids = [line.split()[0] for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip() and not line.startswith("#")]
     return ids
 
 
@@ -275,7 +275,7 @@ class FlatDataset(Dataset):
 
     def __init__(self, root: Path, split: str | None):
         classes_file = root / "classes.txt"
-        classes = [c.strip() for c in classes_file.read_text().splitlines() if c.strip()]
+        classes = [c.strip() for c in classes_file.read_text(encoding="utf-8-sig").splitlines() if c.strip()]
         if not classes:
             raise DatasetError(f"{classes_file}: no class names")
         if len(set(classes)) != len(classes):
@@ -290,7 +290,7 @@ class FlatDataset(Dataset):
         self._label_names: dict[str, list[str]] | None = None
         if self._labels_file.exists():
             try:
-                data = json.loads(self._labels_file.read_text())
+                data = json.loads(self._labels_file.read_text(encoding="utf-8-sig"))
             except json.JSONDecodeError as e:
                 raise DatasetError(f"{self._labels_file}: not valid JSON ({e.msg}, line {e.lineno})") from None
             if not isinstance(data, dict) or not all(
@@ -330,7 +330,7 @@ class VOCDataset(Dataset):
 
     def __init__(self, root: Path, split: str | None):
         classes_file = root / "classes.txt"
-        classes = [c.strip() for c in classes_file.read_text().splitlines() if c.strip()] if classes_file.exists() else VOC_CLASSES
+        classes = [c.strip() for c in classes_file.read_text(encoding="utf-8-sig").splitlines() if c.strip()] if classes_file.exists() else VOC_CLASSES
         self._images = _images_by_stem(root / "JPEGImages")
         self._gt_dirs = [d for d in (root / "SegmentationClass", root / "SegmentationClassAug") if d.is_dir()]
         self._xml_dir = root / "Annotations"
@@ -372,7 +372,7 @@ class DHRDataset(Dataset):
         if split not in splits:
             raise DatasetError(f"{root}: no split {split!r}; available: {', '.join(splits)}")
         classes_file = root / "classes.txt"
-        classes = [c.strip() for c in classes_file.read_text().splitlines() if c.strip()] if classes_file.exists() else VOC_CLASSES
+        classes = [c.strip() for c in classes_file.read_text(encoding="utf-8-sig").splitlines() if c.strip()] if classes_file.exists() else VOC_CLASSES
         base = root / split
         self._images = _images_by_stem(base / "image")
         self._mask_dir = base / "mask"
@@ -418,6 +418,46 @@ def detect_layout(root: Path) -> tuple[str, Path]:
     )
 
 
+# What the layouts read (detect_layout): files and folders an output must never replace.
+# Stores, reports and runs written next to them (ROOT/cams.h5, ROOT/pseudo/) are not among them.
+DATASET_PARTS = frozenset({
+    "classes.txt", "labels.json", "images", "masks", "splits",  # flat
+    "JPEGImages", "SegmentationClass", "SegmentationClassAug", "Annotations", "ImageSets",  # VOC, Context
+    "SegmentationClassContext", "trainval", "image", "mask", "xml",  # Pascal Context, DHR/MARS
+    "annotations", "train2014", "val2014", "coco_seg_anno", "stuffthingmaps_trainval2017",  # COCO family
+    "cls_labels_onehot.npy",
+})
+_STORE_SUFFIXES = (".h5", ".hdf5", ".partial", ".lock")
+
+
+def dataset_part(path: str | os.PathLike) -> Path | None:
+    """The dataset root when an existing `path` is a file or folder some layout under it reads
+    (classes.txt, images/, JPEGImages/..., the COCO json), or the root itself; else None.
+    HDF5 outputs (e.g. the COCO GT cache in annotations/) are never parts."""
+    path = Path(os.path.abspath(path))
+    if not os.path.lexists(path):
+        return None
+    if path.is_dir():
+        try:
+            return detect_layout(path)[1]
+        except DatasetError:
+            pass
+    elif path.name.endswith(_STORE_SUFFIXES):
+        return None
+    for root in list(path.parents)[:4]:
+        try:
+            _, resolved = detect_layout(root)
+        except (DatasetError, OSError):
+            continue
+        try:
+            rel = path.relative_to(os.path.abspath(resolved))
+        except ValueError:
+            continue
+        if any(part in DATASET_PARTS for part in rel.parts):
+            return Path(resolved)
+    return None
+
+
 # Reader options a CLI command sets once from its own options (--skip-missing-images, --gt-cache;
 # dhr_cli/cli/options.py) for every open_dataset() of that command; explicit arguments win.
 DATASET_OPTIONS: ContextVar[dict] = ContextVar("dhr_dataset_options", default={})
@@ -441,6 +481,9 @@ def open_dataset(root: str | os.PathLike, split: str | None = None, *, missing_i
     cls = {"flat": FlatDataset, "voc": VOCDataset, "dhr": DHRDataset, **coco.READERS, **scenes.READERS}[layout]
     opts = DATASET_OPTIONS.get()
     extra = {}
+    if layout != "coco" and (gt_cache is not None or opts.get("gt_cache") is not None):
+        raise DatasetError(f"{resolved}: --gt-cache is for COCO official annotation files; this folder has the "
+                           f"{layout} layout")
     if layout == "coco":
         extra = {"missing": missing_images or opts.get("missing_images") or "fail",
                  "gt_cache": gt_cache if gt_cache is not None else opts.get("gt_cache")}

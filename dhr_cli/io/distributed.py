@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from dhr_cli.errors import StoreError
-from dhr_cli.io.store import OutputLock, StoreWriter, check_output, create_store, open_store
+from dhr_cli.io.store import OutputLock, StoreWriter, check_output, create_store, open_store, validate_item
 
 logger = logging.getLogger(__name__)
 
@@ -149,9 +149,13 @@ def merge_stores(inputs: Sequence[Path], out: Path, *, overwrite: bool = False, 
     try:
         first = stores[0]
         for s in stores[1:]:
-            if s.kind != first.kind or s.classes != first.classes:
-                raise StoreError(f"{s.path}: holds {s.kind!r} with {len(s.classes)} classes, "
-                                 f"but {first.path} holds {first.kind!r} with {len(first.classes)}; cannot merge")
+            if s.kind != first.kind:
+                raise StoreError(f"{s.path}: holds {s.kind!r}, but {first.path} holds {first.kind!r}; cannot merge")
+            if s.classes != first.classes:
+                diff = next((f"class {i} is {a!r} there and {b!r} here" for i, (a, b)
+                             in enumerate(zip(first.classes, s.classes)) if a != b),
+                            f"{len(s.classes)} classes here, {len(first.classes)} there")
+                raise StoreError(f"{s.path}: its classes differ from those of {first.path} ({diff}); cannot merge")
         seen: dict[str, Path] = {}
         plan: list[tuple[object, list[str]]] = []
         for s in stores:
@@ -169,12 +173,21 @@ def merge_stores(inputs: Sequence[Path], out: Path, *, overwrite: bool = False, 
         provenance = {**first.provenance, "merged_from": [str(s.path) for s in stores],
                       "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         provenance.pop("rank", None)
-        with create_store(out, first.kind, first.classes, provenance=provenance, overwrite=overwrite,
-                          root_attrs=_jsonable(root_attrs)) as writer:
-            for s, take in plan:
-                for item_id in take:
-                    item = s.read(item_id)
-                    writer.write(item_id, item.arrays, item.attrs)
+        partial = out.with_name(out.name + ".partial")
+        if partial.exists() and not overwrite:
+            raise StoreError(f"{partial}: an interrupted run is there; pass --overwrite to replace it")
+        writer = create_store(out, first.kind, first.classes, provenance=provenance, overwrite=overwrite,
+                              root_attrs=_jsonable(root_attrs))
+        try:
+            with writer:
+                for s, take in plan:
+                    for item_id in take:
+                        item = s.read(item_id)
+                        validate_item(s.kind, s.path, item_id, item.arrays, item.attrs, len(s.classes))  # names the input
+                        writer.write(item_id, item.arrays, item.attrs)
+        except BaseException:
+            partial.unlink(missing_ok=True)  # a merge is not resumed: nothing half-done stays behind
+            raise
         return len(seen)
     finally:
         for s in stores:

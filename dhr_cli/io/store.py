@@ -85,7 +85,7 @@ class Item:
         raw = self.attrs.get("cams", {}).get("labels")
         if raw is None:
             raise StoreError(f"{self._where}: cams has no 'labels' attribute")
-        return np.atleast_1d(np.asarray(raw)).astype(np.int64)
+        return cam_labels(raw, self._where)
 
     @property
     def features(self) -> np.ndarray:
@@ -203,7 +203,12 @@ class Store:
         main = MAIN_DATASET[self.kind]
         if main not in arrays:
             raise StoreError(f"{self.path}: item {item_id!r} has no {main!r} dataset (kind {self.kind!r})")
+        if main == "mask":
+            self._check_labels(item_id, arrays[main])
         return Item(self.path, item_id, arrays, attrs)
+
+    def _check_labels(self, item_id: str, mask: np.ndarray) -> None:
+        check_mask_labels(f"{self.path}: item {item_id!r}", mask, len(self.classes))
 
     def read_mask(self, item_id: str) -> np.ndarray:
         """The (H, W) uint8 mask of a masks/seeds item, read straight from its dataset: what
@@ -221,6 +226,7 @@ class Store:
         if x is None or x.ndim != 2 or x.dtype != np.uint8:
             what = f"dtype {x.dtype} shape {x.shape}" if x is not None else "a group"
             raise StoreError(f"{self.path}: item {item_id!r}: mask has {what}, expected uint8 (H, W)")
+        self._check_labels(item_id, x)
         return x
 
     def close(self) -> None:
@@ -262,7 +268,35 @@ def dataset_kwargs(array: np.ndarray, name: str | None = None) -> dict:
     return {"compression": "gzip", "compression_opts": 1, "chunks": chunks, "fletcher32": True}
 
 
-def _validate_item(kind: str, path: Path, item_id: str, arrays: dict, attrs: dict) -> None:
+def cam_labels(raw, where: str) -> np.ndarray:
+    """A cams dataset's `labels` attribute as (K,) int64: distinct whole numbers in 0..254, else StoreError."""
+    values = np.atleast_1d(np.asarray(raw))
+    problem = None
+    if values.ndim != 1 or not (values.dtype.kind in "iu" or values.dtype.kind == "f"):
+        problem = f"must be a 1-D array of integers, got {values.dtype} {values.shape}"
+    elif values.dtype.kind == "f" and not (np.isfinite(values).all() and (values == np.round(values)).all()):
+        problem = f"holds values that are not whole numbers ({values.tolist()[:5]})"
+    elif len(values) and (values.min() < 0 or values.max() >= IGNORE_INDEX):
+        problem = f"holds values outside 0..{IGNORE_INDEX - 1} ({values.tolist()[:5]})"
+    elif len(np.unique(values)) != len(values):
+        problem = f"names a class twice ({values.tolist()}): one map per class"
+    if problem:
+        raise StoreError(f"{where}: cams attribute labels {problem}")
+    return values.astype(np.int64)
+
+
+def check_mask_labels(where: str, mask: np.ndarray, n_classes: int) -> None:
+    """A mask's values are label indices of the store's classes or 255: a value beyond them would
+    be exported, merged or trained on as a class that does not exist."""
+    if mask.dtype != np.uint8 or mask.size == 0 or int(mask.max()) < n_classes:
+        return
+    bad = np.unique(mask[(mask >= n_classes) & (mask != IGNORE_INDEX)])
+    if len(bad):
+        raise StoreError(f"{where}: mask holds label values {bad.tolist()[:5]} beyond the store's {n_classes} "
+                         f"classes (0..{n_classes - 1}, 255 = ignore)")
+
+
+def validate_item(kind: str, path: Path, item_id: str, arrays: dict, attrs: dict, n_classes: int | None = None) -> None:
     main = MAIN_DATASET[kind]
     where = f"{path}: item {item_id!r}"
     if main not in arrays:
@@ -271,6 +305,8 @@ def _validate_item(kind: str, path: Path, item_id: str, arrays: dict, attrs: dic
     if kind in ("seeds", "masks"):
         if x.dtype != np.uint8 or x.ndim != 2:
             raise StoreError(f"{where}: mask must be uint8 (H, W), got {x.dtype} {x.shape}")
+        if n_classes is not None:
+            check_mask_labels(where, x, n_classes)
     else:
         if x.ndim != 3 or x.dtype not in (np.float16, np.float32):
             raise StoreError(f"{where}: {main} must be float16/float32 (C, h, w), got {x.dtype} {x.shape}")
@@ -281,7 +317,7 @@ def _validate_item(kind: str, path: Path, item_id: str, arrays: dict, attrs: dic
     if kind == "cams":
         if (x < 0).any():
             raise StoreError(f"{where}: cams must be >= 0")
-        labels = np.atleast_1d(np.asarray(attrs.get("cams", {}).get("labels", [])))
+        labels = cam_labels(attrs.get("cams", {}).get("labels", []), where)
         if labels.shape[0] != x.shape[0]:
             raise StoreError(f"{where}: {x.shape[0]} CAMs but {labels.shape[0]} labels")
 
@@ -308,6 +344,7 @@ class StoreWriter:
             raise
 
     def _open(self, kind, provenance, overwrite, resume, root_attrs) -> None:
+        check_not_input(self.path, (provenance or {}).get("inputs") or {})  # before --resume moves OUT aside
         if resume:
             if self.path.exists() and not self.partial.exists():
                 st = self.path.stat()
@@ -404,7 +441,7 @@ class StoreWriter:
             raise StoreError(f"{self.path}: item id {item_id!r} is not a valid name")
         if item_id in self.done:
             raise StoreError(f"{self.path}: item {item_id!r} written twice (duplicate id?)")
-        _validate_item(self.kind, self.path, item_id, arrays, attrs)
+        validate_item(self.kind, self.path, item_id, arrays, attrs, len(self.classes))
         # Written under a temporary name and renamed when complete: an item cut off half-written
         # never appears under its own name, and --resume deletes the leftover.
         tmp = _TMP_PREFIX + item_id
@@ -571,7 +608,7 @@ def check_output_path(path: Path) -> None:
 
 
 def check_output(path, *, folder: bool = False, overwrite: bool = False, resume: bool = False,
-                 resumable: bool = True) -> Path:
+                 resumable: bool = True, inputs: dict[str, Any] | None = None) -> Path:
     """The one up-front check of an output path, called by every command before any work starts, so
     a run never fails at its end for want of a place to write.
 
@@ -579,10 +616,12 @@ def check_output(path, *, folder: bool = False, overwrite: bool = False, resume:
     yet, in an existing folder (`check_output_path`); an existing OUT needs --overwrite (or --resume when
     the command is `resumable`), and so does an interrupted OUT.partial. A folder (`export`,
     `eval --report`, `train --out`): not a file, in an existing folder; a non-empty one needs --overwrite
-    (or --resume)."""
+    (or --resume). Never one of the command's `inputs` ({option: path or paths}), a folder holding one,
+    or a part of a dataset (`dataset_part`): --overwrite would replace them before they are read."""
     path = Path(path)
     if overwrite and resume:
         raise StoreError(f"{path}: --overwrite and --resume exclude each other")
+    check_not_input(path, inputs or {}, folder=folder)
     hint = "pass --overwrite to replace it" + (" or --resume to complete it" if resumable else "")
     if folder:
         if os.path.lexists(path) and not path.is_dir():
@@ -601,6 +640,31 @@ def check_output(path, *, folder: bool = False, overwrite: bool = False, resume:
         raise StoreError(f"{partial}: an interrupted run is there; pass --resume to continue it or --overwrite "
                          "to start again")
     return path
+
+
+def check_not_input(out: Path, inputs: dict[str, Any], *, folder: bool = False) -> None:
+    """Refuse an existing OUT that is an input of the same command, holds one (a folder), or is a
+    file or folder that an input dataset reads (its classes.txt, its masks/): --overwrite would
+    replace them. A dataset the command does not read may receive outputs (export into a new
+    SegmentationClassAug/ is how masks reach another trainer)."""
+    from dhr_cli.io.datasets import dataset_part
+
+    if not os.path.lexists(out):
+        return
+    part_of = None
+    for option, value in inputs.items():
+        for given in value if isinstance(value, (list, tuple)) else [value]:
+            if given is None or str(given) == "" or not os.path.lexists(given):
+                continue
+            given = Path(given)
+            if os.path.samefile(out, given):
+                raise StoreError(f"{out}: is also the input {option}; write the output to another path")
+            if folder and out.is_dir() and Path(os.path.realpath(given)).is_relative_to(os.path.realpath(out)):
+                raise StoreError(f"{out}: holds the input {option} ({given}); write the output to another folder")
+            if given.is_dir():
+                part_of = part_of or dataset_part(out) or False
+                if part_of and os.path.samefile(part_of, given):
+                    raise StoreError(f"{out}: is read by the dataset {option} {given}; write the output elsewhere")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -4,15 +4,18 @@
     run_export_prompts("masks.h5", "prompts/")  ->  prompts/<id>.json, the Segment Anything prompts
                                      of `dhr refine --mode prompt` (boxes, points), to run SAM elsewhere
 
-Each PNG is written under a temporary name in DIR and renamed, so a reader never sees a half
-written file. An existing non-empty DIR is refused unless overwrite=True (files of the same
-name are then replaced; other files are left alone).
+All files are written into a staging folder inside DIR and moved into DIR only when every item
+has been read and written, so a bad item or a full disk leaves DIR as it was, and a reader never
+sees a half-written file. An existing non-empty DIR is refused unless overwrite=True (files of
+the same name are then replaced; other files are left alone).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +34,10 @@ class ExportResult:
     classes: list[str]
 
 
-def _prepare_dir(out: Path, overwrite: bool) -> None:
+def _prepare_dir(out: Path, overwrite: bool, store: Path) -> None:
     from dhr_cli.io.store import check_output
 
-    check_output(out, folder=True, overwrite=overwrite, resumable=False)
-    out.mkdir(exist_ok=True)
+    check_output(out, folder=True, overwrite=overwrite, resumable=False, inputs={"STORE": store})
 
 
 def _safe_name(store_path: Path, item_id: str, suffix: str = ".png") -> str:
@@ -44,15 +46,26 @@ def _safe_name(store_path: Path, item_id: str, suffix: str = ".png") -> str:
     return f"{item_id}{suffix}"
 
 
-def _write_atomic(final: Path, write) -> None:
-    """write(tmp) then rename tmp to final: a reader never sees a half-written file."""
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+@contextmanager
+def _staged(out: Path):
+    """A staging folder in OUT; its files are moved into OUT when the block ends cleanly, and the
+    folder is removed either way (all or nothing: a failed export leaves OUT as it was)."""
+    created = not out.exists()
+    out.mkdir(exist_ok=True)
+    stage = out / f".dhr-export-{os.getpid()}.tmp"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir()
+    done = False
     try:
-        write(tmp)
-        os.replace(tmp, final)
+        yield stage
+        for f in sorted(stage.iterdir()):
+            os.replace(f, out / f.name)
+        done = True
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not done and not any(out.iterdir()):
+            out.rmdir()
 
 
 def run_export(store: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, quiet: bool = True) -> ExportResult:
@@ -64,12 +77,12 @@ def run_export(store: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
     out = Path(out)
     with open_store(store, expect=("masks", "seeds")) as s:
         names = {item_id: _safe_name(s.path, item_id) for item_id in s.ids}
-        _prepare_dir(out, overwrite)
+        _prepare_dir(out, overwrite, s.path)
         written = 0
-        for item_id in track(s.ids, description="export", quiet=quiet):
-            mask = s.read(item_id).mask
-            _write_atomic(out / names[item_id], lambda tmp: save_palette_png(tmp, mask))
-            written += 1
+        with _staged(out) as stage:
+            for item_id in track(s.ids, description="export", quiet=quiet):
+                save_palette_png(stage / names[item_id], s.read(item_id).mask)
+                written += 1
         logger.info("exported %d %s to %s", written, s.kind, out)
         return ExportResult(out=out, kind=s.kind, written=written, classes=list(s.classes))
 
@@ -100,15 +113,15 @@ def run_export_prompts(store: str | os.PathLike, out: str | os.PathLike, cfg=Non
     with open_store(store, expect=("masks", "seeds")) as s:
         names = {item_id: _safe_name(s.path, item_id, ".json") for item_id in s.ids}
         background = 0 if s.classes[0].lower() in ("background", "_background_", "bg") else None
-        _prepare_dir(out, overwrite)
+        _prepare_dir(out, overwrite, s.path)
         written = 0
-        for item_id in track(s.ids, description="export prompts", quiet=quiet):
-            mask = s.read(item_id).mask
-            prompts = mask_prompts(mask, cfg, background=background)
-            doc = {"id": item_id, "image_size": list(mask.shape), "classes": s.classes,
-                   "conventions": PROMPT_CONVENTIONS, "prompts": [p.to_json(s.classes) for p in prompts]}
-            text = json.dumps(doc, indent=1)
-            _write_atomic(out / names[item_id], lambda tmp: tmp.write_text(text))
-            written += 1
+        with _staged(out) as stage:
+            for item_id in track(s.ids, description="export prompts", quiet=quiet):
+                mask = s.read(item_id).mask
+                prompts = mask_prompts(mask, cfg, background=background)
+                doc = {"id": item_id, "image_size": list(mask.shape), "classes": s.classes,
+                       "conventions": PROMPT_CONVENTIONS, "prompts": [p.to_json(s.classes) for p in prompts]}
+                (stage / names[item_id]).write_text(json.dumps(doc, indent=1))
+                written += 1
         logger.info("exported the prompts of %d %s to %s", written, s.kind, out)
         return ExportResult(out=out, kind=s.kind, written=written, classes=list(s.classes))

@@ -35,14 +35,14 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def check_output(out: Path, overwrite: bool, resume: bool) -> None:
+def check_output(out: Path, overwrite: bool, resume: bool, inputs: dict | None = None) -> None:
     """Fail before any work if OUT or an interrupted OUT.partial would be lost (the shared output check;
     a finished head is never resumed: it needs --overwrite)."""
     from dhr_cli.io.store import check_output
 
+    check_output(out, overwrite=overwrite, resume=resume, inputs=inputs)
     if out.exists() and not overwrite:
         raise InputError(f"{out}: already exists; pass --overwrite to replace it")
-    check_output(out, overwrite=overwrite, resume=resume)
 
 
 @torch.no_grad()
@@ -111,7 +111,7 @@ def run_uss_fit(dataset, backbone: str, out: str | Path, cfg: UssFitConfig = Uss
     from dhr_cli.models.uss_head import BACKBONES, backbone_source, pack_head
 
     out = Path(out)
-    check_output(out, overwrite, resume)
+    check_output(out, overwrite, resume, {"--data": dataset.root})
     name = canonical(backbone)
     if name not in BACKBONES:
         raise InputError(f"--backbone {backbone!r}: a fitted head needs one of {', '.join(BACKBONES)}")
