@@ -7,6 +7,7 @@ Paper defaults are marked (paper); defaults we chose by measurement say where it
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -66,7 +67,7 @@ class SinkhornConfig:
             object.__setattr__(self, "max_iter", max_iter)
         if self.tol is None:
             object.__setattr__(self, "tol", tol)
-        _check(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        _check(0 < self.eps < math.inf, f"eps must be > 0 and finite, got {self.eps}")
         _check(self.max_iter >= 1, f"max_iter must be >= 1, got {self.max_iter}")
         _check(self.tol > 0, f"tol must be > 0, got {self.tol}")
 
@@ -305,6 +306,7 @@ class TrainConfig:
         _check(0 < self.scale_range[0] <= self.scale_range[1], f"scale_range must be 0 < lo <= hi, got {self.scale_range}")
         _check(self.batch_size >= 1 and self.epochs >= 1, "batch_size and epochs must be >= 1")
         _check(self.lr > 0 and self.head_lr_mult > 0, "lr and head_lr_mult must be > 0")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         _check(self.uss_cell >= 1, f"uss_cell must be >= 1, got {self.uss_cell}")
         _check(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")

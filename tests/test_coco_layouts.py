@@ -113,6 +113,63 @@ def test_coco_bad_annotations(tmp_path, ann, message):
         open_dataset(root)
 
 
+_SQUARE = [5, 5, 25, 5, 25, 30, 5, 30]
+
+
+@pytest.mark.parametrize("seg, message", [
+    ({"size": [20, 30], "counts": "abc"}, r"annotation 9 has an RLE of size \[20, 30\], but its image is \[40, 60\]"),
+    ({"size": [40, 60]}, "annotation 9 has an RLE segmentation without 'counts' and 'size'"),
+    ("abc", "annotation 9 has a segmentation of type str"),
+    ([[1, 2, 3, 4, 5, 6, 7]], "annotation 9 has a polygon with an odd number of coordinates"),
+    ([["a", 2, 3, 4, 5, 6]], "annotation 9 has a polygon that is not a list of numbers"),
+    ([[1, 2, 3, 4]], "annotation 9 has an empty segmentation"),
+])
+def test_coco_malformed_segmentations_name_the_annotation(tmp_path, seg, message):
+    """What pycocotools would crash on (or mis-read) is refused in one line when the json is indexed."""
+    root = make_coco(tmp_path / "coco", extra_ann={"id": 9, "image_id": 9, "category_id": 1, "iscrowd": 0,
+                                                   "segmentation": seg})
+    with pytest.raises(DatasetError, match=f"instances_train2014.json: {message}"):
+        open_dataset(root)
+
+
+def test_coco_polygons_under_three_points_are_dropped_not_read_as_boxes(tmp_path):
+    """pycocotools reads a first polygon of 4 numbers as a box; such area-less polygons are dropped."""
+    ref = open_dataset(make_coco(tmp_path / "a")).gt("COCO_train2014_000000000009")
+    root = make_coco(tmp_path / "b", extra_ann={"id": 9, "image_id": 9, "category_id": 1, "iscrowd": 0,
+                                                "segmentation": [[1, 2, 3, 4], _SQUARE]})
+    np.testing.assert_array_equal(open_dataset(root).gt("COCO_train2014_000000000009"), ref)
+
+
+def test_coco_duplicate_category_names_and_string_ids(tmp_path):
+    root = make_coco(tmp_path / "coco")
+    path = root / "annotations" / "instances_train2014.json"
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({**doc, "categories": doc["categories"] + [{"id": 40, "name": "Dog"}]}))
+    with pytest.raises(DatasetError, match=r"category names \['Dog', 'dog'\] appear more than once"):
+        open_dataset(root)
+    doc["annotations"][0]["category_id"] = "1"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(DatasetError, match="annotation 1 has unknown category id '1'"):
+        open_dataset(root)
+
+
+def test_coco_images_without_a_labelled_object_are_left_out(tmp_path):
+    """WSSS's COCO splits hold the images with an image-level label (82,081 of train2014's 82,783)."""
+    root = make_coco(tmp_path / "coco")
+    path = root / "annotations" / "instances_train2014.json"
+    doc = json.loads(path.read_text())
+    doc["images"] += [{"id": 40, "file_name": "COCO_train2014_000000000040.jpg", "height": 40, "width": 60},
+                      {"id": 41, "file_name": "COCO_train2014_000000000041.jpg", "height": 40, "width": 60}]
+    crowd_only = {**doc["annotations"][2], "id": 50, "image_id": 41}  # a crowd region gives no label
+    doc["annotations"].append(crowd_only)
+    path.write_text(json.dumps(doc))
+    for i in (40, 41):
+        _write_image(root / "train2014" / f"COCO_train2014_{i:012d}.jpg", 40, 60)
+    ds = open_dataset(root)
+    assert ds.ids == [f"COCO_train2014_{i:012d}" for i in (9, 25, 30)]
+    assert ds.skipped_unlabelled == 2 and "2 images without a labelled object left out" in ds.describe()
+
+
 def _make_png_layout(root: Path, toco: bool) -> tuple[Path, dict]:
     split = "train2014"
     masks = {}

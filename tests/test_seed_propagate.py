@@ -302,7 +302,8 @@ def test_bad_inputs(synth, tmp_path):
     with open_store(synth / "cams.h5") as cams, create_store(tmp_path / "c.h5", "cams", cams.classes, provenance={}) as w:
         for item_id in cams.ids:
             item = cams.read(item_id)
-            attrs = {"cams": {**item.attrs["cams"], "labels": [5] * len(item.labels)}}
+            free = [c for c in range(1, len(cams.classes)) if c not in item.labels]
+            attrs = {"cams": {**item.attrs["cams"], "labels": free[:1] + list(item.labels)[1:]}}  # one label not the image's
             w.write(item_id, item.arrays, attrs)
     result = runner.invoke(app, [str(a) for a in ["seed", "--cams", tmp_path / "c.h5", "--data", synth, "--out", tmp_path / "s2.h5", "--no-crf"]])
     assert result.exit_code == 1 and "not among the image's labels" in result.output

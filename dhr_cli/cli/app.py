@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import sys
+import warnings
 from typing import Annotated, Optional
 
 import typer
@@ -44,6 +45,15 @@ def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens, step by step.")] = False,
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    warnings.formatwarning = _one_line_warning  # (formatting only: warnings recorded by a caller stay recorded)
+    from dhr_cli.io.datasets import DATASET_OPTIONS
+
+    DATASET_OPTIONS.set({})  # the reader options of this command only (its option callbacks run next)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Python warnings as one `Warning: ...` line (no source line, no file name): they are for users."""
+    return f"Warning: {' '.join(str(message).split())}\n"
 
 
 def user_errors(fn):

@@ -147,8 +147,14 @@ FeaturesDir = Annotated[Optional[Path], typer.Option("--features-dir", help=(
 def network_store(spec: str, role: str, *, data: Path, split: str | None, weights: Path | None, features_dir: Path,
                   device: str, quiet: bool, **source_kw) -> Path:
     """`spec` if it is a store file; for a network name, its store computed once into features_dir."""
+    from dhr_cli.errors import InputError
+
     if Path(spec).is_file():
+        if weights is not None:
+            raise InputError(f"--{role} {spec} is a store; --{role}-weights {weights} applies to a network name only")
         return Path(spec)
+    if features_dir.exists() and not features_dir.is_dir():
+        raise InputError(f"--features-dir {features_dir}: is a file, expected a folder")
     from dhr_cli.io.datasets import open_dataset
     from dhr_cli.io.runtime import resolve_device
     from dhr_cli.pipeline.cams import features_store_for

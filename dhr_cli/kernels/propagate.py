@@ -330,7 +330,7 @@ def _class_setup(items: list[PropagateItem], cfg: PropagateConfig, background: i
     weights = ((classes[:, :, None] == cell_labels[:, None, :]) & cell_valid[:, None, :]).to(dtype)
     for i, k, w in extras:
         weights[i, k, : sizes[i]] = w
-    feats = _stack_cells([it.uss.flatten(1) for it in items], g_max, dtype)  # (B, G, D) view of (B, D, G)
+    feats = _stack_cells(pad_channels([it.uss.flatten(1) for it in items]), g_max, dtype)  # (B, G, D) view of (B, D, G)
     return _Classes(grids, sizes, cell_labels, cell_valid, None if all(g == g_max for g in sizes) else cell_valid,
                     classes_list, classes, class_valid, weights, feats, class_prototypes(feats, weights))
 
@@ -420,6 +420,14 @@ def _stack_cells(maps: list[torch.Tensor], cells: int, dtype: torch.dtype = torc
     return out.transpose(1, 2)
 
 
+def pad_channels(maps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Feature maps (D_i, ...) of one batch zero-padded to the largest D_i. A store's D may differ
+    from image to image (docs/contracts.md); zero channels change no inner product and no norm,
+    so every cosine, and each image's result, is what it would be alone."""
+    d = max(m.shape[0] for m in maps)
+    return [m if m.shape[0] == d else torch.cat([m, m.new_zeros((d - m.shape[0], *m.shape[1:]))]) for m in maps]
+
+
 def class_prototypes(feats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted mean feature of each class: (B, G, D) features, (B, N, G) cell weights -> (B, N, D)."""
     check_shape(feats, "B G D", "feats")
@@ -484,10 +492,7 @@ def _wss_heatmap(items, grids, weights_t, cell_valid, class_valid) -> torch.Tens
         raise ShapeError(f"images of one batch have different numbers of WSS maps: {[len(m) for m in maps]}")
     total = None
     for level in range(n_maps):
-        level_maps = [m[level] for m in maps]
-        if len({m.shape[0] for m in level_maps}) > 1:
-            raise ShapeError(f"WSS map {level} has different channel counts in one batch: "
-                             f"{sorted({m.shape[0] for m in level_maps})}")
+        level_maps = pad_channels([m[level] for m in maps])
         feats = _resized_cells(level_maps, grids, weights_t.shape[2])
         heat = cosine_heatmap(feats, class_prototypes(feats, weights_t), cell_valid, class_valid)
         total = heat if total is None else total + heat

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dhr_cli.config import IGNORE_INDEX
 from dhr_cli.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -130,10 +131,20 @@ def read_cam_file(fmt: str, path: Path, trust: bool = False) -> tuple[np.ndarray
             raise InputError(f"{path}: not an MCTformer CAM file (expected integer class keys)")
         ks = sorted(int(k) for k in d)
         keys = np.asarray(ks, dtype=np.int64)
-        cams = np.stack([_as_np(d[k]) for k in ks]) if ks else np.zeros((0, 1, 1), np.float32)
+        maps = [_as_np(d[k]) for k in ks]
+        if len({np.shape(m) for m in maps}) > 1:
+            raise InputError(f"{path}: its CAMs differ in shape ({', '.join(str(np.shape(m)) for m in maps)}); "
+                             "one size for every class expected")
+        cams = np.stack(maps) if ks else np.zeros((0, 1, 1), np.float32)
     else:
         raise InputError(f"unknown CAM format {fmt!r}")
-    keys = np.atleast_1d(keys).astype(np.int64)
+    keys = np.atleast_1d(np.asarray(keys))
+    whole = keys.dtype.kind in "iu" or (keys.dtype.kind == "f" and bool(np.all(keys == np.round(keys))))
+    if keys.ndim != 1 or not whole:
+        raise InputError(f"{path}: class keys must be a 1-D array of integers, got {keys.dtype} {keys.shape}")
+    keys = keys.astype(np.int64)
+    if len(np.unique(keys)) != len(keys):
+        raise InputError(f"{path}: class keys {keys.tolist()} name a class twice")
     cams = np.asarray(cams, dtype=np.float32)
     if cams.ndim == 2:
         cams = cams[None]
@@ -180,7 +191,9 @@ def run_import(fmt: str, src: str | Path, dataset, out: str | Path, *, provenanc
                 if bad.size:
                     raise InputError(f"{path}: class keys {(bad - offset).tolist()[:5]} are outside the dataset's "
                                      f"{n_classes - offset} foreground classes")
-                w.write(item_id, {"cams": cams.astype(np.float16)},
+                # float16 halves the store; CAMs beyond its range (unnormalised scores) stay float32
+                small = not cams.size or float(cams.max()) <= float(np.finfo(np.float16).max)
+                w.write(item_id, {"cams": cams.astype(np.float16 if small else np.float32)},
                         {"cams": {"labels": labels, "image_size": size}})
             elif kind == "features":
                 import torch
@@ -192,12 +205,18 @@ def run_import(fmt: str, src: str | Path, dataset, out: str | Path, *, provenanc
                 if not isinstance(t, torch.Tensor) or t.ndim != 3:
                     raise InputError(f"{path}: expected a (C, h, w) tensor, found {getattr(t, 'shape', type(t).__name__)}")
                 arr = t.float().numpy()
+                if not np.isfinite(arr).all():
+                    raise InputError(f"{path}: the features hold NaN or infinite values")
                 w.write(item_id, {"features": arr.astype(np.float16 if t.dtype == torch.float16 else np.float32)},
                         {"features": {"image_size": size}})
             else:
                 mask = read_index_png(path)
                 if list(mask.shape) != size:
                     raise InputError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {size[1]}x{size[0]}")
+                bad = np.unique(mask[(mask >= n_classes) & (mask != IGNORE_INDEX)])
+                if bad.size:
+                    raise InputError(f"{path}: label values {bad.tolist()[:5]} are beyond the dataset's {n_classes} "
+                                     "classes (255 = ignore)")
                 w.write(item_id, {"mask": mask})
             written += 1
     return {"kind": kind, "written": written, "missing": absent}

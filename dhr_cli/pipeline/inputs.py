@@ -22,8 +22,9 @@ logger = logging.getLogger(__name__)
 Missing = Literal["fail", "skip"]
 
 
-def check_classes(store: Store, dataset: Dataset) -> None:
-    """A store's class list must be the dataset's (case, spaces and punctuation aside)."""
+def check_classes(store, dataset: Dataset) -> None:
+    """A store's class list (anything with .path and .classes) must be the dataset's (case, spaces and
+    punctuation aside)."""
     if [class_key(c) for c in store.classes] != [class_key(c) for c in dataset.classes]:
         raise StoreError(f"{store.path}: its {len(store.classes)} classes ({', '.join(store.classes[:4])}, ...) differ "
                          f"from the dataset's {len(dataset.classes)} ({', '.join(dataset.classes[:4])}, ...) at {dataset.root}")
@@ -82,9 +83,14 @@ def to_tensor(x: np.ndarray | None, device: torch.device) -> torch.Tensor | None
 
 
 def check_cam_labels(path: Path, item_id: str, cam_labels: list[int], labels: list[int]) -> None:
+    """One CAM per image-level label, no more, no fewer: a class without a map would get no seed."""
     extra = sorted(set(cam_labels) - set(labels))
     if extra:
         raise StoreError(f"{path}: item {item_id!r} has CAMs for label values {extra} that are not among the image's labels {labels}")
+    lacking = sorted(set(labels) - set(cam_labels))
+    if lacking:
+        raise StoreError(f"{path}: item {item_id!r} has no CAM for the image's label values {lacking} "
+                         f"(it holds {sorted(cam_labels)}); a cams store needs one map per image label")
 
 
 def check_labels(dataset: Dataset, item_id: str, labels: list[int]) -> None:

@@ -46,6 +46,7 @@ from dhr_cli.errors import CheckpointError, DatasetError, InputError
 from dhr_cli.io.datasets import Dataset, open_dataset
 from dhr_cli.io.loading import LazyStore, MaskSource, error_carrying_loader, raise_carried
 from dhr_cli.io.progress import progress_bar
+from dhr_cli.pipeline.inputs import check_classes
 from dhr_cli.io.runtime import resolve_device
 from dhr_cli.models.deeplab import DHRNet, NetworkSpec, build_network
 from dhr_cli.pipeline.augment import (
@@ -63,13 +64,15 @@ logger = logging.getLogger(__name__)
 
 
 # ---- inputs -------------------------------------------------------------------------------------
-def open_training_masks(path: str | os.PathLike, ids: list[str]) -> MaskSource:
-    """The fixed input pseudo-masks M0 (--masks): a masks/seeds store or a folder of <id>.png,
-    holding a mask for every training image."""
+def open_training_masks(path: str | os.PathLike, ids: list[str], dataset: Dataset | None = None) -> MaskSource:
+    """The fixed input pseudo-masks M0 (--masks): a masks/seeds store (of the dataset's classes) or a
+    folder of <id>.png, holding a mask for every training image."""
     path = Path(path)
     if not (path.is_dir() or path.is_file()):
         raise InputError(f"--masks {path}: no such store or folder")
     masks = MaskSource(path, empty_folder_ok=True)  # an empty folder is reported as the images it lacks
+    if dataset is not None and masks.classes is not None:
+        check_classes(masks, dataset)  # another class order would train the wrong labels
     missing = [i for i in ids if i not in masks]
     if missing:
         raise InputError(f"--masks {path}: {len(missing)} training images have no mask, e.g. {missing[:3]}")
@@ -363,10 +366,14 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
         raise InputError("DHR training needs USS features: pass --uss USS.h5 (or --no-dhr to train on --masks only)")
     inputs = {"data": str(data), "split": split, "masks": str(masks_path), "uss": None if uss_spec is None else str(uss_spec),
               "backbone_weights": None if backbone_weights is None else str(backbone_weights)}
-    mask_source = open_training_masks(masks_path, ids)
+    mask_source = open_training_masks(masks_path, ids, dataset)
     uss_source = FeatureSource(uss_spec, ids) if cfg.dhr else None
     regen = OnlineRegenerator(cfg, dataset, cam_index(dataset)[1]) if cfg.dhr else None
-    last = _prepare_run_dir(run_dir, resume, overwrite, rank)
+    val_set = _validation_split(dataset, data, cfg)
+    num_cams, cam_offset = cam_index(dataset)
+    spec = NetworkSpec(cfg.backbone, len(dataset.classes), num_cams, cfg.output_stride, cfg.decoder_channels,
+                       dropout=cfg.dropout)
+    last = _prepare_run_dir(run_dir, resume, overwrite, rank)  # after every input check: no empty run folder left
     if resume:
         _check_resume_config(run_dir, cfg, inputs)
     if distributed:
@@ -375,11 +382,6 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
     sampler = GlobalBatchSampler(len(samples), cfg.batch_size, rank, world, cfg.seed)
     loader = error_carrying_loader(samples, batch_sampler=sampler, num_workers=cfg.num_workers,
                                    pin_memory=device.type == "cuda", persistent_workers=False)
-    val_set = _validation_split(dataset, data, cfg)
-
-    num_cams, cam_offset = cam_index(dataset)
-    spec = NetworkSpec(cfg.backbone, len(dataset.classes), num_cams, cfg.output_stride, cfg.decoder_channels,
-                       dropout=cfg.dropout)
     torch.manual_seed(cfg.seed)
     model = build_network(spec, backbone_weights if last is None else None).to(device)
     use_amp = cfg.amp and device.type == "cuda"
