@@ -167,16 +167,21 @@ def test_merge_names_the_bad_input_and_leaves_no_partial(synth, tmp_path):
     assert invoke("merge", masks, "--out", out).exit_code == 0
 
 
-def test_merge_says_which_class_differs(synth, tmp_path):
+def _with_classes(masks: Path, out: Path, change) -> Path:
+    """A copy of a store whose class list `change` edits in place."""
     import json
 
-    _, _, masks = synth
-    other = tmp_path / "other.h5"
-    shutil.copy(masks, other)
-    with h5py.File(other, "r+") as f:
+    shutil.copy(masks, out)
+    with h5py.File(out, "r+") as f:
         classes = json.loads(f.attrs["classes"])
-        classes[2] = "zebra"
+        change(classes)
         f.attrs["classes"] = json.dumps(classes)
+    return out
+
+
+def test_merge_says_which_class_differs(synth, tmp_path):
+    _, _, masks = synth
+    other = _with_classes(masks, tmp_path / "other.h5", lambda c: c.__setitem__(2, "zebra"))
     _one_line_error(invoke("merge", masks, other, "--out", tmp_path / "o.h5"), "class 2 is", "'zebra'")
 
 
@@ -307,15 +312,8 @@ def test_import_png_values_beyond_the_classes_name_the_png(synth, tmp_path):
 
 # ---- train checks its inputs before the run folder exists -------------------------------------
 def test_train_refuses_masks_of_another_class_order_before_making_the_run_folder(synth, tmp_path):
-    import json
-
     root, _, masks = synth
-    other = tmp_path / "swapped.h5"
-    shutil.copy(masks, other)
-    with h5py.File(other, "r+") as f:
-        classes = json.loads(f.attrs["classes"])
-        classes[1], classes[2] = classes[2], classes[1]
-        f.attrs["classes"] = json.dumps(classes)
+    other = _with_classes(masks, tmp_path / "swapped.h5", lambda c: c.insert(1, c.pop(2)))
     for args, needle in (((other,), "differ from the dataset's"),
                          ((masks, "--weight-decay", -1), "weight_decay must be >= 0"),
                          ((masks, "--backbone", "resnet7"), "'resnet7' is not one of")):
