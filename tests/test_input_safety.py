@@ -365,3 +365,19 @@ def test_class_list_with_a_byte_order_mark(synth, tmp_path):
     text = (data / "classes.txt").read_text()
     (data / "classes.txt").write_bytes(b"\xef\xbb\xbf" + text.encode())
     assert open_dataset(data).classes == open_dataset(root).classes
+
+
+def test_usage_errors_are_one_line_with_exit_2(tmp_path):
+    """The installed entry point (main): a bad option value or a missing option is one line, exit 2."""
+    import subprocess
+    import sys
+
+    for args, needle in ((["seed", "--batch-size", "0", "--cams", "c", "--data", "d", "--out", "o"],
+                          "Invalid value for '--batch-size'"),
+                         (["seed", "--cams", "c"], "Missing option"),
+                         (["sed"], "No such command 'sed'")):
+        r = subprocess.run([sys.executable, "-m", "dhr_cli", *args], capture_output=True, text=True)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], r.stderr
+    r = subprocess.run([sys.executable, "-m", "dhr_cli", "seed", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--cams" in r.stdout

@@ -102,7 +102,28 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def main() -> None:
-    """The `dhr` entry point: every command registered, then the app."""
+    """The `dhr` entry point: every command registered, then the app. A usage error (a bad option
+    value, a missing option) is one `Error: ...` line and exit 2, like every other user mistake."""
+    try:
+        from typer._click import exceptions as cx  # recent Typer vendors its own Click
+    except ImportError:
+        from click import exceptions as cx
+
     import dhr_cli.cli  # noqa: F401  (importing the package registers the commands)
 
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except cx.NoArgsIsHelpError as e:  # `dhr` or `dhr uss` alone: the help it asks for
+        print(e.ctx.get_help() if e.ctx else str(e), file=sys.stderr, flush=True)
+        sys.exit(2)
+    except cx.UsageError as e:
+        where = e.ctx.command_path if e.ctx else "dhr"
+        print(f"Error: {' '.join(e.format_message().split())} (see {where} --help)", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except cx.ClickException as e:
+        print(f"Error: {' '.join(e.format_message().split())}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("Error: aborted", file=sys.stderr, flush=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
