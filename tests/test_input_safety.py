@@ -381,3 +381,20 @@ def test_usage_errors_are_one_line_with_exit_2(tmp_path):
         assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("Error: ") and needle in lines[0], r.stderr
     r = subprocess.run([sys.executable, "-m", "dhr_cli", "seed", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--cams" in r.stdout
+
+
+def test_export_killed_mid_run_leaves_its_folder_exportable(synth, tmp_path):
+    """A kill -9 leaves the staging folder (never a half-filled DIR); the next export removes it."""
+    import subprocess
+    import sys
+
+    _, _, masks = synth
+    out = tmp_path / "png"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / f".dhr-export-{int(dead.stdout)}.tmp"
+    stale.mkdir()
+    (stale / "x.png").write_bytes(b"half")
+    r = invoke("export", masks, "--out", out, "-q")
+    assert r.exit_code == 0, r.output
+    assert not stale.exists() and len(list(out.glob("*.png"))) == 6

@@ -36,13 +36,13 @@ def export_cmd(
 
     if out is None and prompts is None:
         raise InputError("dhr export needs --out DIR (PNGs) or --prompts DIR (SAM prompts as JSON), or both")
-    from dhr_cli.io.store import check_output
+    from dhr_cli.pipeline.export import check_export_dir
 
     if out is not None and prompts is not None and out.resolve() == prompts.resolve():
         raise InputError(f"{out}: named by both --out and --prompts; give each its own folder")
     for folder in (out, prompts):  # both checked before either is written
         if folder is not None:
-            check_output(folder, folder=True, overwrite=overwrite, resumable=False, inputs={"STORE": store})
+            check_export_dir(folder, overwrite, store)
     cfg = prompt_config(positive_points, negative_points, min_area)
     if out is not None:
         result = run_export(store, out, overwrite=overwrite, quiet=quiet)

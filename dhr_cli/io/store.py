@@ -667,7 +667,7 @@ def check_not_input(out: Path, inputs: dict[str, Any], *, folder: bool = False) 
                     raise StoreError(f"{out}: is read by the dataset {option} {given}; write the output elsewhere")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -696,7 +696,7 @@ class OutputLock:
                     raise StoreError(f"{self.path}: {out} is being written by PID {pid} on host {owner}, which this "
                                      f"host ({host}) cannot check, so the lock is treated as live; if that run is "
                                      f"dead, delete {self.path} and rerun with --resume") from None
-                if pid is not None and _pid_alive(pid) and pid != os.getpid():
+                if pid is not None and pid_alive(pid) and pid != os.getpid():
                     where = f" on {owner}" if owner else ""
                     raise StoreError(f"{self.path}: {out} is being written by PID {pid}{where} (a live process); "
                                      "wait for it, or stop it and rerun with --resume") from None

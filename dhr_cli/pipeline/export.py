@@ -34,9 +34,19 @@ class ExportResult:
     classes: list[str]
 
 
-def _prepare_dir(out: Path, overwrite: bool, store: Path) -> None:
-    from dhr_cli.io.store import check_output
+_STAGE = ".dhr-export-{pid}.tmp"  # the staging folder inside OUT (`_staged`)
 
+
+def check_export_dir(out: Path, overwrite: bool, store: Path) -> None:
+    """The shared output check of an export folder, after removing the staging folders that killed
+    exports left behind (their process is gone), which would otherwise make OUT look non-empty."""
+    from dhr_cli.io.store import check_output, pid_alive
+
+    if out.is_dir():
+        for stale in out.glob(_STAGE.format(pid="*")):
+            pid = stale.name[len(".dhr-export-"): -len(".tmp")]
+            if stale.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
     check_output(out, folder=True, overwrite=overwrite, resumable=False, inputs={"STORE": store})
 
 
@@ -52,7 +62,7 @@ def _staged(out: Path):
     folder is removed either way (all or nothing: a failed export leaves OUT as it was)."""
     created = not out.exists()
     out.mkdir(exist_ok=True)
-    stage = out / f".dhr-export-{os.getpid()}.tmp"
+    stage = out / _STAGE.format(pid=os.getpid())
     if stage.exists():
         shutil.rmtree(stage)
     stage.mkdir()
@@ -77,7 +87,7 @@ def run_export(store: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
     out = Path(out)
     with open_store(store, expect=("masks", "seeds")) as s:
         names = {item_id: _safe_name(s.path, item_id) for item_id in s.ids}
-        _prepare_dir(out, overwrite, s.path)
+        check_export_dir(out, overwrite, s.path)
         written = 0
         with _staged(out) as stage:
             for item_id in track(s.ids, description="export", quiet=quiet):
@@ -113,7 +123,7 @@ def run_export_prompts(store: str | os.PathLike, out: str | os.PathLike, cfg=Non
     with open_store(store, expect=("masks", "seeds")) as s:
         names = {item_id: _safe_name(s.path, item_id, ".json") for item_id in s.ids}
         background = 0 if s.classes[0].lower() in ("background", "_background_", "bg") else None
-        _prepare_dir(out, overwrite, s.path)
+        check_export_dir(out, overwrite, s.path)
         written = 0
         with _staged(out) as stage:
             for item_id in track(s.ids, description="export prompts", quiet=quiet):
