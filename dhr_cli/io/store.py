@@ -617,7 +617,7 @@ def check_output(path, *, folder: bool = False, overwrite: bool = False, resume:
     the command is `resumable`), and so does an interrupted OUT.partial. A folder (`export`,
     `eval --report`, `train --out`): not a file, in an existing folder; a non-empty one needs --overwrite
     (or --resume). Never one of the command's `inputs` ({option: path or paths}), a folder holding one,
-    or a part of a dataset (`dataset_part`): --overwrite would replace them before they are read."""
+    or a part of an input dataset (`check_not_input`): --overwrite would replace them."""
     path = Path(path)
     if overwrite and resume:
         raise StoreError(f"{path}: --overwrite and --resume exclude each other")
