@@ -45,10 +45,9 @@ def _root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens, step by step.")] = False,
 ) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
-    warnings.formatwarning = _one_line_warning  # (formatting only: warnings recorded by a caller stay recorded)
-    from dhr_cli.io.datasets import DATASET_OPTIONS
-
-    DATASET_OPTIONS.set({})  # the reader options of this command only (its option callbacks run next)
+    datasets = sys.modules.get("dhr_cli.io.datasets")  # not imported yet: nothing to reset (--help stays fast)
+    if datasets is not None:
+        datasets.DATASET_OPTIONS.set({})  # the reader options of this command only (its option callbacks run next)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -111,6 +110,7 @@ def main() -> None:
 
     import dhr_cli.cli  # noqa: F401  (importing the package registers the commands)
 
+    warnings.formatwarning = _one_line_warning  # the process is the CLI's: warnings are for its user
     try:
         code = app(standalone_mode=False)
     except cx.NoArgsIsHelpError as e:  # `dhr` or `dhr uss` alone: the help it asks for
