@@ -398,3 +398,15 @@ def test_export_killed_mid_run_leaves_its_folder_exportable(synth, tmp_path):
     r = invoke("export", masks, "--out", out, "-q")
     assert r.exit_code == 0, r.output
     assert not stale.exists() and len(list(out.glob("*.png"))) == 6
+
+
+@pytest.mark.parametrize("size", [[120], [-120, 160], "120x160", [12.5, 16]])
+def test_malformed_image_size_attribute_is_one_line(synth, tmp_path, size):
+    root, _, _ = synth
+    cams = tmp_path / "cams.h5"
+    shutil.copy(root / "cams.h5", cams)
+    with h5py.File(cams, "r+") as f:
+        item_id = sorted(f["items"])[2]
+        f["items"][item_id]["cams"].attrs["image_size"] = size
+    _one_line_error(invoke("seed", "--cams", cams, "--data", root, "--out", tmp_path / "s.h5", "--no-crf", "-q"),
+                    str(cams), item_id, "expected [H, W] (two positive integers)")

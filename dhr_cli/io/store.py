@@ -106,10 +106,7 @@ class Item:
         for name in ("cams", "features", "mask"):
             size = self.attrs.get(name, {}).get("image_size")
             if size is not None:
-                size = np.asarray(size).ravel()
-                if size.shape != (2,) or (size <= 0).any():
-                    raise StoreError(f"{self._where}: {name} has image_size {size.tolist()}, expected [H, W]")
-                return int(size[0]), int(size[1])
+                return image_size_attr(size, f"{self._where}: {name}")
         if "mask" in self.arrays:
             return tuple(self.arrays["mask"].shape)  # type: ignore[return-value]
         raise StoreError(f"{self._where} has no image_size attribute")
@@ -205,6 +202,8 @@ class Store:
             raise StoreError(f"{self.path}: item {item_id!r} has no {main!r} dataset (kind {self.kind!r})")
         if main == "mask":
             self._check_labels(item_id, arrays[main])
+        elif "image_size" in attrs.get(main, {}):
+            image_size_attr(attrs[main]["image_size"], f"{self.path}: item {item_id!r}: {main}")
         return Item(self.path, item_id, arrays, attrs)
 
     def _check_labels(self, item_id: str, mask: np.ndarray) -> None:
@@ -285,6 +284,15 @@ def cam_labels(raw, where: str) -> np.ndarray:
     return values.astype(np.int64)
 
 
+def image_size_attr(raw, where: str) -> tuple[int, int]:
+    """An `image_size` attribute as (H, W): two positive whole numbers, else StoreError."""
+    size = np.asarray(raw)
+    if size.dtype.kind not in "iuf" or size.shape != (2,) or not np.all(size > 0) or not np.all(size == np.round(size)):
+        shown = size.tolist() if size.dtype.kind in "iufU" else repr(raw)
+        raise StoreError(f"{where} has image_size {shown}, expected [H, W] (two positive integers)")
+    return int(size[0]), int(size[1])
+
+
 def check_mask_labels(where: str, mask: np.ndarray, n_classes: int) -> None:
     """A mask's values are label indices of the store's classes or 255: a value beyond them would
     be exported, merged or trained on as a class that does not exist."""
@@ -314,6 +322,7 @@ def validate_item(kind: str, path: Path, item_id: str, arrays: dict, attrs: dict
             raise StoreError(f"{where}: {main} holds NaN or infinite values")
         if "image_size" not in attrs.get(main, {}):
             raise StoreError(f"{where}: {main} needs an image_size attribute [H, W]")
+        image_size_attr(attrs[main]["image_size"], f"{where}: {main}")
     if kind == "cams":
         if (x < 0).any():
             raise StoreError(f"{where}: cams must be >= 0")
