@@ -410,3 +410,14 @@ def test_malformed_image_size_attribute_is_one_line(synth, tmp_path, size):
         f["items"][item_id]["cams"].attrs["image_size"] = size
     _one_line_error(invoke("seed", "--cams", cams, "--data", root, "--out", tmp_path / "s.h5", "--no-crf", "-q"),
                     str(cams), item_id, "expected [H, W] (two positive integers)")
+
+
+def test_an_error_after_the_progress_bar_started_is_still_one_line(synth, tmp_path):
+    """Without -q the bar is drawn; when the run stops on an error, only the error line is left."""
+    root, _, _ = synth
+    cams = tmp_path / "cams.h5"
+    shutil.copy(root / "cams.h5", cams)
+    with h5py.File(cams, "r+") as f:
+        f["items"][sorted(f["items"])[-1]]["cams"].attrs["image_size"] = [-1, 5]
+    _one_line_error(invoke("seed", "--cams", cams, "--data", root, "--out", tmp_path / "s.h5", "--no-crf"),
+                    "expected [H, W]")

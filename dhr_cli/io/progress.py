@@ -19,9 +19,25 @@ T = TypeVar("T")
 _stderr = Console(stderr=True)
 
 
+class _Progress(Progress):
+    """A Progress whose bar is erased when the block ends in an error: the error's one line stands alone."""
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            return super().__exit__(exc_type, exc, tb)
+        # a terminal erases the live bar (transient); a pipe or log file would get its last frame
+        # printed at stop, so nothing is printed there
+        self.live.transient = True
+        muted, self.console.quiet = self.console.quiet, self.console.quiet or not self.console.is_terminal
+        try:
+            super().__exit__(exc_type, exc, tb)
+        finally:
+            self.console.quiet = muted
+
+
 def progress_bar(quiet: bool = False) -> Progress:
     """A rich Progress on stderr; use as a context manager and add tasks to it."""
-    return Progress(
+    return _Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
