@@ -14,8 +14,11 @@ The command line in `dhr_cli.cli` is a thin layer over it.
 from __future__ import annotations
 
 import importlib
+import os
 
 __version__ = "0.1.0"
+# This process's parent when it started (torchrun's agent for a rank): io/distributed follows it.
+_PARENT_AT_START = os.getppid()
 
 _API = {
     "run_cams": "dhr_cli.pipeline.cams", "features_store_for": "dhr_cli.pipeline.cams",

@@ -75,7 +75,12 @@ def _barrier(rank: Rank) -> None:
 
     if not dist.is_initialized():
         dist.init_process_group("gloo", timeout=timedelta(hours=12))
-    dist.barrier()
+    try:
+        dist.barrier()
+    except RuntimeError as e:  # gloo: "Connection closed by peer" when another rank stopped on its own error
+        raise StoreError(f"rank {rank.rank} of {rank.world}: another process of this torchrun job stopped (its error "
+                         f"is above: {' '.join(str(e).split())[:120]}); fix it and rerun the same command with "
+                         "--resume") from None
 
 
 def interrupted(out: Path, rank: Rank | None = None) -> bool:
@@ -103,6 +108,7 @@ def output_store(out: Path, kind: str, classes: list[str], *, provenance: dict, 
             yield writer
         return
     check_output(out, overwrite=overwrite, resume=resume)
+    _die_with_launcher()
     # Rank 0 holds OUT.lock for the whole run (shards and merge); each shard has its own lock too.
     lock = OutputLock(out) if rank.is_main else None
     try:
@@ -110,6 +116,19 @@ def output_store(out: Path, kind: str, classes: list[str], *, provenance: dict, 
     finally:
         if lock is not None:
             lock.release()
+
+
+def _die_with_launcher() -> None:
+    """Under torchrun each rank runs in its own session, so a SIGKILL of the launcher (or of its
+    process group) left the ranks waiting at the next barrier for its 12-hour timeout, rank 0
+    holding OUT.lock as a live process: the rank now gets SIGKILL when its launcher dies, like the
+    whole job's kill that --resume continues from."""
+    if os.environ.get("TORCHELASTIC_RUN_ID") is None:  # not started by torchrun: no launcher to follow
+        return
+    import dhr_cli
+    from dhr_cli.io.loading import kill_me_with_parent
+
+    kill_me_with_parent(dhr_cli._PARENT_AT_START)
 
 
 def _sharded(out, kind, classes, rank, provenance, overwrite, resume, root_attrs):
@@ -185,8 +204,17 @@ def merge_stores(inputs: Sequence[Path], out: Path, *, overwrite: bool = False, 
                         item = s.read(item_id)
                         validate_item(s.kind, s.path, item_id, item.arrays, item.attrs, len(s.classes))  # names the input
                         writer.write(item_id, item.arrays, item.attrs)
-        except BaseException:
+        except StoreError as e:
             partial.unlink(missing_ok=True)  # a merge is not resumed: nothing half-done stays behind
+            kept = "the items written so far are kept, free space and rerun with --resume"
+            if kept in str(e):  # the writer's disk-full advice does not hold for a merge
+                error = StoreError(str(e).replace(kept, "nothing of the merge was kept (its input stores are untouched), "
+                                                            "free space and rerun"))
+                error.hdf5_unsound = getattr(e, "hdf5_unsound", False)
+                raise error from None
+            raise
+        except BaseException:
+            partial.unlink(missing_ok=True)
             raise
         return len(seen)
     finally:

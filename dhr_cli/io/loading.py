@@ -291,25 +291,13 @@ def die_with_parent(_worker_id: int = 0, parent: int | None = None) -> None:
     elsewhere a watchdog thread polls the parent PID. `parent`: the parent's PID, taken before the
     fork (error_carrying_loader); read here instead, a worker whose parent was killed while it
     started would take the reaper for its parent and live on (seen under torchrun at load ~8)."""
-    import signal
-    import sys
     import threading
     import time
 
     _drop_inherited_partials()
     parent = os.getppid() if parent is None else parent
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            PR_SET_PDEATHSIG = 1
-            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
-                if os.getppid() != parent:  # the parent died before prctl took effect
-                    os._exit(1)
-                return
-        except (OSError, AttributeError):
-            pass
+    if kill_me_with_parent(parent):
+        return
 
     def watch() -> None:
         while True:
@@ -318,6 +306,28 @@ def die_with_parent(_worker_id: int = 0, parent: int | None = None) -> None:
             time.sleep(1.0)
 
     threading.Thread(target=watch, daemon=True, name="dhr-parent-watchdog").start()
+
+
+def kill_me_with_parent(parent: int) -> bool:
+    """Linux: this process gets SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG), and exits at
+    once when `parent` (its parent's PID as it started) is gone already. False where unsupported."""
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+    return True
 
 
 def iterate_batches(ids: Sequence[str], load: Callable[[str], T], batch_size: int,

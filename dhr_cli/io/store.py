@@ -374,21 +374,41 @@ class StoreWriter:
             if self.partial.exists() or self.partial.is_symlink():
                 check_output_path(self.partial)
                 self.partial.unlink()  # a new file, never a truncation of one a reader still has open
-            self._file = _open_h5(self.partial, "w")
-            self._fresh = True
-            a = self._file.attrs
-            a["dhr_format"] = FORMAT
-            a["dhr_version"] = VERSION
-            a["kind"] = kind
-            a["classes"] = json.dumps(self.classes)
-            a["ignore_index"] = IGNORE_INDEX
-            a["provenance"] = json.dumps(provenance, default=str)
-            for k, v in (root_attrs or {}).items():
-                a[k] = v
-            self._file.create_group("items")
-            self._file.flush()
+            try:
+                self._file = _open_h5(self.partial, "w")
+                self._fresh = True
+                a = self._file.attrs
+                a["dhr_format"] = FORMAT
+                a["dhr_version"] = VERSION
+                a["kind"] = kind
+                a["classes"] = json.dumps(self.classes)
+                a["ignore_index"] = IGNORE_INDEX
+                a["provenance"] = json.dumps(provenance, default=str)
+                for k, v in (root_attrs or {}).items():
+                    a[k] = v
+                self._file.create_group("items")
+                self._file.flush()
+            except (OSError, RuntimeError) as e:
+                self._failed_create(e)
         self._items = self._file["items"]
         self.done: set[str] = {k for k in self._items.keys() if not k.startswith(_TMP_PREFIX)}
+
+    def _failed_create(self, error: Exception) -> None:
+        """Creating the empty partial failed (disk full, ...): it holds no item, so it is removed (a
+        --resume of an attribute-less file could only be refused) and the error is one line."""
+        try:
+            self._file.close()
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+        try:
+            self.partial.unlink()
+        except OSError:
+            pass
+        full = isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error)
+        what = "disk full" if full else f"could not be created ({' '.join(str(error).split())[:200]})"
+        error = StoreError(f"{self.partial}: {what} before the first item; nothing was written, free space and rerun")
+        error.hdf5_unsound = True  # the command line exits at once: libhdf5 may crash while tearing down
+        raise error from None
 
     def _open_partial_for_resume(self, provenance: dict) -> h5py.File:
         try:
@@ -642,9 +662,11 @@ def check_output(path, *, folder: bool = False, overwrite: bool = False, resume:
             raise StoreError(f"{path}: folder {path.parent} does not exist")
         return path
     check_output_path(path)
+    partial = _partial(path)
+    if (path.exists() or (resumable and partial.exists())) and not (overwrite or resume):
+        _refuse_if_being_written(path)  # a live writer's partial is not "an interrupted run"
     if path.exists() and not (overwrite or resume):
         raise StoreError(f"{path}: already exists; {hint}")
-    partial = _partial(path)
     if resumable and partial.exists() and not (overwrite or resume):
         raise StoreError(f"{partial}: an interrupted run is there; pass --resume to continue it or --overwrite "
                          "to start again")
@@ -674,6 +696,28 @@ def check_not_input(out: Path, inputs: dict[str, Any], *, folder: bool = False) 
                 part_of = part_of or dataset_part(out) or False
                 if part_of and os.path.samefile(part_of, given):
                     raise StoreError(f"{out}: is read by the dataset {option} {given}; write the output elsewhere")
+
+
+def _refuse_if_being_written(out: Path) -> None:
+    """The lock's own one-line refusal when OUT.lock names a live process on this host."""
+    lock = Path(out).with_name(Path(out).name + ".lock")
+    pid, host = _lock_owner(lock)
+    if pid is not None and pid != os.getpid() and host in ("", socket.gethostname()) and pid_alive(pid):
+        raise StoreError(_live_writer(lock, out, pid, host))
+
+
+def _lock_owner(lock: Path) -> tuple[int | None, str]:
+    """(PID, host) a lock file names; (None, '') when it is absent, empty or garbage."""
+    try:
+        text = lock.read_text().split()
+        return int(text[0]), (text[1] if len(text) > 1 else "")
+    except (OSError, ValueError, IndexError):
+        return None, ""
+
+
+def _live_writer(lock: Path, out, pid: int, host: str) -> str:
+    where = f" on {host}" if host else ""
+    return f"{lock}: {out} is being written by PID {pid}{where} (a live process); wait for it, or stop it and rerun with --resume"
 
 
 def pid_alive(pid: int) -> bool:
@@ -706,9 +750,7 @@ class OutputLock:
                                      f"host ({host}) cannot check, so the lock is treated as live; if that run is "
                                      f"dead, delete {self.path} and rerun with --resume") from None
                 if pid is not None and pid_alive(pid) and pid != os.getpid():
-                    where = f" on {owner}" if owner else ""
-                    raise StoreError(f"{self.path}: {out} is being written by PID {pid}{where} (a live process); "
-                                     "wait for it, or stop it and rerun with --resume") from None
+                    raise StoreError(_live_writer(self.path, out, pid, owner)) from None
                 if pid == os.getpid():  # taken further up by this process (rank 0 around its merge)
                     return
                 print(f"note: {self.path}: stale lock of PID {pid} on {owner or '?'} (not running); taking it over",
@@ -720,27 +762,30 @@ class OutputLock:
                 continue
             except OSError as e:
                 raise StoreError(f"{self.path}: cannot create the lock file ({e.strerror})") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()} {host}\n")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{os.getpid()} {host}\n")
+            except OSError as e:  # disk full: an empty lock would be left behind, looking live or garbage
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
+                raise StoreError(f"{self.path}: cannot write the lock file ({e.strerror}); free space and rerun") from None
             self.held = True
             self.pid = os.getpid()
             return
         raise StoreError(f"{self.path}: could not take the lock (another writer keeps racing for it)")
 
     def _owner(self) -> tuple[int | None, str]:
-        try:
-            text = self.path.read_text().split()
-            return int(text[0]), (text[1] if len(text) > 1 else "")
-        except (OSError, ValueError, IndexError):
-            # Being written right now, or garbage: treat an empty, fresh one as live.
+        pid, host = _lock_owner(self.path)
+        if pid is None:  # being written right now, or garbage: an empty, fresh one counts as live
             try:
                 if time.time() - self.path.stat().st_mtime < 5:
                     time.sleep(0.2)
-                    text = self.path.read_text().split()
-                    return int(text[0]), (text[1] if len(text) > 1 else "")
-            except (OSError, ValueError, IndexError):
+                    pid, host = _lock_owner(self.path)
+            except OSError:
                 pass
-            return None, ""
+        return pid, host
 
     def release(self) -> None:
         # Only the process that took it (not a forked child) removes it.

@@ -262,8 +262,16 @@ def write_json(result: EvalResult, path: str | os.PathLike, top: int = 20) -> Pa
     path = Path(path)
     check_output_path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result.to_json(top), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(result.to_json(top), indent=2, allow_nan=False) + "\n"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:  # disk full, ...: no half-written report and no temp file stay behind
+        tmp.unlink(missing_ok=True)
+        from dhr_cli.errors import StoreError
+
+        raise StoreError(f"{path}: could not be written ({e.strerror or e}); it was left as it was, "
+                         "free space and rerun") from None
     return path
 
 

@@ -91,7 +91,11 @@ def run_export(store: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
         written = 0
         with _staged(out) as stage:
             for item_id in track(s.ids, description="export", quiet=quiet):
-                save_palette_png(stage / names[item_id], s.read(item_id).mask)
+                try:
+                    save_palette_png(stage / names[item_id], s.read(item_id).mask)
+                except OSError as e:  # disk full, ...: the staging folder goes, OUT stays as it was
+                    raise StoreError(f"{out / names[item_id]}: could not be written ({e.strerror or e}); nothing "
+                                     f"was exported ({out} is as it was), free space and rerun") from None
                 written += 1
         logger.info("exported %d %s to %s", written, s.kind, out)
         return ExportResult(out=out, kind=s.kind, written=written, classes=list(s.classes))
@@ -131,7 +135,11 @@ def run_export_prompts(store: str | os.PathLike, out: str | os.PathLike, cfg=Non
                 prompts = mask_prompts(mask, cfg, background=background)
                 doc = {"id": item_id, "image_size": list(mask.shape), "classes": s.classes,
                        "conventions": PROMPT_CONVENTIONS, "prompts": [p.to_json(s.classes) for p in prompts]}
-                (stage / names[item_id]).write_text(json.dumps(doc, indent=1))
+                try:
+                    (stage / names[item_id]).write_text(json.dumps(doc, indent=1))
+                except OSError as e:
+                    raise StoreError(f"{out / names[item_id]}: could not be written ({e.strerror or e}); nothing "
+                                     f"was exported ({out} is as it was), free space and rerun") from None
                 written += 1
         logger.info("exported the prompts of %d %s to %s", written, s.kind, out)
         return ExportResult(out=out, kind=s.kind, written=written, classes=list(s.classes))

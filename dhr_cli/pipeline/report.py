@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dhr_cli.errors import InputError
+from dhr_cli.errors import InputError, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +106,13 @@ def _thumb(rgb: np.ndarray) -> Image.Image:
 
 def _save_png(im: Image.Image, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        im.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
 
 
 def _file_stem(item_id: str) -> str:
@@ -130,12 +135,25 @@ def _select(result, n: int) -> list[tuple[str, list[str], str]]:
 
 def write_report(result, out: str | os.PathLike, *, n_images: int = 8, overwrite: bool = False, quiet: bool = True) -> Path:
     """Write out/index.html (+ out/img/*.png) for an EvalResult; returns the page's path."""
+    out = check_report_dir(out, overwrite)
+    try:
+        return _write_report(result, out, n_images, quiet)
+    except OSError as e:  # disk full, ...: the page is written last, so a failed report has none
+        where = e.filename or out
+        for tmp in out.glob("**/.*.tmp"):
+            tmp.unlink(missing_ok=True)
+        raise StoreError(f"{where}: could not be written ({e.strerror or e}); the report in {out} is incomplete "
+                         "(no index.html), free space and rerun with --overwrite") from None
+
+
+def _write_report(result, out: Path, n_images: int, quiet: bool) -> Path:
     from dhr_cli.io.datasets import open_dataset
     from dhr_cli.io.palette import overlay
     from dhr_cli.io.progress import track
     from dhr_cli.pipeline.evaluate import open_predictions
 
-    out = check_report_dir(out, overwrite)
+    index = out / "index.html"
+    index.unlink(missing_ok=True)  # an overwritten report's old page must not show the new run's images
     img_dir = out / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
     sections = _select(result, n_images) if n_images > 0 else []
@@ -166,7 +184,6 @@ def write_report(result, out: str | os.PathLike, *, n_images: int = 8, overwrite
             s.close()
 
     page = _html(result, sections, files, miou)
-    index = out / "index.html"
     tmp = out / ".index.html.tmp"
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, index)
