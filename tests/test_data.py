@@ -126,3 +126,15 @@ def test_colour_masks_in_voc_colours_are_read_others_refused(tmp_path):
     Image.fromarray(rgb).save(root / "masks" / "a.png")
     with pytest.raises(DatasetError, match=r"colour \(1, 2, 3\), which is not a VOC palette colour"):
         open_dataset(root).gt("a")
+
+
+def test_label_names_match_the_class_list_by_class_key(tmp_path):
+    """docs/contracts.md: class names match by class_key; labels.json's 'Dog ' or 'CAT' is dog or cat,
+    a name no class shares a key with is still one line naming the file."""
+    root = make_flat(tmp_path / "d", classes=("background", "potted plant", "dog"))
+    (root / "labels.json").write_text(json.dumps({"a": ["Potted-Plant"], "b": ["Dog ", "pottedplant"], "c": ["DOG"]}))
+    ds = open_dataset(root)
+    assert [ds.labels(i) for i in ("a", "b", "c")] == [[1], [1, 2], [2]]
+    (root / "labels.json").write_text(json.dumps({"a": ["cat"], "b": ["dog"], "c": ["dog"]}))
+    with pytest.raises(DatasetError, match=r"labels\.json: label 'cat' of a is not in classes\.txt"):
+        open_dataset(root)

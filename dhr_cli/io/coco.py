@@ -23,7 +23,7 @@ import numpy as np
 
 from dhr_cli.config import IGNORE_INDEX
 from dhr_cli.errors import DatasetError
-from dhr_cli.io.datasets import Dataset, _check_same_size, _existing, _image_by_id, _images_by_stem, class_key, read_index_png
+from dhr_cli.io.datasets import Dataset, _check_same_size, _exif_hint, _existing, _image_by_id, _images_by_stem, class_key, read_index_png
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +246,12 @@ class COCODataset(Dataset):
 
     def rasterise_gt(self, item_id: str) -> np.ndarray:
         """Crowd regions first (255), then every non-crowd object painted over them with its label."""
-        mask = np.zeros(self._hw(item_id), np.uint8)
+        hw = self._hw(item_id)
+        size = self.image_size(item_id)  # header only: the json's size must be the file's
+        if hw != size:
+            raise DatasetError(f"{self._json}: {self.image_path(item_id).name} is {hw[1]}x{hw[0]} in the json but "
+                               f"{size[1]}x{size[0]} in its file" + _exif_hint(self.image_path(item_id), hw, size, "annotations"))
+        mask = np.zeros(hw, np.uint8)
         anns = self._anns(item_id)
         for ann in sorted(anns, key=lambda a: not a.get("iscrowd", 0)):  # crowd first
             if isinstance(ann["segmentation"], list):  # polygons of under 3 points have no area (and pycocotools
@@ -505,7 +510,7 @@ class ADE20KDataset(Dataset):
         if path is None:
             return None
         raw = read_index_png(path)
-        _check_same_size(path, raw, "annotation", self.image_size(item_id))
+        _check_same_size(path, raw, "annotation", self.image_size(item_id), self.image_path(item_id))
         top = int(raw.max(initial=0))
         if top > len(self.classes):
             raise DatasetError(f"{path}: value {top} is above the {len(self.classes)} ADE20K classes")

@@ -78,6 +78,8 @@ class Dataset:
         self.classes = classes
         self.ids = ids
         self._index = {c: i for i, c in enumerate(classes)}
+        # label names (labels.json, XML) match the class list by class_key, as everywhere else
+        self._key_index = {class_key(c): i for i, c in enumerate(classes)}
         self._id_set = set(ids)
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
@@ -112,11 +114,15 @@ class Dataset:
         path = self.image_path(item_id)
         try:
             with _open_checked(path, "image") as im:
+                if im.mode in ("I", "I;16", "I;16L", "I;16B"):  # 16-bit grayscale: PIL's convert clips at 255
+                    gray = (np.asarray(im).astype(np.int64).clip(0, 65535) >> 8).astype(np.uint8)
+                    return np.repeat(gray[..., None], 3, axis=2)
                 return np.asarray(im.convert("RGB"))
         except FileNotFoundError:
             raise DatasetError(f"{path}: image not found") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise DatasetError(f"{path}: cannot decode image ({e.__class__.__name__})") from None
+            cut = ": the file is truncated" if "truncated" in str(e) else ""  # PIL: "image file is truncated (...)"
+            raise DatasetError(f"{path}: cannot decode image{cut} ({e.__class__.__name__})") from None
 
     def image_size(self, item_id: str) -> tuple[int, int]:
         """(H, W) read from the file header only."""
@@ -136,7 +142,7 @@ class Dataset:
         if path is None:
             return None
         mask = read_index_png(path)
-        _check_same_size(path, mask, "mask", self.image_size(item_id))
+        _check_same_size(path, mask, "mask", self.image_size(item_id), self.image_path(item_id))
         counts = np.bincount(mask.ravel(), minlength=256)
         counts[: len(self.classes)] = 0
         counts[IGNORE_INDEX] = 0
@@ -151,9 +157,10 @@ class Dataset:
         if names is not None:
             values = set()
             for name in names:
-                if name not in self._index:
+                value = self._index.get(name, self._key_index.get(class_key(name)))
+                if value is None:
                     raise DatasetError(f"{self._labels_source(item_id)}: label {name!r} of {item_id} is not in the class list")
-                values.add(self._index[name])
+                values.add(value)
         else:
             mask = self.gt(item_id)
             if mask is None:
@@ -231,10 +238,35 @@ def _existing(*candidates: Path) -> Path | None:
     return next((p for p in candidates if p.exists()), None)
 
 
-def _check_same_size(path: Path, array: np.ndarray, what: str, size: tuple[int, int]) -> None:
-    """A ground-truth map of another size than its image (H, W) is refused in one line."""
+def _exif_orientation(path: Path | None) -> int:
+    """The EXIF orientation tag (1..8) of an image file, read from its header; 1 when absent or unreadable."""
+    if path is None:
+        return 1
+    try:
+        with Image.open(path) as im:
+            return int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - only a hint for an error message
+        return 1
+
+
+def _check_same_size(path: Path, array: np.ndarray, what: str, size: tuple[int, int], image: Path | None = None) -> None:
+    """A ground-truth map of another size than its image (H, W) is refused in one line; when the image's
+    EXIF orientation turns it by 90 degrees and the map has the turned size, the line says so (images
+    are read as stored, without EXIF rotation, as PIL and the WSSS codebases read them)."""
     if array.shape != tuple(size):
-        raise DatasetError(f"{path}: {what} is {array.shape[1]}x{array.shape[0]} but its image is {size[1]}x{size[0]}")
+        raise DatasetError(f"{path}: {what} is {array.shape[1]}x{array.shape[0]} but its image is {size[1]}x{size[0]}"
+                           + _exif_hint(image, tuple(array.shape), tuple(size), what))
+
+
+def _exif_hint(image: Path | None, other: tuple[int, int], size: tuple[int, int], what: str) -> str:
+    """The end of a size-mismatch line when `other` (H, W) is the image's size (H, W) turned by the image's
+    EXIF orientation tag; else ''."""
+    orientation = _exif_orientation(image) if tuple(other) == tuple(size)[::-1] else 1
+    if orientation < 5:
+        return ""
+    return (f" as stored; {image.name} has EXIF orientation {orientation}, which shows it turned to "
+            f"{size[0]}x{size[1]}, but dhr reads images as stored: give the {what} the stored "
+            "orientation, or rotate the image and drop its EXIF orientation tag")
 
 
 def _images_by_stem(folder: Path) -> dict[str, Path]:
@@ -297,10 +329,10 @@ class FlatDataset(Dataset):
                 isinstance(v, list) and all(isinstance(n, str) for n in v) for v in data.values()
             ):
                 raise DatasetError(f'{self._labels_file}: expected {{"<id>": ["class", ...], ...}}')
-            index = set(classes)
+            index = {class_key(c) for c in classes}
             for item_id, names in data.items():
                 for name in names:
-                    if name not in index:
+                    if class_key(name) not in index:
                         raise DatasetError(f"{self._labels_file}: label {name!r} of {item_id} is not in classes.txt")
             self._label_names = data
         super().__init__(root, split, classes, ids)

@@ -125,7 +125,7 @@ class COCOStuffDataset(Dataset):
         if path is None:
             return None
         raw = read_index_png(path)
-        _check_same_size(path, raw, "label map", self.image_size(item_id))
+        _check_same_size(path, raw, "label map", self.image_size(item_id), self.image_path(item_id))
         converted = path.name.endswith("_labelTrainIds.png")
         limit = len(self.classes) if converted else STUFF_RAW_VALUES
         hist = np.bincount(raw.ravel(), minlength=256)

@@ -212,7 +212,10 @@ def run_import(fmt: str, src: str | Path, dataset, out: str | Path, *, provenanc
             else:
                 mask = read_index_png(path)
                 if list(mask.shape) != size:
-                    raise InputError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {size[1]}x{size[0]}")
+                    from dhr_cli.io.datasets import _exif_hint
+
+                    raise InputError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {size[1]}x{size[0]}"
+                                     + _exif_hint(dataset.image_path(item_id), tuple(mask.shape), tuple(size), "mask"))
                 bad = np.unique(mask[(mask >= n_classes) & (mask != IGNORE_INDEX)])
                 if bad.size:
                     raise InputError(f"{path}: label values {bad.tolist()[:5]} are beyond the dataset's {n_classes} "

@@ -58,8 +58,29 @@ def describe_dataset(root: Path, split: str | None = None) -> dict:
         "sampled": min(len(ds), _SAMPLE),
         "has_gt": ds.has_gt,
         "labels": dict(counts.most_common()),
+        **_exif_extras(ds),
         **_coco_extras(ds),
     }
+
+
+def _exif_extras(ds) -> dict:
+    """Sampled images whose EXIF orientation tag (2..8) a viewer applies and dhr does not (it reads images
+    as stored): a mask drawn on the displayed image is turned or mirrored against them."""
+    from dhr_cli.io.datasets import _exif_orientation
+
+    tagged = []
+    for item_id in ds.ids[:_SAMPLE]:
+        try:
+            path = ds.image_path(item_id)
+        except Exception:  # noqa: BLE001 - a missing image is reported by the commands that read it
+            continue
+        if _exif_orientation(path) != 1:
+            tagged.append(path.name)
+    if not tagged:
+        return {}
+    return {"exif_orientation": f"{len(tagged)} of {min(len(ds), _SAMPLE)} sampled images (e.g. {tagged[0]}) carry an "
+                                "EXIF orientation tag; dhr reads images as stored, without it: masks, COCO sizes and "
+                                "outputs follow the stored pixels, not what a photo viewer shows"}
 
 
 def _coco_extras(ds) -> dict:

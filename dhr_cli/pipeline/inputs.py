@@ -66,7 +66,7 @@ def select_ids(dataset: Dataset, stores: dict[str, Store], missing: Missing) -> 
 
 def image_tensor(dataset: Dataset, item_id: str) -> np.ndarray:
     """(3, H, W) uint8 image, for decoding in loader workers."""
-    return np.ascontiguousarray(dataset.image(item_id).transpose(2, 0, 1))
+    return np.array(dataset.image(item_id).transpose(2, 0, 1), order="C")  # a writable copy, even of a 1x1 image
 
 
 def image_and_labels(dataset: Dataset, with_image: bool, item_id: str):
