@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import sys
 import warnings
 from typing import Annotated, Optional
@@ -16,6 +17,16 @@ from rich.console import Console
 from dhr_cli import __version__
 from dhr_cli.errors import DhrError
 
+# Rich's option table cuts long option names ("--backbone-wei…") below about 120 columns, where
+# click's plain layout wraps them instead: narrower terminals get the plain help.
+RICH_HELP_MIN_COLUMNS = 120
+HELP_MARKUP = "rich" if shutil.get_terminal_size((80, 24)).columns >= RICH_HELP_MIN_COLUMNS else None
+
+
+def extra(name: str) -> str:
+    """`dhr[name]` as help text shows it (rich markup reads an unescaped [name] as a style)."""
+    return f"dhr\\[{name}]" if HELP_MARKUP else f"dhr[{name}]"
+
 app = typer.Typer(
     name="dhr",
     help="Dense pseudo segmentation masks from image-level labels (DHR, ECCV 2024).\n\n"
@@ -23,7 +34,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
-    rich_markup_mode="rich",
+    rich_markup_mode=HELP_MARKUP,
 )
 
 # Results go to stdout; messages, progress and errors to stderr.
@@ -37,6 +48,21 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+class _LogLine(logging.Formatter):
+    """A warning is `Warning: ...`, like Python's warnings (the user reads it, not a module name);
+    --verbose steps keep the module that logs them."""
+
+    def __init__(self, verbose: bool):
+        super().__init__()
+        self.verbose = verbose
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.capitalize()}: {msg}"
+        return f"{record.name}: {msg}" if self.verbose else msg
+
+
 @app.callback()
 def _root(
     version: Annotated[
@@ -44,7 +70,9 @@ def _root(
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens, step by step.")] = False,
 ) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogLine(verbose))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
     datasets = sys.modules.get("dhr_cli.io.datasets")  # not imported yet: nothing to reset (--help stays fast)
     if datasets is not None:
         datasets.DATASET_OPTIONS.set({})  # the reader options of this command only (its option callbacks run next)
@@ -74,6 +102,9 @@ def user_errors(fn):
             _fail("terminated (SIGTERM); what was written is kept, rerun with --resume to continue", code=143)
         except KeyboardInterrupt:
             _fail("interrupted; what was written is kept, rerun with --resume to continue", code=130)
+        finally:
+            _sigterm_default()  # a SIGTERM while the interpreter exits (torchrun stopping the other ranks) ends it
+            # quietly, not as an "Exception ignored in atexit callback" traceback
 
     return wrapper
 
@@ -92,6 +123,14 @@ def _terminate_like_interrupt() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _sigterm_default() -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is _on_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _fail(message: str, code: int = 1) -> None:

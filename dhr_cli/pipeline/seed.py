@@ -67,20 +67,20 @@ def run_seed(cfg: SeedConfig, cams: Path, data: Path, out: Path, *, split: str |
             load = functools.partial(image_and_labels, dataset, crf is not None)
             reader = StoreReaders({"cams": cam_store.path})
             reader.lend({"cams": cam_store})  # used as it is when the batches run in this process
-            n_batches = -(-len(todo) // cfg.batch_size)
             if device.type == "cpu":
                 # On the CPU each DataLoader worker runs whole batches (image decoding, CAM reads,
                 # the seed kernels and the CRF), one torch thread each, and hands back the masks;
                 # this process only writes them. The same batches, so the same masks.
                 compute = functools.partial(_seed_chunk, load, dataset, reader, base, cfg, device, background, crf)
-                for masks in track(batches_in_workers(todo, cfg.batch_size, compute), "seed", total=n_batches, quiet=quiet):
+                for masks in track(batches_in_workers(todo, cfg.batch_size, compute), "seed", total=len(todo), quiet=quiet,
+                                   count=len):
                     for item_id, mask in masks:
                         writer.write(item_id, {"mask": mask})
                 return {"written": len(todo), "items": len(ids)}
             workers = default_workers()
             batches = iterate_batches(todo, load, cfg.batch_size, workers=workers)
             with kernel_threads(device, workers if len(todo) > cfg.batch_size else 0):
-                for batch in track(batches, "seed", total=n_batches, quiet=quiet):
+                for batch in track(batches, "seed", total=len(todo), quiet=quiet, count=len):
                     for item_id, mask in _seed_batch(batch, dataset, reader, base, cfg, device, background, crf):
                         writer.write(item_id, {"mask": mask})
         return {"written": len(todo), "items": len(ids)}
