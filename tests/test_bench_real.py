@@ -146,3 +146,68 @@ def test_driver_computes_cams_with_lite0_and_tunes_the_crf_baseline(tmp_path):
         assert r["status"] == "ok" and 0 <= r["miou"] <= 1
     assert float(res["meta"]["notes"]["cam_crf_tuned_bg"].split()[0]) in real.BG_SWEEP
     assert (out / "cams.h5").exists() and (out / "uss.h5").exists()
+
+
+
+def _fake_results(run: Path, dhr: float, no3: float, base: float, vanish: float = 0.0) -> None:
+    rows = [{"method": m, "status": "ok", "miou": v, "vanishing_rate": vanish}
+            for m, v in (("cam_crf_tuned", base), ("dhr", dhr), ("dhr_no_step3", no3))]
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "results.json").write_text(json.dumps({"methods": rows}))
+
+
+def test_seeds_runs_each_missing_seed_once_and_keeps_the_tuning_seed_out_of_the_mean(tmp_path, monkeypatch):
+    import subprocess
+
+    import seeds
+
+    figures = {1: (0.40, 0.41, 0.20), 0: (0.33, 0.34, 0.31), 2: (0.32, 0.33, 0.25)}
+    _fake_results(tmp_path / "seed0", *figures[0])  # already done: must not be rerun
+    calls = []
+
+    def fake_run(cmd, **kw):
+        seed = int(cmd[cmd.index("--seed") + 1])
+        assert cmd[cmd.index("--out") + 1] == str(tmp_path / f"seed{seed}")
+        assert set(seeds.BENCHES["real"].keys()) <= set(cmd)
+        calls.append(seed)
+        _fake_results(tmp_path / f"seed{seed}", *figures[seed], vanish=0.05 if seed == 2 else 0.0)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(seeds.subprocess, "run", fake_run)
+    assert seeds.main(["--bench", "real", "--out", str(tmp_path), "--seeds", "0", "2", "--tuning-seeds", "1"]) == 0
+    assert sorted(calls) == [1, 2]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    held = s["held_out"]
+    assert held["seeds"] == [0, 2]
+    assert held["lead"] == pytest.approx(((33 - 31) + (32 - 25)) / 2)
+    assert held["vanishing"]["dhr"] == pytest.approx(2.5)
+    assert held["lead_min"] == pytest.approx(2.0) and held["seeds_meeting_target"] == 1
+    assert [r["seed"] for r in s["rows"]] == [0, 1, 2] and s["rows"][1]["tuning"]
+    md = (tmp_path / "summary.md").read_text()
+    assert "| 1 (tuning) | 40.0 (0.0) | 41.0 (0.0) | 20.0 (0.0) | +20.0 |" in md
+    assert "**+4.5**" in md
+
+
+def test_seeds_over_the_demo_reads_each_demo_summary_and_a_failed_seed_stops_it(tmp_path, monkeypatch):
+    import subprocess
+
+    import seeds
+
+    def fake_run(cmd, **kw):
+        seed = int(cmd[cmd.index("--seed") + 1])
+        assert cmd[1:4] == ["-m", "dhr_cli", "demo"]
+        if seed == 3:
+            return subprocess.CompletedProcess(cmd, 1, "", "Error: something broke")
+        run = Path(cmd[cmd.index("--out") + 1])
+        run.mkdir(parents=True)
+        methods = {"DHR": {"miou": 0.6 + seed / 100, "vanishing_rate": 0.0},
+                   "CAM + CRF": {"miou": 0.6, "vanishing_rate": 0.1}, "CAM": {"miou": 0.3, "vanishing_rate": 0.0}}
+        (run / "summary.json").write_text(json.dumps({"methods": methods}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(seeds.subprocess, "run", fake_run)
+    assert seeds.main(["--bench", "demo", "--out", str(tmp_path), "--seeds", "0", "2"]) == 0
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["held_out"]["lead"] == pytest.approx(1.0) and s["held_out"]["seeds_meeting_target"] == 2
+    assert s["held_out"]["vanishing"]["CAM + CRF"] == pytest.approx(10.0)
+    assert seeds.main(["--bench", "demo", "--out", str(tmp_path), "--seeds", "0", "3"]) == 1
