@@ -149,6 +149,21 @@ def test_resume_with_other_options_is_refused_naming_them(synth, tmp_path):
     assert r.exit_code == 0, r.output
 
 
+def test_resume_takes_the_same_inputs_however_they_are_spelt_and_still_refuses_other_files(synth, tmp_path,
+                                                                                           monkeypatch):
+    """A run started with absolute paths, resumed from the inputs' folder with relative ones
+    ('cams.h5', './cams.h5'): the same files, so --resume continues; another file is refused."""
+    out = tmp_path / "s.h5"
+    assert invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", out, "--no-crf", "-q").exit_code == 0
+    monkeypatch.chdir(synth)
+    r = invoke("seed", "--cams", "./cams.h5", "--data", ".", "--out", out, "--no-crf", "-q", "--resume")
+    assert r.exit_code == 0, r.output
+    other = tmp_path / "other.h5"
+    shutil.copy(synth / "cams.h5", other)
+    r = invoke("seed", "--cams", other, "--data", ".", "--out", out, "--no-crf", "-q", "--resume")
+    assert r.exit_code == 1 and "input cams:" in one_line_error(r)
+
+
 def test_resume_with_nothing_to_do_leaves_the_store_as_it_was_so_downstream_resumes_still_work(synth, tmp_path):
     """A pipeline rerun with --resume everywhere: a complete seed store must stay byte- and
     time-identical, or propagate's resume refuses it as an input changed since its partial run."""

@@ -570,6 +570,8 @@ def make_provenance(command: str, config=None, inputs: dict[str, Any] | None = N
         "options": config or {},
         "dhr_version": __version__,
         "inputs": inputs,
+        # the same files however they were spelt (./a.h5, a.h5, /abs/a.h5): what --resume compares
+        "input_paths": {k: os.path.abspath(v) if v and os.path.exists(v) else v for k, v in inputs.items()},
         "input_ids": {k: _file_id(v) for k, v in inputs.items()},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -609,11 +611,14 @@ def provenance_differences(saved: dict, now: dict) -> list[str]:
     if saved.get("command") != now.get("command"):
         out.append(f"command: {saved.get('command')} (partial) vs {now.get('command')} (this run)")
     out += option_differences(saved.get("options") or {}, now.get("options") or {})
-    out += option_differences(saved.get("inputs") or {}, now.get("inputs") or {}, free=(), prefix="input ")
+    # input paths as absolute paths where both runs recorded them (older stores: as spelt)
+    where = "input_paths" if "input_paths" in saved and "input_paths" in now else "inputs"
+    paths_then, paths_now = saved.get(where) or {}, now.get(where) or {}
+    out += option_differences(paths_then, paths_now, free=(), prefix="input ")
     if "input_ids" in saved:  # stores of older dhr versions carry no input ids
         ids_then, ids_now = saved.get("input_ids") or {}, now.get("input_ids") or {}
         for key in sorted(set(ids_then) & set(ids_now)):
-            if ids_then[key] != ids_now[key] and (saved.get("inputs") or {}).get(key) == (now.get("inputs") or {}).get(key):
+            if ids_then[key] != ids_now[key] and paths_then.get(key) == paths_now.get(key):
                 out.append(f"input {key}: {now['inputs'][key]} changed since the partial run (size/mtime)")
     return out
 
