@@ -171,6 +171,26 @@ def test_export_on_a_full_disk_names_the_file(masks, tmp_path, monkeypatch):
     assert not (tmp_path / "png").exists()
 
 
+def test_a_second_export_into_a_folder_being_exported_to_is_one_line_and_mixes_nothing(masks, tmp_path):
+    """Export had no lock: two exports of different stores into one folder at once mixed their PNGs."""
+    import socket
+
+    out = tmp_path / "png"
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # a live export elsewhere holds png.lock
+        (tmp_path / "png.lock").write_text(f"{other.pid} {socket.gethostname()}\n")
+        r = invoke("export", masks, "--out", out, "-q")
+        assert r.exit_code == 1
+        assert f"{tmp_path / 'png.lock'}: {out} is being written by PID {other.pid}" in one_line(r.stderr)
+        assert not out.exists()
+    finally:
+        other.kill()
+        other.wait()
+    r = invoke("export", masks, "--out", out, "-q")  # its process gone: the lock is stale, taken over
+    assert r.exit_code == 0, r.stderr
+    assert len(list(out.glob("*.png"))) > 0 and not (tmp_path / "png.lock").exists()
+
+
 # ---- SIGKILL of the torchrun launcher ----------------------------------------------------------
 _LAUNCHER = """
 import os, subprocess, sys, time

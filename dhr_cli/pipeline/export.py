@@ -59,7 +59,20 @@ def _safe_name(store_path: Path, item_id: str, suffix: str = ".png") -> str:
 @contextmanager
 def _staged(out: Path):
     """A staging folder in OUT; its files are moved into OUT when the block ends cleanly, and the
-    folder is removed either way (all or nothing: a failed export leaves OUT as it was)."""
+    folder is removed either way (all or nothing: a failed export leaves OUT as it was). OUT.lock,
+    beside OUT, keeps a second export into the same folder from mixing its files in."""
+    from dhr_cli.io.store import OutputLock
+
+    lock = OutputLock(out)
+    try:
+        with _staged_locked(out) as stage:
+            yield stage
+    finally:
+        lock.release()
+
+
+@contextmanager
+def _staged_locked(out: Path):
     created = not out.exists()
     out.mkdir(exist_ok=True)
     stage = out / _STAGE.format(pid=os.getpid())
