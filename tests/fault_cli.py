@@ -1,7 +1,8 @@
 """`python -m tests.fault_cli ARGS`: the real `dhr` command line for the kill-and-resume tests, with the
 test-only vit_tiny SAM registered and, when DHR_TEST_ITEM_DELAY is set, a pause of that many seconds before
 each item is written, so tiny runs last long enough to be killed between items (and the kill is a real
-SIGKILL of this process, which may land anywhere)."""
+SIGKILL of this process, which may land anywhere). DHR_TEST_FAIL_AT=N: the N-th dataset written fails
+inside HDF5 with ENOSPC, as a disk that fills between the free-space check and the write."""
 
 import os
 import time
@@ -20,6 +21,20 @@ if _delay:
         return _write(self, *args, **kwargs)
 
     store.StoreWriter.write = _slow_write
+
+_fail_at = int(os.environ.get("DHR_TEST_FAIL_AT", "0"))
+if _fail_at:
+    import errno
+
+    _kwargs, _calls = store.dataset_kwargs, [0]
+
+    def _failing_kwargs(array, name=None):
+        _calls[0] += 1
+        if _calls[0] == _fail_at:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return _kwargs(array, name)
+
+    store.dataset_kwargs = _failing_kwargs
 
 if __name__ == "__main__":
     from dhr_cli.cli import main

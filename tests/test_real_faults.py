@@ -191,6 +191,21 @@ def test_a_second_export_into_a_folder_being_exported_to_is_one_line_and_mixes_n
     assert len(list(out.glob("*.png"))) > 0 and not (tmp_path / "png.lock").exists()
 
 
+def test_a_write_failing_inside_hdf5_leaves_no_lock_and_resumes(synth, tmp_path):
+    """After a failed HDF5 write the command line leaves at once (os._exit: libhdf5 may crash while
+    freeing its handles), which skipped the lock's release: a dead run's OUT.lock stayed behind."""
+    out = tmp_path / "s.h5"
+    argv = [sys.executable, "-m", "tests.fault_cli", "seed", "--cams", str(synth / "cams.h5"), "--data", str(synth),
+            "--out", str(out), "--no-crf", "-q"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**os.environ, "DHR_TEST_FAIL_AT": "3"})
+    assert r.returncode == 1
+    assert "s.h5.partial: disk full while writing item" in one_line(r.stderr)
+    assert (tmp_path / "s.h5.partial").exists() and not (tmp_path / "s.h5.lock").exists()
+    r = subprocess.run([*argv, "--resume"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and "stale lock" not in r.stderr, r.stderr[-1500:]
+
+
 # ---- SIGKILL of the torchrun launcher ----------------------------------------------------------
 _LAUNCHER = """
 import os, subprocess, sys, time
