@@ -118,7 +118,8 @@ def summary_markdown(s: dict) -> str:
         lines.append("")
         lines.append(f"mIoU %, vanishing rate % in brackets. Held-out lead: mean {h['lead']:+.1f}, standard deviation "
                      f"{h['lead_sd']:.1f}, from {h['lead_min']:+.1f} to {h['lead_max']:+.1f}; "
-                     f"{h['seeds_meeting_target']} of {len(h['seeds'])} seeds at {s['target_lead']:+.0f} or more.")
+                     f"{h['seeds_meeting_target']} of {len(h['seeds'])} seeds "
+                     + (f"at {s['target_lead']:+.0f} or more." if s["target_lead"] else "level or ahead."))
     return "\n".join(lines) + "\n"
 
 
