@@ -249,8 +249,9 @@ class COCODataset(Dataset):
         hw = self._hw(item_id)
         size = self.image_size(item_id)  # header only: the json's size must be the file's
         if hw != size:
-            raise DatasetError(f"{self._json}: {self.image_path(item_id).name} is {hw[1]}x{hw[0]} in the json but "
-                               f"{size[1]}x{size[0]} in its file" + _exif_hint(self.image_path(item_id), hw, size, "annotations"))
+            image = self.image_path(item_id)
+            raise DatasetError(f"{self._json}: {image.name} is {hw[1]}x{hw[0]} in the json but {size[1]}x{size[0]} "
+                               "in its file" + _exif_hint(image, hw, size, "annotations"))
         mask = np.zeros(hw, np.uint8)
         anns = self._anns(item_id)
         for ann in sorted(anns, key=lambda a: not a.get("iscrowd", 0)):  # crowd first

@@ -404,7 +404,7 @@ class StoreWriter:
             self.partial.unlink()
         except OSError:
             pass
-        full = isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error)
+        full = _disk_full(error)
         what = "disk full" if full else f"could not be created ({' '.join(str(error).split())[:200]})"
         error = StoreError(f"{self.partial}: {what} before the first item; nothing was written, free space and rerun")
         error.hdf5_unsound = True  # the command line exits at once: libhdf5 may crash while tearing down
@@ -516,7 +516,7 @@ class StoreWriter:
             self._file.close()
         except Exception:  # noqa: BLE001
             pass
-        full = isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error)
+        full = _disk_full(error)
         what = "disk full" if full else f"write failed ({' '.join(str(error).split())[:200]})"
         error = StoreError(f"{self.partial}: {what} while writing item {item_id!r}; the items written so far are kept, "
                            "free space and rerun with --resume")
@@ -846,6 +846,11 @@ def _open_h5(path: Path, mode: str) -> h5py.File:
     config.max_size = 1 << 20
     f.id.set_mdc_config(config)
     return f
+
+
+def _disk_full(error: Exception) -> bool:
+    """ENOSPC, as an OSError or as the text of an HDF5 error (h5py raises RuntimeError for some)."""
+    return isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error)
 
 
 def _partial(path: Path) -> Path:

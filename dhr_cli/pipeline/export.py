@@ -64,31 +64,29 @@ def _staged(out: Path):
     from dhr_cli.io.store import OutputLock
 
     lock = OutputLock(out)
-    try:
-        with _staged_locked(out) as stage:
-            yield stage
-    finally:
-        lock.release()
-
-
-@contextmanager
-def _staged_locked(out: Path):
     created = not out.exists()
-    out.mkdir(exist_ok=True)
     stage = out / _STAGE.format(pid=os.getpid())
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir()
     done = False
     try:
+        out.mkdir(exist_ok=True)
+        if stage.exists():
+            shutil.rmtree(stage)
+        stage.mkdir()
         yield stage
         for f in sorted(stage.iterdir()):
             os.replace(f, out / f.name)
         done = True
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-        if created and not done and not any(out.iterdir()):
+        if created and not done and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
+        lock.release()
+
+
+def _unwritable(out: Path, name: str, error: OSError) -> StoreError:
+    """A staged file that could not be written (disk full, ...): the staging folder goes, OUT stays as it was."""
+    return StoreError(f"{out / name}: could not be written ({error.strerror or error}); nothing was exported "
+                      f"({out} is as it was), free space and rerun")
 
 
 def run_export(store: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False, quiet: bool = True) -> ExportResult:
@@ -106,9 +104,8 @@ def run_export(store: str | os.PathLike, out: str | os.PathLike, *, overwrite: b
             for item_id in track(s.ids, description="export", quiet=quiet):
                 try:
                     save_palette_png(stage / names[item_id], s.read(item_id).mask)
-                except OSError as e:  # disk full, ...: the staging folder goes, OUT stays as it was
-                    raise StoreError(f"{out / names[item_id]}: could not be written ({e.strerror or e}); nothing "
-                                     f"was exported ({out} is as it was), free space and rerun") from None
+                except OSError as e:
+                    raise _unwritable(out, names[item_id], e) from None
                 written += 1
         logger.info("exported %d %s to %s", written, s.kind, out)
         return ExportResult(out=out, kind=s.kind, written=written, classes=list(s.classes))
@@ -151,8 +148,7 @@ def run_export_prompts(store: str | os.PathLike, out: str | os.PathLike, cfg=Non
                 try:
                     (stage / names[item_id]).write_text(json.dumps(doc, indent=1))
                 except OSError as e:
-                    raise StoreError(f"{out / names[item_id]}: could not be written ({e.strerror or e}); nothing "
-                                     f"was exported ({out} is as it was), free space and rerun") from None
+                    raise _unwritable(out, names[item_id], e) from None
                 written += 1
         logger.info("exported the prompts of %d %s to %s", written, s.kind, out)
         return ExportResult(out=out, kind=s.kind, written=written, classes=list(s.classes))
