@@ -310,3 +310,55 @@ def test_a_rank_whose_peer_stopped_says_so_in_one_line_not_a_gloo_traceback(monk
     with pytest.raises(StoreError) as e:
         _barrier(Rank(1, 2))
     assert "rank 1 of 2: another process of this torchrun job stopped" in str(e.value) and "--resume" in str(e.value)
+
+
+# ---- export killed inside its window of renames ---------------------------------------------------
+def _killed_export(masks, out, step, *extra):
+    env = dict(os.environ, DHR_TEST_KILL_AT_EXPORT=str(step))
+    r = subprocess.run([sys.executable, "-m", "tests.fault_cli", "export", str(masks), "--out", str(out), "-q", *extra],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+
+
+def _pngs(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}
+
+
+def test_a_new_export_folder_killed_at_any_step_is_absent_or_complete(masks, tmp_path):
+    """A new DIR is staged beside it and appears in one rename: a kill while writing leaves no DIR
+    (it used to leave DIR with a hidden staging folder in it), and the next export cleans up."""
+    assert invoke("export", masks, "--out", tmp_path / "ref", "-q").exit_code == 0
+    ref = _pngs(tmp_path / "ref")
+    out = tmp_path / "png"
+    for step in (1, len(ref)):  # the first PNG, the last one (the stage is complete, not yet renamed)
+        _killed_export(masks, out, step)
+        assert not out.exists()
+    r = invoke("export", masks, "--out", out, "-q")
+    assert r.exit_code == 0, r.output
+    assert _pngs(out) == ref and sorted(p.name for p in tmp_path.iterdir()) == ["png", "ref"]
+
+
+def test_an_overwrite_killed_among_its_moves_is_refused_by_readers_and_finished_by_the_next_export(
+        synth, masks, tmp_path, caplog):
+    """Killed after some of its files had replaced the old ones, an export used to leave DIR a silent mix."""
+    assert invoke("export", masks, "--out", tmp_path / "ref", "-q").exit_code == 0
+    ref = _pngs(tmp_path / "ref")
+    out = tmp_path / "png"
+    out.mkdir()
+    for name in ref:  # an older export's files of the same names
+        (out / name).write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    n = len(ref)
+    _killed_export(masks, out, n + 1 + 2, "--overwrite")  # n PNGs staged, the marker's rename, 1 file moved in
+    moved = [name for name in ref if (out / name).read_bytes() != b"old"]
+    assert len(moved) == 1  # the window the test is about: DIR is a mix
+    r = invoke("import", "png", out, "--data", synth, "--out", tmp_path / "m.h5")
+    assert r.exit_code == 1 and "was killed while moving its files" in one_line(r.output)
+    assert not (tmp_path / "m.h5").exists()
+    r = invoke("export", masks, "--out", out)  # no --overwrite: the killed export is finished, then refused
+    assert r.exit_code == 1 and "pass --overwrite" in one_line(r.output)
+    assert "finishing the export of PID" in caplog.text
+    assert _pngs(out) == ref and (out / "notes.txt").read_text() == "mine"
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    r = invoke("import", "png", out, "--data", synth, "--out", tmp_path / "m.h5")
+    assert r.exit_code == 0, r.output

@@ -4,10 +4,13 @@
     run_export_prompts("masks.h5", "prompts/")  ->  prompts/<id>.json, the Segment Anything prompts
                                      of `dhr refine --mode prompt` (boxes, points), to run SAM elsewhere
 
-All files are written into a staging folder inside DIR and moved into DIR only when every item
-has been read and written, so a bad item or a full disk leaves DIR as it was, and a reader never
-sees a half-written file. An existing non-empty DIR is refused unless overwrite=True (files of
-the same name are then replaced; other files are left alone).
+All files are written into a staging folder and moved into DIR only when every item has been
+read and written, so a bad item or a full disk leaves DIR as it was, and a reader never sees a
+half-written file. A new DIR is staged beside it and appears in one rename, complete. An existing
+non-empty DIR is refused unless overwrite=True (files of the same name are then replaced; other
+files are left alone); its staging folder is inside it and marked before the files move, so an
+export killed while moving them is finished by the next export into DIR, and read by nothing
+meanwhile (`interrupted_export`).
 """
 
 from __future__ import annotations
@@ -34,19 +37,61 @@ class ExportResult:
     classes: list[str]
 
 
-_STAGE = ".dhr-export-{pid}.tmp"  # the staging folder inside OUT (`_staged`)
+_STAGE = ".dhr-export-{pid}.tmp"  # the staging folder inside an existing OUT (`_staged`)
+_INSIDE = _STAGE.split("{")[0]  # the name before the PID
+# In a staging folder inside OUT: `_WRITING` while files are written, renamed `_MOVING` (a rename
+# needs no free space) once every file is there and the moves into OUT begin.
+_WRITING, _MOVING = ".writing", ".moving"
+
+
+def _sibling_stage(out: Path, pid: int | str) -> Path:
+    """The staging folder of a new OUT, beside it: renamed to OUT when complete."""
+    return out.parent / f".{out.name}{_STAGE.format(pid=pid)}"
+
+
+def _stale_stages(folder: Path, prefix: str):
+    """Staging folders `<prefix><PID>.tmp` in `folder` whose export process is gone, with the PID."""
+    from dhr_cli.io.store import pid_alive
+
+    if not folder.is_dir():
+        return
+    for stage in sorted(folder.iterdir()):
+        pid = stage.name[len(prefix): -len(".tmp")]
+        if (stage.name.startswith(prefix) and stage.name.endswith(".tmp") and pid.isdigit() and stage.is_dir()
+                and not pid_alive(int(pid))):
+            yield stage, int(pid)
+
+
+def interrupted_export(folder: Path) -> str | None:
+    """A message if an export into `folder` was killed while moving its files in (the folder then
+    holds some files of that export and some from before it), else None."""
+    for stage, pid in _stale_stages(Path(folder), _INSIDE):
+        if (stage / _MOVING).exists():
+            return (f"{folder}: an export into it (PID {pid}) was killed while moving its files, so it holds a mix "
+                    f"of that export and what was there before; run `dhr export` into it again to finish it")
+    return None
+
+
+def _finish_moves(stage: Path, out: Path) -> None:
+    for f in sorted(stage.iterdir()):
+        if f.name not in (_WRITING, _MOVING):
+            os.replace(f, out / f.name)
 
 
 def check_export_dir(out: Path, overwrite: bool, store: Path) -> None:
-    """The shared output check of an export folder, after removing the staging folders that killed
-    exports left behind (their process is gone), which would otherwise make OUT look non-empty."""
-    from dhr_cli.io.store import check_output, pid_alive
+    """The shared output check of an export folder, after tidying what killed exports left: a staging
+    folder whose files had all been written and had begun to move is moved in (that export is
+    finished); any other is removed, so it cannot make OUT look non-empty."""
+    from dhr_cli.io.store import check_output
 
+    for stage, _ in _stale_stages(out.parent, f".{out.name}{_INSIDE}"):
+        shutil.rmtree(stage, ignore_errors=True)
     if out.is_dir():
-        for stale in out.glob(_STAGE.format(pid="*")):
-            pid = stale.name[len(".dhr-export-"): -len(".tmp")]
-            if stale.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
-                shutil.rmtree(stale, ignore_errors=True)
+        for stage, pid in _stale_stages(out, _INSIDE):
+            if (stage / _MOVING).exists():
+                logger.warning("%s: finishing the export of PID %d, killed while moving its files in", out, pid)
+                _finish_moves(stage, out)
+            shutil.rmtree(stage, ignore_errors=True)
     check_output(out, folder=True, overwrite=overwrite, resumable=False, inputs={"STORE": store})
 
 
@@ -58,28 +103,37 @@ def _safe_name(store_path: Path, item_id: str, suffix: str = ".png") -> str:
 
 @contextmanager
 def _staged(out: Path):
-    """A staging folder in OUT; its files are moved into OUT when the block ends cleanly, and the
-    folder is removed either way (all or nothing: a failed export leaves OUT as it was). OUT.lock,
-    beside OUT, keeps a second export into the same folder from mixing its files in."""
+    """A staging folder whose files land in OUT when the block ends cleanly; it is removed either way
+    (all or nothing: a failed export leaves OUT as it was). A new OUT is staged beside it and renamed
+    into place; an existing one is staged inside it, marked `_MOVING` before the files move so that a
+    kill among the moves is finished later (`check_export_dir`). OUT.lock, beside OUT, keeps a second
+    export into the same folder from mixing its files in."""
     from dhr_cli.io.store import OutputLock
 
     lock = OutputLock(out)
-    created = not out.exists()
-    stage = out / _STAGE.format(pid=os.getpid())
-    done = False
+    fresh = not out.exists()
+    stage = _sibling_stage(out, os.getpid()) if fresh else out / _STAGE.format(pid=os.getpid())
     try:
-        out.mkdir(exist_ok=True)
-        if stage.exists():
-            shutil.rmtree(stage)
-        stage.mkdir()
+        try:
+            if stage.exists():
+                shutil.rmtree(stage)
+            stage.mkdir()
+            if not fresh:
+                (stage / _WRITING).touch()
+        except OSError as e:
+            raise StoreError(f"{stage}: cannot make the staging folder ({e.strerror}); nothing was exported") from None
         yield stage
-        for f in sorted(stage.iterdir()):
-            os.replace(f, out / f.name)
-        done = True
+        if fresh:
+            try:
+                os.rename(stage, out)
+            except OSError as e:  # OUT appeared meanwhile, made by something else
+                raise StoreError(f"{out}: could not be put in place ({e.strerror}): something created it "
+                                 f"during the export; nothing was exported") from None
+        else:
+            os.replace(stage / _WRITING, stage / _MOVING)
+            _finish_moves(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-        if created and not done and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
         lock.release()
 
 

@@ -168,6 +168,11 @@ def run_import(fmt: str, src: str | Path, dataset, out: str | Path, *, provenanc
     src = Path(src)
     if not src.is_dir():
         raise InputError(f"{src}: not a folder")
+    if fmt == "png":
+        from dhr_cli.pipeline.export import interrupted_export
+
+        if mixed := interrupted_export(src):
+            raise InputError(mixed)
     kind = FORMATS[fmt]
     offset = 1 if dataset.has_background else 0
     n_classes = len(dataset.classes)
