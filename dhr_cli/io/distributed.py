@@ -196,7 +196,7 @@ def merge_stores(inputs: Sequence[Path], out: Path, *, overwrite: bool = False, 
         if partial.exists() and not overwrite:
             raise StoreError(f"{partial}: an interrupted run is there; pass --overwrite to replace it")
         writer = create_store(out, first.kind, first.classes, provenance=provenance, overwrite=overwrite,
-                              root_attrs=_jsonable(root_attrs))
+                              root_attrs=_jsonable(root_attrs), resumable=False)
         try:
             with writer:
                 for s, take in plan:
@@ -204,17 +204,8 @@ def merge_stores(inputs: Sequence[Path], out: Path, *, overwrite: bool = False, 
                         item = s.read(item_id)
                         validate_item(s.kind, s.path, item_id, item.arrays, item.attrs, len(s.classes))  # names the input
                         writer.write(item_id, item.arrays, item.attrs)
-        except StoreError as e:
-            partial.unlink(missing_ok=True)  # a merge is not resumed: nothing half-done stays behind
-            kept = "the items written so far are kept, free space and rerun with --resume"
-            if kept in str(e):  # the writer's disk-full advice does not hold for a merge
-                error = StoreError(str(e).replace(kept, "nothing of the merge was kept (its input stores are untouched), "
-                                                            "free space and rerun"))
-                error.hdf5_unsound = getattr(e, "hdf5_unsound", False)
-                raise error from None
-            raise
         except BaseException:
-            partial.unlink(missing_ok=True)
+            partial.unlink(missing_ok=True)  # a merge is not resumed: nothing half-done stays behind
             raise
         return len(seen)
     finally:

@@ -334,13 +334,18 @@ def validate_item(kind: str, path: Path, item_id: str, arrays: dict, attrs: dict
 class StoreWriter:
     """Writes a store into OUT.partial; renames it to OUT when the `with` block ends cleanly."""
 
-    def __init__(self, path, kind, classes, *, provenance, overwrite=False, resume=False, root_attrs=None):
+    def __init__(self, path, kind, classes, *, provenance, overwrite=False, resume=False, root_attrs=None,
+                 resumable=True):
         if kind not in KINDS:
             raise StoreError(f"{path}: unknown store kind {kind!r}")
         self.path = Path(path)
         self.kind = kind
         self.classes = list(classes)
         self.partial = _partial(self.path)
+        # What a failed write advises: a command with --resume keeps its items for it; one without
+        # (merge) removes its partial, and its inputs are what a rerun starts from.
+        self.rerun = ("the items written so far are kept, free space and rerun with --resume" if resumable else
+                      "nothing of it was kept (its inputs are untouched), free space and rerun")
         if overwrite and resume:
             raise StoreError(f"{self.path}: --overwrite and --resume exclude each other")
         check_output_path(self.path)
@@ -484,7 +489,7 @@ class StoreWriter:
         if free is not None and free < need:
             self.broken = True
             raise StoreError(f"{self.partial}: disk full ({free // 1024} KiB left, item {item_id!r} needs up to "
-                             f"{need // 1024} KiB); the items written so far are kept, free space and rerun with --resume")
+                             f"{need // 1024} KiB); {self.rerun}")
         try:
             self._note_change()
             if tmp in self._items:
@@ -518,8 +523,7 @@ class StoreWriter:
             pass
         full = _disk_full(error)
         what = "disk full" if full else f"write failed ({' '.join(str(error).split())[:200]})"
-        error = StoreError(f"{self.partial}: {what} while writing item {item_id!r}; the items written so far are kept, "
-                           "free space and rerun with --resume")
+        error = StoreError(f"{self.partial}: {what} while writing item {item_id!r}; {self.rerun}")
         error.hdf5_unsound = True  # the command line exits at once: libhdf5 may crash while tearing down
         raise error from None
 
@@ -539,7 +543,7 @@ class StoreWriter:
                 except (OSError, RuntimeError) as e:
                     self.broken = True
                     if complete:
-                        raise StoreError(f"{self.partial}: could not be closed ({e}); free space and rerun with --resume") from None
+                        raise StoreError(f"{self.partial}: could not be closed ({e}); {self.rerun}") from None
                 if complete and not self.broken:
                     self._publish()
             if failed and self._fresh and not self.done and not self.broken and self.partial.exists():
@@ -554,9 +558,12 @@ class StoreWriter:
         self.close(complete=exc_type is None, failed=exc_type is not None and issubclass(exc_type, Exception))
 
 
-def create_store(path, kind, classes, *, provenance, overwrite=False, resume=False, root_attrs=None) -> StoreWriter:
-    """Start writing a store (see StoreWriter); `with create_store(...) as w: w.write(id, {...}, {...})`."""
-    return StoreWriter(path, kind, classes, provenance=provenance, overwrite=overwrite, resume=resume, root_attrs=root_attrs)
+def create_store(path, kind, classes, *, provenance, overwrite=False, resume=False, root_attrs=None,
+                 resumable=True) -> StoreWriter:
+    """Start writing a store (see StoreWriter); `with create_store(...) as w: w.write(id, {...}, {...})`.
+    resumable=False: the command has no --resume, and its errors do not advise one."""
+    return StoreWriter(path, kind, classes, provenance=provenance, overwrite=overwrite, resume=resume,
+                       root_attrs=root_attrs, resumable=resumable)
 
 
 def make_provenance(command: str, config=None, inputs: dict[str, Any] | None = None) -> dict:
