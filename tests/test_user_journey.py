@@ -139,7 +139,7 @@ def test_import_png_of_a_displayed_exif_image_says_so(tmp_path):
     root = _voc(tmp_path / "VOC2012", mask_hw=(W, H))
     line = _one_line_error(["import", "png", str(_pred_dir(tmp_path, (H, W))), "--data", str(root), "--split", "train",
                             "--out", str(tmp_path / "m.h5")], "IMG_0001.rot.png")
-    assert f"mask is {W}x{H}, its image {H}x{W} as stored" in line and "EXIF orientation 6" in line
+    assert f"mask is {W}x{H} but its image is {H}x{W} as stored" in line and "EXIF orientation 6" in line
 
 
 def test_info_names_images_with_an_exif_orientation(tmp_path):

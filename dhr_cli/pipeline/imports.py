@@ -159,7 +159,7 @@ def run_import(fmt: str, src: str | Path, dataset, out: str | Path, *, provenanc
                overwrite: bool = False, resume: bool = False, quiet: bool = False, source_name: str | None = None,
                missing: str = "fail", trust: bool = False) -> dict:
     """Convert the peer files in `src` for every image of `dataset` into a store at `out`."""
-    from dhr_cli.io.datasets import read_index_png
+    from dhr_cli.io.datasets import _check_same_size, read_index_png
     from dhr_cli.io.progress import track
     from dhr_cli.io.store import create_store, make_provenance
 
@@ -216,11 +216,7 @@ def run_import(fmt: str, src: str | Path, dataset, out: str | Path, *, provenanc
                         {"features": {"image_size": size}})
             else:
                 mask = read_index_png(path)
-                if list(mask.shape) != size:
-                    from dhr_cli.io.datasets import _exif_hint
-
-                    raise InputError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {size[1]}x{size[0]}"
-                                     + _exif_hint(dataset.image_path(item_id), tuple(mask.shape), tuple(size), "mask"))
+                _check_same_size(path, mask, "mask", tuple(size), dataset.image_path(item_id))
                 bad = np.unique(mask[(mask >= n_classes) & (mask != IGNORE_INDEX)])
                 if bad.size:
                     raise InputError(f"{path}: label values {bad.tolist()[:5]} are beyond the dataset's {n_classes} "
