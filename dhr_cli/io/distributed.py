@@ -202,8 +202,10 @@ def merge_stores(inputs: Sequence[Path], out: Path, *, overwrite: bool = False, 
                 for s, take in plan:
                     for item_id in take:
                         item = s.read(item_id)
-                        validate_item(s.kind, s.path, item_id, item.arrays, item.attrs, len(s.classes))  # names the input
-                        writer.write(item_id, item.arrays, item.attrs)
+                        # float64 maps of other programs are read as float32 by every command: stored so too
+                        arrays = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in item.arrays.items()}
+                        validate_item(s.kind, s.path, item_id, arrays, item.attrs, len(s.classes))  # names the input
+                        writer.write(item_id, arrays, item.attrs)
         except BaseException:
             partial.unlink(missing_ok=True)  # a merge is not resumed: nothing half-done stays behind
             raise

@@ -61,7 +61,8 @@ class Item:
     def _float_map(self, name: str) -> np.ndarray:
         x = self._get(name)
         if x.dtype not in (np.float16, np.float32, np.float64):
-            raise StoreError(f"{self._where}: {name} has dtype {x.dtype}, expected float16 or float32")
+            raise StoreError(f"{self._where}: {name} has dtype {x.dtype}, expected float16 or float32 "
+                             "(float64 is read too)")
         if x.ndim != 3 or 0 in x.shape:
             raise StoreError(f"{self._where}: {name} has shape {x.shape}, expected (channels, h, w)")
         x = x.astype(np.float32, copy=False)
@@ -124,8 +125,8 @@ class Store:
             raise StoreError(f"{self.path}: is a directory, expected an HDF5 store file")
         try:
             self._file = _open_h5(self.path, "r")
-        except OSError:
-            raise StoreError(f"{self.path}: not an HDF5 file (or damaged)") from None
+        except OSError as e:
+            raise StoreError(_open_failure(self.path, e)) from None
         try:
             self._validate_root(expect)
         except BaseException:
@@ -134,36 +135,42 @@ class Store:
 
     def _validate_root(self, expect: str | tuple[str, ...] | None) -> None:
         a = self._file.attrs
-        fmt = _attr_str(a.get("dhr_format"))
+        fmt = _attr_str(_root_attr(a, "dhr_format", self.path))
         if fmt != FORMAT:
             raise StoreError(f"{self.path}: not a dhr store (attribute dhr_format is {fmt!r}, expected {FORMAT!r})")
-        try:
-            version = int(a.get("dhr_version"))
-        except (TypeError, ValueError):
-            raise StoreError(f"{self.path}: attribute dhr_version is missing or not an integer") from None
+        version = _attr_int(_root_attr(a, "dhr_version", self.path))
+        if version is None:
+            raise StoreError(f"{self.path}: attribute dhr_version is missing or not an integer "
+                             f"({_shown(_root_attr(a, 'dhr_version', self.path))})")
         if version > VERSION:
             raise StoreError(f"{self.path}: store version {version} is newer than this dhr reads ({VERSION}); upgrade dhr")
         if version < 1:
             raise StoreError(f"{self.path}: store version {version} is not valid")
-        self.kind = _attr_str(a.get("kind"))
+        self.kind = _attr_str(_root_attr(a, "kind", self.path))
         if self.kind not in KINDS:
             raise StoreError(f"{self.path}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if expect is not None:
             wanted = (expect,) if isinstance(expect, str) else tuple(expect)
             if self.kind not in wanted:
                 raise StoreError(f"{self.path} holds {self.kind!r}, expected {' or '.join(map(repr, wanted))}")
-        try:
-            classes = json.loads(_attr_str(a.get("classes")) or "null")
-        except json.JSONDecodeError:
-            classes = None
+        classes = _attr_classes(_root_attr(a, "classes", self.path))
         if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
             raise StoreError(f"{self.path}: attribute classes must be a JSON list of class names")
         self.classes: list[str] = classes
-        ignore = a.get("ignore_index", IGNORE_INDEX)
-        if int(ignore) != IGNORE_INDEX:
-            raise StoreError(f"{self.path}: ignore_index is {int(ignore)}, this dhr supports only {IGNORE_INDEX}")
-        self.attrs: dict[str, Any] = {k: _decode_attr(k, v) for k, v in a.items()}
-        items = self._file.get("items")
+        raw_ignore = _root_attr(a, "ignore_index", self.path)
+        ignore = IGNORE_INDEX if raw_ignore is None else _attr_int(raw_ignore)
+        if ignore != IGNORE_INDEX:
+            raise StoreError(f"{self.path}: ignore_index is {_shown(raw_ignore)}, this dhr supports only {IGNORE_INDEX}")
+        self.attrs: dict[str, Any] = {}
+        for k in a.keys():
+            try:
+                self.attrs[k] = _decode_attr(k, a[k])
+            except (OSError, TypeError, ValueError):  # a type h5py cannot read (another tool's extra attribute)
+                continue
+        try:
+            items = self._file.get("items")
+        except (KeyError, OSError):  # a dangling or external link
+            items = None
         if items is None or not isinstance(items, h5py.Group):
             raise StoreError(f"{self.path}: has no 'items' group")
         self._items = items
@@ -186,25 +193,53 @@ class Store:
     def read(self, item_id: str, names: Iterable[str] | None = None) -> Item:
         """One item; `names` limits which datasets are decompressed (the main one is always read):
         a CAMs store that also holds WSS features costs ~7 MB of unpacking per item otherwise."""
-        if item_id not in self._items:
-            raise StoreError(f"{self.path}: no item {item_id!r}")
-        group = self._items[item_id]
+        group = self._group(item_id)
+        where = f"{self.path}: item {item_id!r}"
         wanted = None if names is None else {*names, MAIN_DATASET[self.kind]}
         arrays, attrs = {}, {}
-        for name, ds in group.items():
+        for name in group.keys():
             if wanted is not None and name not in wanted:
                 continue
+            try:
+                ds = group[name]
+            except (KeyError, OSError):  # a dangling link beside the item's data: not ours to read
+                if name in MAIN_DATASET.values() or name == "features":
+                    raise StoreError(f"{where}: {name} is a link to nothing ({_broken_link(group, name)})") from None
+                continue
             if isinstance(ds, h5py.Dataset):
-                arrays[name] = ds[()]
-                attrs[name] = {k: v for k, v in ds.attrs.items()}
+                arrays[name] = read_dataset(ds, f"{where}: {name}")
+                attrs[name] = _dataset_attrs(ds, f"{where}: {name}")
         main = MAIN_DATASET[self.kind]
         if main not in arrays:
-            raise StoreError(f"{self.path}: item {item_id!r} has no {main!r} dataset (kind {self.kind!r})")
+            raise StoreError(f"{where} has no {main!r} dataset (kind {self.kind!r})")
         if main == "mask":
             self._check_labels(item_id, arrays[main])
-        elif "image_size" in attrs.get(main, {}):
-            image_size_attr(attrs[main]["image_size"], f"{self.path}: item {item_id!r}: {main}")
+        for name in {main, "features"} & set(arrays) - {"mask"}:
+            # The main dataset of a cams / features store carries its image's size (docs/contracts.md; the
+            # writer's rule, validate_item), used or not; a cams store's optional features may omit it.
+            if "image_size" in attrs[name]:
+                image_size_attr(attrs[name]["image_size"], f"{where}: {name}")
+            elif name == main:
+                raise StoreError(f"{where}: {name} has no image_size attribute ([H, W] of the image)")
         return Item(self.path, item_id, arrays, attrs)
+
+    def _group(self, item_id: str) -> h5py.Group:
+        """items/<id> as a group, else a one-line StoreError (a missing id, a broken link, a dataset)."""
+        try:
+            group = self._items.get(item_id)
+        except (KeyError, OSError) as e:
+            group, reason = None, " ".join(str(e).split()).strip("'\"")
+        else:
+            reason = ""
+        if group is None:
+            link = _broken_link(self._items, item_id)
+            if link or reason:
+                raise StoreError(f"{self.path}: item {item_id!r} cannot be opened ({link or reason})")
+            raise StoreError(f"{self.path}: no item {item_id!r}")
+        if not isinstance(group, h5py.Group):
+            raise StoreError(f"{self.path}: items/{item_id} is a dataset, expected a group holding the item's "
+                             f"{MAIN_DATASET[self.kind]!r} dataset")
+        return group
 
     def _check_labels(self, item_id: str, mask: np.ndarray) -> None:
         check_mask_labels(f"{self.path}: item {item_id!r}", mask, len(self.classes))
@@ -217,11 +252,13 @@ class Store:
             raise StoreError(f"{self.path}: a {self.kind} store holds no masks")
         try:
             ds = self._items[f"{item_id}/mask"]
-        except KeyError:
-            if item_id not in self._items:
-                raise StoreError(f"{self.path}: no item {item_id!r}") from None
+        except (KeyError, OSError, AttributeError):  # the reason, only when it fails (eval reads 82k masks)
+            group = self._group(item_id)
+            link = _broken_link(group, "mask")
+            if link:
+                raise StoreError(f"{self.path}: item {item_id!r}: mask is a link to nothing ({link})") from None
             raise StoreError(f"{self.path}: item {item_id!r} has no 'mask' dataset (kind {self.kind!r})") from None
-        x = ds[()] if isinstance(ds, h5py.Dataset) else None
+        x = read_dataset(ds, f"{self.path}: item {item_id!r}: mask") if isinstance(ds, h5py.Dataset) else None
         if x is None or x.ndim != 2 or x.dtype != np.uint8:
             what = f"dtype {x.dtype} shape {x.shape}" if x is not None else "a group"
             raise StoreError(f"{self.path}: item {item_id!r}: mask has {what}, expected uint8 (H, W)")
@@ -287,6 +324,8 @@ def cam_labels(raw, where: str) -> np.ndarray:
 def image_size_attr(raw, where: str) -> tuple[int, int]:
     """An `image_size` attribute as (H, W): two positive whole numbers, else StoreError."""
     size = np.asarray(raw)
+    if size.shape in ((1, 2), (2, 1)):  # a row or column vector (MATLAB writes [H W] as 1x2)
+        size = size.reshape(2)
     if size.dtype.kind not in "iuf" or size.shape != (2,) or not np.all(size > 0) or not np.all(size == np.round(size)):
         shown = size.tolist() if size.dtype.kind in "iufU" else repr(raw)
         raise StoreError(f"{where} has image_size {shown}, expected [H, W] (two positive integers)")
@@ -865,14 +904,148 @@ def _partial(path: Path) -> Path:
 
 
 def _attr_str(value) -> str | None:
+    """A string attribute as str: variable- or fixed-length, UTF-8 or ASCII, a scalar or an array of
+    one string (as MATLAB and some C writers store it)."""
     if value is None:
         return None
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "OSU":
+        value = value.reshape(())[()]
     if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, np.ndarray) and value.shape == ():
-        value = value[()]
-        return value.decode() if isinstance(value, bytes) else str(value)
+        return value.decode("utf-8", "replace").rstrip("\0")
     return str(value)
+
+
+def _attr_int(value) -> int | None:
+    """A whole-number attribute (dhr_version, ignore_index) as int: any integer or whole float type,
+    a scalar or an array of one value, or a string of digits; None when it is none of these."""
+    if isinstance(value, (bytes, str, np.bytes_, np.str_)) or (isinstance(value, np.ndarray) and value.dtype.kind in "OSU"):
+        text = _attr_str(value)
+        try:
+            return int(text.strip()) if text is not None else None
+        except ValueError:
+            return None
+    try:
+        x = np.asarray(value)
+    except (TypeError, ValueError):
+        return None
+    if x.size != 1 or x.dtype.kind not in "iuf":
+        return None
+    v = x.reshape(())[()]
+    if x.dtype.kind == "f" and not (np.isfinite(v) and v == round(float(v))):
+        return None
+    return int(v)
+
+
+def _attr_classes(value) -> list | None:
+    """The classes attribute: a JSON list (docs/contracts.md), or an HDF5 array of strings."""
+    if isinstance(value, np.ndarray) and value.ndim == 1 and value.size > 1 and value.dtype.kind in "OSU":
+        return [_attr_str(v) for v in value]
+    try:
+        classes = json.loads(_attr_str(value) or "null")
+    except (json.JSONDecodeError, TypeError):
+        return None
+    return classes
+
+
+def _shown(value) -> str:
+    """An attribute's value for a message: short, one line."""
+    if isinstance(value, (bytes, np.bytes_)):
+        value = value.decode("utf-8", "replace")
+    elif isinstance(value, (np.ndarray, np.generic)):
+        value = value.tolist()
+    return " ".join(repr(value).split())[:80]
+
+
+def _root_attr(attrs, name: str, path: Path):
+    """A root attribute (None when absent); one that h5py cannot read is a StoreError naming it."""
+    try:
+        return attrs[name] if name in attrs else None
+    except (OSError, TypeError, ValueError) as e:
+        raise StoreError(f"{path}: attribute {name} cannot be read ({' '.join(str(e).split())[:120]})") from None
+
+
+def _broken_link(group: h5py.Group, name: str) -> str:
+    """'' when group/name is no link, else what it points to: a soft or external link whose target is
+    missing reads as absent in h5py, and a store must not treat it as "no such item"."""
+    try:
+        link = group.get(name, getlink=True)
+    except (KeyError, OSError):
+        return ""
+    if isinstance(link, h5py.SoftLink):
+        return f"a dangling soft link to {link.path}"
+    if isinstance(link, h5py.ExternalLink):
+        return f"an external link to {link.filename}:{link.path}, which cannot be opened"
+    return ""
+
+
+def _dataset_attrs(ds: h5py.Dataset, where: str) -> dict:
+    """A dataset's attributes; one of a type h5py cannot read is left out (the contract's ones are
+    checked where they are used)."""
+    out = {}
+    for k in ds.attrs.keys():
+        try:
+            out[k] = ds.attrs[k]
+        except (OSError, TypeError, ValueError):
+            continue
+    return out
+
+
+def read_dataset(ds: h5py.Dataset, where: str) -> np.ndarray:
+    """A dataset's whole array, in native byte order (big-endian floats of other tools included), or a
+    one-line StoreError: a filter this HDF5 lacks (a plugin such as Blosc, LZ4, Zstd or bitshuffle),
+    a failed checksum, a truncated file, an empty (null) dataspace."""
+    try:
+        x = ds[()]
+    except (OSError, RuntimeError, ValueError, TypeError) as e:
+        missing = _missing_filter(ds)
+        if missing:
+            raise StoreError(f"{where} is compressed with HDF5 filter {missing}, which this HDF5 does not have (a "
+                             "plugin filter); rewrite the store with gzip or lzf, or install the plugin (pip install "
+                             "hdf5plugin and set HDF5_PLUGIN_PATH)") from None
+        reason = " ".join(str(e).split())[:160]
+        raise StoreError(f"{where} cannot be read ({reason}): the file is damaged or truncated") from None
+    if isinstance(x, h5py.Empty):
+        raise StoreError(f"{where} holds no data (an empty HDF5 dataspace)")
+    if isinstance(x, np.ndarray) and not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    return x
+
+
+def _missing_filter(ds: h5py.Dataset) -> str:
+    """'ID (name)' of the first filter of a dataset that this HDF5 lacks, else ''."""
+    try:
+        plist = ds.id.get_create_plist()
+        for i in range(plist.get_nfilters()):
+            code, _flags, _values, name = plist.get_filter(i)
+            if not h5py.h5z.filter_avail(code):
+                label = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+                return f"{code} ({label or 'unknown'})"
+    except (OSError, RuntimeError, ValueError):
+        pass
+    return ""
+
+
+def _open_failure(path: Path, error: OSError) -> str:
+    """Why h5py could not open a store, as one line: another process writing it, a writer that did
+    not close it, an empty or non-HDF5 file, or a damaged (truncated) one."""
+    text = " ".join(str(error).split())
+    if "unable to lock file" in text:
+        return (f"{path}: is open for writing in another process (HDF5 file lock held); wait for that process "
+                "to finish, then rerun")
+    if "already open for write" in text or "consistency flag" in text:
+        return (f"{path}: is marked as still open for writing (HDF5 1.10+ file-consistency flag): another program "
+                f"is writing it, or did not close it; if none is, clear the mark with `h5clear -s {path}`")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        return f"{path}: cannot be read ({e.strerror or e})"
+    if size == 0:
+        return f"{path}: is empty (0 bytes), not an HDF5 store"
+    if not h5py.is_hdf5(str(path)) and head != b"\x89HDF\r\n\x1a\n":
+        return f"{path}: not an HDF5 file"
+    return f"{path}: damaged or truncated HDF5 file ({text[:160]})"
 
 
 def _decode_attr(name: str, value):

@@ -21,8 +21,11 @@ def describe_store(path: Path) -> dict:
             shapes[tuple(x.shape) if store.kind in ("seeds", "masks") else tuple(x.shape[1:])] += 1
             dtypes[str(x.dtype)] += 1
             if store.kind == "cams":
+                _ = item.cams  # the sampled items are checked as the commands check them (finite, >= 0, one per label)
                 labels.update(store.classes[v] if 0 <= v < len(store.classes) else str(v) for v in item.labels)
             else:
+                if store.kind == "features":
+                    _ = item.features  # (D, h, w), finite
                 _ = item.image_size  # validates the attribute when present
         return {
             "path": str(path),
