@@ -1,6 +1,7 @@
 """Sweep DHR and CAM + CRF options on a `bench/real.py` output, in one process (stores read once).
 
     python bench/tune_real.py --out bench_out/real_s1 "crf.max_side=64" "crf.max_side=128" ...
+    python bench/tune_real.py --out R/seed1 R/seed11 R/seed12 R/seed13 R/seed14 @bench/knobs.txt
 
 `--out` is a folder that `bench/real.py --out DIR` filled (DIR/data, DIR/cams.h5, DIR/uss.h5).
 Each positional argument is one setting: space-separated `key=value` overrides of the defaults,
@@ -14,7 +15,9 @@ Each positional argument is one setting: space-separated `key=value` overrides o
 
 and `defaults` alone is the defaults. Step 1's seeds are computed once per distinct seed setting.
 Prints one table row per setting (mIoU, mFPR, mFNR, vanishing, seconds) and appends it as JSON
-to OUT/tune.jsonl. Choose settings on one dataset seed and report on another (bench/real.py --seed).
+to OUT/tune.jsonl. With several --out folders (one per dataset seed) it ends with each setting's
+mean DHR mIoU over them, as a change from the first setting. Choose settings on one set of dataset
+seeds and report on another (bench/real.py --seed).
 """
 
 from __future__ import annotations
@@ -185,33 +188,31 @@ def fmt_row(name: str, r: dict, seconds: float) -> str:
             f"{100 * r['vanishing']:.1f} | {seconds:.0f} |")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="a bench/real.py output folder (data/, cams.h5, uss.h5)")
-    p.add_argument("--data", type=Path, default=None, help="dataset (default OUT/data)")
-    p.add_argument("--cams", type=Path, default=None, help="cams store with WSS features (default OUT/cams.h5)")
-    p.add_argument("--uss", type=Path, default=None, help="USS features store (default OUT/uss.h5)")
-    p.add_argument("--wss", type=Path, default=None, help="WSS features store (default: the cams store)")
-    p.add_argument("--split", default=None)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("settings", nargs="+", help="settings: space-separated key=value overrides (or 'defaults')")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    bench = Bench(args.data or args.out / "data", args.cams or args.out / "cams.h5", args.uss or args.out / "uss.h5",
-                  args.wss, args.split)
-    print(f"loaded {len(bench.items)} images in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+def mean_table(results: dict[str, list[float]]) -> str:
+    """DHR mIoU of each setting averaged over the folders (dataset seeds), as a change from the first
+    setting, with the per-folder changes: how a default is checked on several seeds at once."""
+    names = list(results)
+    base = results[names[0]]
+    lines = [f"| setting | mean mIoU over {len(base)} | change | change per folder |", "|---|---:|---:|---|"]
+    for name in names:
+        v = results[name]
+        deltas = " ".join(f"{100 * (a - b):+.1f}" for a, b in zip(v, base))
+        lines.append(f"| {name} | {100 * np.mean(v):.1f} | {100 * (np.mean(v) - np.mean(base)):+.2f} | {deltas} |")
+    return "\n".join(lines)
+
+
+def sweep(bench: "Bench", settings: list[str], log) -> dict[str, float]:
+    """Score every setting on one folder; prints a row each and appends it to `log`. Returns DHR mIoUs."""
+    mious = {}
     print("| setting | mIoU | mFPR | mFNR | vanishing | s |\n|---|---:|---:|---:|---:|---:|", flush=True)
-    log = (args.out / "tune.jsonl").open("a")
     with torch.no_grad():
-        for text in args.settings:
+        for text in settings:
             setting = parse_setting(text)
             seed_cfg, prop_cfg, crf_cfg = configs(setting)
             t = time.perf_counter()
             r = bench.score(bench.dhr(seed_cfg, prop_cfg))
             took = time.perf_counter() - t
+            mious[text] = r["miou"]
             print(fmt_row(f"DHR {text}", r, took), flush=True)
             log.write(json.dumps({"setting": text, "method": "dhr", **r, "seconds": took}) + "\n")
             if setting["cam"].get("on"):
@@ -226,6 +227,44 @@ def main(argv: list[str] | None = None) -> int:
                 print(fmt_row(f"CAM+CRF tuned (bg {best['bg']}) {text}", best, took), flush=True)
                 log.write(json.dumps({"setting": text, "method": "cam_crf_tuned", **best, "seconds": took}) + "\n")
             log.flush()
+    return mious
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, nargs="+", required=True,
+                   help="bench/real.py output folders (data/, cams.h5, uss.h5); several: one per dataset seed, "
+                        "then a table of the mean over them")
+    p.add_argument("--data", type=Path, default=None, help="dataset (default OUT/data)")
+    p.add_argument("--cams", type=Path, default=None, help="cams store with WSS features (default OUT/cams.h5)")
+    p.add_argument("--uss", type=Path, default=None, help="USS features store (default OUT/uss.h5)")
+    p.add_argument("--wss", type=Path, default=None, help="WSS features store (default OUT/wss.h5 if there, else the cams store)")
+    p.add_argument("--split", default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("settings", nargs="+", help="settings: space-separated key=value overrides (or 'defaults'); "
+                                               "@FILE reads one setting per line")
+    args = p.parse_args(argv)
+    if len(args.out) > 1 and (args.data or args.cams or args.uss or args.wss):
+        p.error("--data / --cams / --uss / --wss name the stores of one --out folder only")
+    settings = [line.strip() for text in args.settings
+                for line in (Path(text[1:]).read_text().splitlines() if text.startswith("@") else [text])
+                if line.strip() and not line.lstrip().startswith("#")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results: dict[str, list[float]] = {text: [] for text in settings}
+    for out in args.out:
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        wss = args.wss or (out / "wss.h5" if (out / "wss.h5").exists() else None)
+        bench = Bench(args.data or out / "data", args.cams or out / "cams.h5", args.uss or out / "uss.h5", wss, args.split)
+        print(f"{out}: loaded {len(bench.items)} images in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        if len(args.out) > 1:
+            print(f"\n{out}", flush=True)
+        with (out / "tune.jsonl").open("a") as log:
+            for text, miou in sweep(bench, settings, log).items():
+                results[text].append(miou)
+    if len(args.out) > 1:
+        print("\n" + mean_table(results), flush=True)
     return 0
 
 

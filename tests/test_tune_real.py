@@ -67,3 +67,22 @@ def test_main_writes_a_row_per_setting(data, tmp_path, capsys):
                                                            ("crf.max_side=16 cam=1", "cam_crf_tuned")]
     assert rows[2]["bg"] in tune_real.BG_SWEEP and all(0 <= r["miou"] <= 1 for r in rows)
     assert "| DHR defaults |" in capsys.readouterr().out
+
+
+def test_several_folders_end_with_each_settings_mean_change(data, tmp_path, capsys):
+    """One folder per dataset seed: the last table is each setting's mean DHR mIoU over them, as a change
+    from the first setting, with the change in each folder; @FILE reads the settings."""
+    for name in ("s1", "s2"):
+        (tmp_path / name).mkdir()
+        for f in ("cams.h5", "uss.h5", "wss.h5"):
+            (tmp_path / name / f).symlink_to(data / f)
+        (tmp_path / name / "data").symlink_to(data)
+    (tmp_path / "knobs.txt").write_text("# a comment\ndefaults\n\nprop.step3=0\n")
+    assert tune_real.main(["@" + str(tmp_path / "knobs.txt"), "--out", str(tmp_path / "s1"), str(tmp_path / "s2")]) == 0
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "s2" / "tune.jsonl").read_text().splitlines()]
+    assert [r["setting"] for r in rows] == ["defaults", "prop.step3=0"]
+    table = out[out.index("| setting | mean mIoU over 2 |"):].splitlines()
+    change = 100 * (rows[1]["miou"] - rows[0]["miou"])  # both folders hold the same images
+    assert table[2] == f"| defaults | {100 * rows[0]['miou']:.1f} | +0.00 | +0.0 +0.0 |"
+    assert table[3] == f"| prop.step3=0 | {100 * rows[1]['miou']:.1f} | {change:+.2f} | {change:+.1f} {change:+.1f} |"
