@@ -1,7 +1,7 @@
 """Sweep DHR and CAM + CRF options on a `bench/real.py` output, in one process (stores read once).
 
     python bench/tune_real.py --out bench_out/real_s1 "crf.max_side=64" "crf.max_side=128" ...
-    python bench/tune_real.py --out R/seed1 R/seed11 R/seed12 R/seed13 R/seed14 @bench/knobs.txt
+    python bench/tune_real.py @bench/knobs.txt --out R/seed1 R/seed11 R/seed12 R/seed13 R/seed14  # settings first
 
 `--out` is a folder that `bench/real.py --out DIR` filled (DIR/data, DIR/cams.h5, DIR/uss.h5).
 Each positional argument is one setting: space-separated `key=value` overrides of the defaults,
