@@ -440,19 +440,26 @@ class StoreWriter:
     def _failed_create(self, error: Exception) -> None:
         """Creating the empty partial failed (disk full, ...): it holds no item, so it is removed (a
         --resume of an attribute-less file could only be refused) and the error is one line."""
-        try:
-            self._file.close()
-        except Exception:  # noqa: BLE001 - best effort
-            pass
+        self._close_quietly()
         try:
             self.partial.unlink()
         except OSError:
             pass
-        full = _disk_full(error)
-        what = "disk full" if full else f"could not be created ({' '.join(str(error).split())[:200]})"
-        error = StoreError(f"{self.partial}: {what} before the first item; nothing was written, free space and rerun")
-        error.hdf5_unsound = True  # the command line exits at once: libhdf5 may crash while tearing down
-        raise error from None
+        raise self._unsound(error, "could not be created",
+                            "before the first item; nothing was written, free space and rerun") from None
+
+    def _close_quietly(self) -> None:
+        try:
+            self._file.close()
+        except Exception:  # noqa: BLE001 - best effort: the file is being abandoned
+            pass
+
+    def _unsound(self, error: Exception, failed: str, tail: str) -> StoreError:
+        """The one line for an I/O error inside HDF5: 'disk full', else `failed` and the reason; then `tail`."""
+        what = "disk full" if _disk_full(error) else f"{failed} ({' '.join(str(error).split())[:200]})"
+        unsound = StoreError(f"{self.partial}: {what} {tail}")
+        unsound.hdf5_unsound = True  # the command line exits at once: libhdf5 may crash while tearing down
+        return unsound
 
     def _open_partial_for_resume(self, provenance: dict) -> h5py.File:
         try:
@@ -556,15 +563,8 @@ class StoreWriter:
                     self._items[key].attrs[_UNSURE] = 1
         except Exception:  # noqa: BLE001 - best effort; the checksums catch the rest
             pass
-        try:
-            self._file.close()
-        except Exception:  # noqa: BLE001
-            pass
-        full = _disk_full(error)
-        what = "disk full" if full else f"write failed ({' '.join(str(error).split())[:200]})"
-        error = StoreError(f"{self.partial}: {what} while writing item {item_id!r}; {self.rerun}")
-        error.hdf5_unsound = True  # the command line exits at once: libhdf5 may crash while tearing down
-        raise error from None
+        self._close_quietly()
+        raise self._unsound(error, "write failed", f"while writing item {item_id!r}; {self.rerun}") from None
 
     broken = False
     _fresh = False  # this run created the partial (not a resume)
