@@ -100,7 +100,36 @@ def test_image_size_as_a_row_or_column_vector(tmp_path, size):
         assert s.read("a").image_size == (12, 16)
 
 
+@pytest.mark.parametrize("labels", ["[1, 2]", b"[1, 2]", np.array(["[1, 2]"], dtype=h5py.string_dtype())])
+def test_cam_labels_as_a_json_string_read_as_the_list(tmp_path, labels):
+    """Some writers store every attribute as JSON text, as the root's classes list is stored."""
+    with open_store(_cams_store(tmp_path / "c.h5", attrs={"labels": labels, "image_size": [12, 16]})) as s:
+        assert s.read("a").labels.tolist() == [1, 2]
+
+
 # ---- broken stores: one StoreError naming the file ----------------------------------------------
+@pytest.mark.parametrize("labels, message", [
+    ("[1, true]", "got the string '[1, true]'"),
+    ("cat", "got the string 'cat'"),
+    ('{"a": 1}', "got the string"),
+])
+def test_cam_labels_as_a_string_that_is_no_list_of_numbers(tmp_path, labels, message):
+    with open_store(_cams_store(tmp_path / "c.h5", attrs={"labels": labels, "image_size": [12, 16]})) as s:
+        with pytest.raises(StoreError, match="c.h5: item 'a'.*labels must be a 1-D array of integers") as e:
+            s.read("a").labels
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("classes", [["background", "cat", "cat"], ["background", "cat", "dog", "background"]])
+def test_a_class_named_twice_is_refused_on_open(tmp_path, classes):
+    """Commands match classes by name (merge, eval against a dataset): a list naming one twice is ambiguous."""
+    path = _cams_store(tmp_path / "c.h5")
+    with h5py.File(path, "a") as f:
+        f.attrs["classes"] = json.dumps(classes)
+    with pytest.raises(StoreError, match=r"c.h5: attribute classes names '(cat|background)' more than once"):
+        open_store(path)
+
+
 @pytest.mark.parametrize(
     "name, value, message",
     [

@@ -156,6 +156,9 @@ class Store:
         classes = _attr_classes(_root_attr(a, "classes", self.path))
         if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
             raise StoreError(f"{self.path}: attribute classes must be a JSON list of class names")
+        twice = sorted({c for c in classes if classes.count(c) > 1})
+        if twice:  # a mask value would name two classes at once; commands match classes by name
+            raise StoreError(f"{self.path}: attribute classes names {', '.join(map(repr, twice[:3]))} more than once")
         self.classes: list[str] = classes
         raw_ignore = _root_attr(a, "ignore_index", self.path)
         ignore = IGNORE_INDEX if raw_ignore is None else _attr_int(raw_ignore)
@@ -305,7 +308,17 @@ def dataset_kwargs(array: np.ndarray, name: str | None = None) -> dict:
 
 
 def cam_labels(raw, where: str) -> np.ndarray:
-    """A cams dataset's `labels` attribute as (K,) int64: distinct whole numbers in 0..254, else StoreError."""
+    """A cams dataset's `labels` attribute as (K,) int64: distinct whole numbers in 0..254, else StoreError.
+    A JSON list of numbers stored as a string (as the root's `classes` is) is read as that list."""
+    text = _attr_str(raw) if isinstance(raw, (str, bytes, np.str_, np.bytes_)) or (
+        isinstance(raw, np.ndarray) and raw.dtype.kind in "OSU" and raw.size == 1) else None
+    if text is not None:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError:
+            raise StoreError(f"{where}: cams attribute labels must be a 1-D array of integers, got the string {_shown(text)}") from None
+        if not isinstance(raw, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw):
+            raise StoreError(f"{where}: cams attribute labels must be a 1-D array of integers, got the string {_shown(text)}")
     values = np.atleast_1d(np.asarray(raw))
     problem = None
     if values.ndim != 1 or not (values.dtype.kind in "iu" or values.dtype.kind == "f"):
