@@ -138,3 +138,26 @@ def test_label_names_match_the_class_list_by_class_key(tmp_path):
     (root / "labels.json").write_text(json.dumps({"a": ["cat"], "b": ["dog"], "c": ["dog"]}))
     with pytest.raises(DatasetError, match=r"labels\.json: label 'cat' of a is not in classes\.txt"):
         open_dataset(root)
+
+
+@pytest.mark.parametrize("classes, named", [(("background", "dog", "dog"), r"\['dog'\]"),
+                                            (("background", "potted plant", "Potted-Plant"), r"\['Potted-Plant', 'potted plant'\]")])
+def test_a_class_list_naming_one_class_twice_is_refused(tmp_path, classes, named):
+    """Names match by class_key, so 'potted plant' and 'Potted-Plant' are one class: the list is ambiguous
+    (refused here, before a command writes a store that readers would refuse)."""
+    root = make_flat(tmp_path / "d", classes=("background", "cat", "dog"))
+    (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    with pytest.raises(DatasetError, match=rf"classes\.txt: class names {named} name one class more than once"):
+        open_dataset(root)
+
+
+def test_split_lines_are_ids_with_spaces_or_voc_main_lines(tmp_path):
+    """A flat dataset's image "my photo.png" is listed as its whole line; a VOC ImageSets/Main line
+    "b  1" is the id b; a line naming neither is one error naming the split file."""
+    root = make_flat(tmp_path / "d", items={"my photo": (1,), "b": (2,), "c": (1, 2)},
+                     splits={"train": ["my photo", "b  1", "  c -1"]})
+    ds = open_dataset(root, "train")
+    assert ds.ids == ["my photo", "b", "c"] and ds.labels("my photo") == [1] and ds.image("my photo").shape[2] == 3
+    (root / "splits" / "train.txt").write_text("my pic\n")
+    with pytest.raises(DatasetError, match=r"train\.txt: 1 ids have no image, e\.g\. \['my'\]"):
+        open_dataset(root, "train")

@@ -120,14 +120,25 @@ def test_cam_labels_as_a_string_that_is_no_list_of_numbers(tmp_path, labels, mes
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("classes", [["background", "cat", "cat"], ["background", "cat", "dog", "background"]])
-def test_a_class_named_twice_is_refused_on_open(tmp_path, classes):
-    """Commands match classes by name (merge, eval against a dataset): a list naming one twice is ambiguous."""
+@pytest.mark.parametrize("classes, named", [(["background", "cat", "cat"], "'cat'"),
+                                            (["background", "cat", "dog", "background"], "'background'"),
+                                            (["background", "Potted plant", "pottedplant"], "'Potted plant', 'pottedplant'")])
+def test_a_class_named_twice_is_refused_on_open(tmp_path, classes, named):
+    """Commands match classes by name (merge, eval against a dataset; io.datasets.class_key): a list naming
+    one twice is ambiguous."""
     path = _cams_store(tmp_path / "c.h5")
     with h5py.File(path, "a") as f:
         f.attrs["classes"] = json.dumps(classes)
-    with pytest.raises(StoreError, match=r"c.h5: attribute classes names '(cat|background)' more than once"):
+    with pytest.raises(StoreError, match=rf"c.h5: attribute classes names one class more than once \({named}\)"):
         open_store(path)
+
+
+def test_no_store_naming_one_class_twice_is_written(tmp_path):
+    from dhr_cli.io.store import create_store
+
+    with pytest.raises(StoreError, match=r"o.h5: classes \['Cat', 'cat'\] name one class more than once"):
+        create_store(tmp_path / "o.h5", "masks", ["background", "cat", "Cat"], provenance={})
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ import numpy as np
 
 from dhr_cli.config import IGNORE_INDEX
 from dhr_cli.errors import DatasetError
-from dhr_cli.io.datasets import Dataset, _check_same_size, _exif_hint, _existing, _image_by_id, _images_by_stem, class_key, read_index_png
+from dhr_cli.io.datasets import Dataset, _check_same_size, _exif_hint, _existing, _image_by_id, _images_by_stem, names_twice, read_index_png
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,8 @@ class COCODataset(Dataset):
         cats = sorted(coco.cats)
         label_of = {cid: i + 1 for i, cid in enumerate(cats)}
         names = [coco.cats[cid].get("name") for cid in cats]
-        if len({class_key(str(n)) for n in names}) != len(names):
-            twice = sorted({str(n) for n in names if sum(class_key(str(m)) == class_key(str(n)) for m in names) > 1})
+        twice = names_twice(names)
+        if twice:
             raise DatasetError(f"{self._json}: category names {twice} appear more than once; each class needs its own name")
         for ann in coco.anns.values():
             if ann.get("category_id") not in label_of:

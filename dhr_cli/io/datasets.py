@@ -221,9 +221,18 @@ def class_key(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
-def _read_list(path: Path) -> list[str]:
-    ids = [line.split()[0] for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip() and not line.startswith("#")]
-    return ids
+def names_twice(names: list[str]) -> list[str]:
+    """The names of a class list that class_key makes one (sorted): such a list is ambiguous wherever
+    classes are matched by name."""
+    keys = [class_key(str(n)) for n in names]
+    return sorted({str(n) for n, k in zip(names, keys) if keys.count(k) > 1})
+
+
+def _read_list(path: Path, known: set[str] | frozenset = frozenset()) -> list[str]:
+    """The ids of a split file: a line's first word (VOC's `ImageSets/Main` lines are "id  1"), or the
+    whole line when that is a known id (a flat dataset's image named "my photo.jpg")."""
+    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    return [line if line in known else line.split()[0] for line in lines if line and not line.startswith("#")]
 
 
 def _image_by_id(images: dict[str, Path], where: Path, item_id: str) -> Path:
@@ -293,8 +302,8 @@ def _select_split(root: Path, ids: list[str], split: str | None, lists: dict[str
         return ids
     if split not in lists:
         raise DatasetError(f"{root}: no split {split!r}; available: {', '.join(sorted(lists)) or 'none'}")
-    wanted = _read_list(lists[split])
     known = set(available)
+    wanted = _read_list(lists[split], known)
     missing = [i for i in wanted if i not in known]
     if missing:
         raise DatasetError(f"{lists[split]}: {len(missing)} ids have no image, e.g. {missing[:3]}")
@@ -310,8 +319,8 @@ class FlatDataset(Dataset):
         classes = [c.strip() for c in classes_file.read_text(encoding="utf-8-sig").splitlines() if c.strip()]
         if not classes:
             raise DatasetError(f"{classes_file}: no class names")
-        if len(set(classes)) != len(classes):
-            raise DatasetError(f"{classes_file}: duplicate class names")
+        if names_twice(classes):
+            raise DatasetError(f"{classes_file}: class names {names_twice(classes)} name one class more than once")
         if len(classes) > 255:
             raise DatasetError(f"{classes_file}: {len(classes)} classes; at most 255 fit uint8 masks with 255 = ignore")
         self._images = _images_by_stem(root / "images")

@@ -156,9 +156,12 @@ class Store:
         classes = _attr_classes(_root_attr(a, "classes", self.path))
         if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
             raise StoreError(f"{self.path}: attribute classes must be a JSON list of class names")
-        twice = sorted({c for c in classes if classes.count(c) > 1})
-        if twice:  # a mask value would name two classes at once; commands match classes by name
-            raise StoreError(f"{self.path}: attribute classes names {', '.join(map(repr, twice[:3]))} more than once")
+        from dhr_cli.io.datasets import names_twice  # the one name-matching rule (datasets imports no store)
+
+        twice = names_twice(classes)
+        if twice:  # commands match classes by name: one name would stand for two label values
+            raise StoreError(f"{self.path}: attribute classes names one class more than once "
+                             f"({', '.join(map(repr, twice[:4]))})")
         self.classes: list[str] = classes
         raw_ignore = _root_attr(a, "ignore_index", self.path)
         ignore = IGNORE_INDEX if raw_ignore is None else _attr_int(raw_ignore)
@@ -316,7 +319,7 @@ def cam_labels(raw, where: str) -> np.ndarray:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError:
-            raise StoreError(f"{where}: cams attribute labels must be a 1-D array of integers, got the string {_shown(text)}") from None
+            raw = None
         if not isinstance(raw, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw):
             raise StoreError(f"{where}: cams attribute labels must be a 1-D array of integers, got the string {_shown(text)}")
     values = np.atleast_1d(np.asarray(raw))
@@ -393,6 +396,10 @@ class StoreWriter:
         self.path = Path(path)
         self.kind = kind
         self.classes = list(classes)
+        from dhr_cli.io.datasets import names_twice
+
+        if names_twice(self.classes):  # never write a store that open_store refuses
+            raise StoreError(f"{path}: classes {names_twice(self.classes)} name one class more than once")
         self.partial = _partial(self.path)
         # What a failed write advises: a command with --resume keeps its items for it; one without
         # (merge) removes its partial, and its inputs are what a rerun starts from.
