@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import xml.etree.ElementTree as ET
+from collections import Counter
 from contextvars import ContextVar
 from pathlib import Path
 
@@ -225,7 +226,8 @@ def names_twice(names: list[str]) -> list[str]:
     """The names of a class list that class_key makes one (sorted): such a list is ambiguous wherever
     classes are matched by name."""
     keys = [class_key(str(n)) for n in names]
-    return sorted({str(n) for n, k in zip(names, keys) if keys.count(k) > 1})
+    count = Counter(keys)
+    return sorted({str(n) for n, k in zip(names, keys) if count[k] > 1})
 
 
 def _read_list(path: Path, known: set[str] | frozenset = frozenset()) -> list[str]:
