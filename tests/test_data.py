@@ -153,11 +153,11 @@ def test_a_class_list_naming_one_class_twice_is_refused(tmp_path, classes, named
 
 def test_split_lines_are_ids_with_spaces_or_voc_main_lines(tmp_path):
     """A flat dataset's image "my photo.png" is listed as its whole line; a VOC ImageSets/Main line
-    "b  1" is the id b; a line naming neither is one error naming the split file."""
+    "b  1" is the id b; a line naming neither is one error naming the split file and quoting the line."""
     root = make_flat(tmp_path / "d", items={"my photo": (1,), "b": (2,), "c": (1, 2)},
                      splits={"train": ["my photo", "b  1", "  c -1"]})
     ds = open_dataset(root, "train")
     assert ds.ids == ["my photo", "b", "c"] and ds.labels("my photo") == [1] and ds.image("my photo").shape[2] == 3
-    (root / "splits" / "train.txt").write_text("my pic\n")
-    with pytest.raises(DatasetError, match=r"train\.txt: 1 ids have no image, e\.g\. \['my'\]"):
+    (root / "splits" / "train.txt").write_text("my pic\nb\n")
+    with pytest.raises(DatasetError, match=r"train\.txt: 1 ids have no image, e\.g\. \['my pic'\]"):
         open_dataset(root, "train")

@@ -232,9 +232,11 @@ def names_twice(names: list[str]) -> list[str]:
 
 def _read_list(path: Path, known: set[str] | frozenset = frozenset()) -> list[str]:
     """The ids of a split file: a line's first word (VOC's `ImageSets/Main` lines are "id  1"), or the
-    whole line when that is a known id (a flat dataset's image named "my photo.jpg")."""
+    whole line when that is a known id (a flat dataset's image named "my photo.jpg") or when neither is
+    (so that an error quotes the line as written)."""
     lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
-    return [line if line in known else line.split()[0] for line in lines if line and not line.startswith("#")]
+    return [line.split()[0] if line not in known and line.split()[0] in known else line
+            for line in lines if line and not line.startswith("#")]
 
 
 def _image_by_id(images: dict[str, Path], where: Path, item_id: str) -> Path:
