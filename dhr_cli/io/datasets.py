@@ -323,8 +323,9 @@ class FlatDataset(Dataset):
         classes = [c.strip() for c in classes_file.read_text(encoding="utf-8-sig").splitlines() if c.strip()]
         if not classes:
             raise DatasetError(f"{classes_file}: no class names")
-        if names_twice(classes):
-            raise DatasetError(f"{classes_file}: class names {names_twice(classes)} name one class more than once")
+        twice = names_twice(classes)
+        if twice:
+            raise DatasetError(f"{classes_file}: class names {twice} name one class more than once")
         if len(classes) > 255:
             raise DatasetError(f"{classes_file}: {len(classes)} classes; at most 255 fit uint8 masks with 255 = ignore")
         self._images = _images_by_stem(root / "images")

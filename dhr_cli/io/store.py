@@ -214,7 +214,7 @@ class Store:
                 continue
             if isinstance(ds, h5py.Dataset):
                 arrays[name] = read_dataset(ds, f"{where}: {name}")
-                attrs[name] = _dataset_attrs(ds, f"{where}: {name}")
+                attrs[name] = _dataset_attrs(ds)
         main = MAIN_DATASET[self.kind]
         if main not in arrays:
             raise StoreError(f"{where} has no {main!r} dataset (kind {self.kind!r})")
@@ -313,8 +313,7 @@ def dataset_kwargs(array: np.ndarray, name: str | None = None) -> dict:
 def cam_labels(raw, where: str) -> np.ndarray:
     """A cams dataset's `labels` attribute as (K,) int64: distinct whole numbers in 0..254, else StoreError.
     A JSON list of numbers stored as a string (as the root's `classes` is) is read as that list."""
-    text = _attr_str(raw) if isinstance(raw, (str, bytes, np.str_, np.bytes_)) or (
-        isinstance(raw, np.ndarray) and raw.dtype.kind in "OSU" and raw.size == 1) else None
+    text = _attr_str(raw) if _is_text(raw) and np.size(raw) == 1 else None
     if text is not None:
         try:
             raw = json.loads(text)
@@ -398,8 +397,9 @@ class StoreWriter:
         self.classes = list(classes)
         from dhr_cli.io.datasets import names_twice
 
-        if names_twice(self.classes):  # never write a store that open_store refuses
-            raise StoreError(f"{path}: classes {names_twice(self.classes)} name one class more than once")
+        twice = names_twice(self.classes)
+        if twice:  # never write a store that open_store refuses
+            raise StoreError(f"{path}: classes {twice} name one class more than once")
         self.partial = _partial(self.path)
         # What a failed write advises: a command with --resume keeps its items for it; one without
         # (merge) removes its partial, and its inputs are what a rerun starts from.
@@ -935,10 +935,15 @@ def _attr_str(value) -> str | None:
     return str(value)
 
 
+def _is_text(value) -> bool:
+    """A string attribute as h5py returns it: str, bytes, or an array of strings."""
+    return isinstance(value, (bytes, str, np.bytes_, np.str_)) or (isinstance(value, np.ndarray) and value.dtype.kind in "OSU")
+
+
 def _attr_int(value) -> int | None:
     """A whole-number attribute (dhr_version, ignore_index) as int: any integer or whole float type,
     a scalar or an array of one value, or a string of digits; None when it is none of these."""
-    if isinstance(value, (bytes, str, np.bytes_, np.str_)) or (isinstance(value, np.ndarray) and value.dtype.kind in "OSU"):
+    if _is_text(value):
         text = _attr_str(value)
         try:
             return int(text.strip()) if text is not None else None
@@ -998,7 +1003,7 @@ def _broken_link(group: h5py.Group, name: str) -> str:
     return ""
 
 
-def _dataset_attrs(ds: h5py.Dataset, where: str) -> dict:
+def _dataset_attrs(ds: h5py.Dataset) -> dict:
     """A dataset's attributes; one of a type h5py cannot read is left out (the contract's ones are
     checked where they are used)."""
     out = {}
