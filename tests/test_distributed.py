@@ -55,6 +55,20 @@ def test_merge_refuses_duplicates_and_mismatches(tmp_path):
     assert not (tmp_path / "o.h5").exists() and not (tmp_path / "o.h5.partial").exists()
 
 
+def test_merge_refuses_feature_stores_of_two_networks(tmp_path):
+    """STEGO's maps beside DINO's in one store, labelled as STEGO's, used to merge without a word."""
+    paths = []
+    for name, item in (("stego", "1"), ("dino", "2")):
+        path = tmp_path / f"{name}.h5"
+        with create_store(path, "features", CLASSES, provenance={}, root_attrs={"source": name, "source_kind": "uss"}) as w:
+            w.write(item, {"features": np.ones((4, 2, 3), np.float16)}, {"features": {"image_size": [8, 12]}})
+        paths.append(path)
+    with pytest.raises(StoreError, match=r"dino.h5: source 'dino', but .*stego.h5 has 'stego'.*cannot merge"):
+        merge_stores(paths, tmp_path / "o.h5")
+    assert not (tmp_path / "o.h5").exists() and not (tmp_path / "o.h5.partial").exists()
+    assert merge_stores(paths[:1], tmp_path / "o.h5") == 1
+
+
 def test_merge_cli(tmp_path):
     a = _masks(tmp_path / "a.h5", ["1"])
     b = _masks(tmp_path / "b.h5", ["2"])

@@ -70,6 +70,46 @@ def test_second_writer_is_refused_naming_lock_and_pid_and_overwrite_truncates_no
         holder.wait()
 
 
+def test_eval_outputs_are_locked_so_a_second_eval_cannot_replace_them(synth, tmp_path):
+    """Two evals writing one --json / --report used to both exit 0, one's numbers under the other's
+    name (no lock, a shared temp name); the second is now refused, and the first's output stands."""
+    masks = tmp_path / "s.h5"
+    assert invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", masks, "--no-crf", "-q").exit_code == 0
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for out, opt in ((tmp_path / "r.json", "--json"), (tmp_path / "rep", "--report")):
+            (tmp_path / f"{out.name}.lock").write_text(f"{holder.pid} {socket.gethostname()}\n")
+            r = invoke("eval", "--pred", masks, "--data", synth, opt, out, "-q")
+            line = one_line_error(r)
+            assert r.exit_code == 1 and f"{out.name}.lock" in line and f"PID {holder.pid}" in line, line
+            assert "--resume" not in line  # eval has none
+            assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    r = invoke("eval", "--pred", masks, "--data", synth, "--json", tmp_path / "r.json", "-q")  # the holder is gone
+    assert r.exit_code == 0, r.output
+    assert "stale lock" in r.output and not (tmp_path / "r.json.lock").exists()
+
+
+def test_a_killed_writer_not_yet_reaped_holds_no_lock(tmp_path):
+    """A zombie answers kill(0) like a live process; its lock is stale all the same."""
+    from dhr_cli.io.store import pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while time.time() < deadline:  # exited, not waited for: a zombie
+        with open(f"/proc/{child.pid}/stat", "rb") as f:
+            if f.read().rsplit(b")", 1)[1].split()[0] == b"Z":
+                break
+        time.sleep(0.05)
+    try:
+        assert not pid_alive(child.pid)
+        assert pid_alive(os.getpid())
+    finally:
+        child.wait()
+
+
 def test_lock_is_taken_before_anything_and_released_on_every_exit(tmp_path):
     out = tmp_path / "m.h5"
     with create_store(out, "masks", CLASSES, provenance={}) as w:
@@ -164,6 +204,32 @@ def test_resume_takes_the_same_inputs_however_they_are_spelt_and_still_refuses_o
     assert r.exit_code == 1 and "input cams:" in one_line_error(r)
 
 
+def test_resume_over_another_split_or_changed_dataset_files_is_refused(tmp_path):
+    """Items computed from one split, or from an image or label file since changed, are never
+    published beside new ones: the split is an input, and the dataset's id is a fingerprint of the
+    split's ids and of its images' and label files' sizes and times."""
+    data = make_dataset(tmp_path / "data", n_images=8, seed=6)
+    out = tmp_path / "s.h5"
+    seed = ["seed", "--cams", data / "cams.h5", "--data", data, "--out", out, "--no-crf", "-q"]
+    assert invoke(*seed, "--split", "train").exit_code == 0
+    before = (out.read_bytes(), out.stat().st_mtime_ns)
+    r = invoke(*seed, "--split", "val", "--resume")
+    assert r.exit_code == 1 and "input split: train (partial) vs val (this run)" in one_line_error(r)
+    assert (out.read_bytes(), out.stat().st_mtime_ns) == before
+    assert invoke(*seed, "--split", "train", "--resume").exit_code == 0  # the same split and files: resumes
+    train = (data / "splits" / "train.txt").read_text().split()
+    for changed in (data / "images" / f"{train[0]}.png", data / "labels.json"):
+        st = changed.stat()
+        os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        r = invoke(*seed, "--split", "train", "--resume")
+        assert r.exit_code == 1 and "its split's ids, images or label files" in one_line_error(r), changed
+        assert (out.read_bytes(), out.stat().st_mtime_ns) == before
+        os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns))
+    (data / "splits" / "train.txt").write_text("\n".join(train[:-1]) + "\n")  # the split's ids change
+    r = invoke(*seed, "--split", "train", "--resume")
+    assert r.exit_code == 1 and "its split's ids" in one_line_error(r)
+
+
 def test_resume_with_nothing_to_do_leaves_the_store_as_it_was_so_downstream_resumes_still_work(synth, tmp_path):
     """A pipeline rerun with --resume everywhere: a complete seed store must stay byte- and
     time-identical, or propagate's resume refuses it as an input changed since its partial run."""
@@ -193,6 +259,80 @@ def test_resume_that_writes_records_it_and_changes_the_store(tmp_path):
     assert out.stat().st_mtime_ns != 1
     with open_store(out) as s:
         assert s.ids == ["a", "b"] and len(s.provenance["resumed_at"]) == 1
+
+
+_DAMAGE = """
+import sys, numpy as np
+from pathlib import Path
+from dhr_cli.errors import StoreError
+from dhr_cli.io.store import create_store, open_store, verify_store
+d = Path(sys.argv[1])
+with create_store(d / "m.h5", "masks", ["background", "cat", "dog"], provenance={"command": "t"}) as w:
+    for i in range(10):
+        w.write(f"img{i:03d}", {"mask": np.random.default_rng(i).integers(0, 3, (24, 32), dtype=np.uint8)})
+data = (d / "m.h5").read_bytes()
+for off in range(0, min(len(data), 6000) - 64, 23):  # the root group, its link heap, the first items
+    b = bytearray(data)
+    b[off:off + 64] = bytes(x ^ 0x5A for x in b[off:off + 64])
+    (d / "c.h5").write_bytes(bytes(b))
+    for what in ("read", "verify"):
+        try:
+            with open_store(d / "c.h5") as s:
+                for i in s.ids if what == "read" else ():
+                    s.read_mask(i), s.read(i)
+            if what == "verify":
+                verify_store(d / "c.h5")
+        except StoreError:
+            pass
+        except Exception as e:
+            print(f"{type(e).__name__} in {what} at byte {off}: {e}")
+            sys.exit(1)
+"""
+
+
+def test_a_store_with_damaged_hdf5_structure_is_one_error_never_a_traceback(tmp_path):
+    """Bytes flipped in a store's metadata (a bad copy, a failing disk): h5py raises RuntimeError, not
+    OSError, from a corrupt heap or link table; every read and `--verify` turns it into a StoreError."""
+    r = subprocess.run([sys.executable, "-c", _DAMAGE, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-1500:]
+
+
+def test_item_ids_a_store_cannot_hold_are_refused_naming_the_rule(tmp_path):
+    """'.' and '..' are HDF5 path parts, and '.writing-' marks an item cut off half-written: an image named
+    '..png' or '.writing-x.png' would be mis-stored or redone by every --resume."""
+    with create_store(tmp_path / "m.h5", "masks", CLASSES, provenance={"command": "t"}) as w:
+        for bad in (".", "..", ".writing-x", "a/b"):
+            with pytest.raises(StoreError, match="cannot be stored.*rename that image"):
+                w.write(bad, {"mask": np.zeros((2, 2), np.uint8)})
+        w.write(".x", {"mask": np.zeros((2, 2), np.uint8)})  # a dot elsewhere is an ordinary name
+    with open_store(tmp_path / "m.h5") as s:
+        assert s.ids == [".x"]
+
+
+def test_a_checkpoint_whose_write_fails_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    """`cams --save-head`, `uss fit` and `train` write through save_atomic: a full disk (torch reports it
+    as RuntimeError) used to leave a truncated head where the good one had been."""
+    import torch
+
+    from dhr_cli.errors import CheckpointError
+    from dhr_cli.models.checkpoints import save_atomic
+
+    path = tmp_path / "head.pt"
+    save_atomic({"w": torch.ones(3)}, path)
+    before = path.read_bytes()
+    real = torch.save
+
+    def full_disk(obj, f):
+        Path(f).write_bytes(b"PK\x03\x04 cut")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 1024000")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="head.pt: could not be written .*as it was"):
+        save_atomic({"w": torch.zeros(3)}, path)
+    monkeypatch.setattr(torch, "save", real)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["head.pt"]
+    assert torch.load(path)["w"].sum() == 3
 
 
 # ---- 2. per-item integrity, disk full ------------------------------------------------------
@@ -297,6 +437,53 @@ def test_disk_full_is_one_line_and_resume_after_freeing_space_gives_correct_item
         subprocess.run(["umount", str(mnt)], capture_output=True)
 
 
+def _file_size_limited(limit: int, pre_check: bool = True):
+    """A writer process under `ulimit -f` (RLIMIT_FSIZE): the disk has room, the process may not use it.
+    Without `pre_check` the writer's room check is off, so the failure comes from inside HDF5 (EFBIG)."""
+    import resource
+
+    def run(out: Path, start: int, stop: int):
+        script = _DISK_FULL if pre_check else _DISK_FULL.replace(
+            "from dhr_cli.io.store import create_store", "import dhr_cli.io.store as _s; _s._room = lambda p: None\n"
+            "from dhr_cli.io.store import create_store")
+        return subprocess.run([sys.executable, "-c", script, str(out), str(start), str(stop)], capture_output=True,
+                              text=True, timeout=60, cwd=Path(__file__).parents[1],
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    return run
+
+
+def test_file_size_limit_is_caught_before_hdf5_and_the_partial_resumes(tmp_path):
+    out = tmp_path / "m.h5"
+    r = _file_size_limited(600_000)(out, 0, 30)
+    assert r.returncode == 1 and "file size limit reached (ulimit -f)" in r.stderr and "--resume" in r.stderr, r.stderr
+    assert (tmp_path / "m.h5.partial").exists() and not out.exists()
+    r = _file_size_limited(-1)(out, 1, 30)  # no limit any more (RLIM_INFINITY)
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open_store(out) as s:
+        assert s.ids == [f"i{i:02d}" for i in range(30)]
+        for i in range(30):
+            np.testing.assert_array_equal(s.read(f"i{i:02d}").mask, _payload(i))
+
+
+def test_a_write_failing_inside_hdf5_says_truly_whether_the_items_were_kept(tmp_path):
+    """EFBIG from inside HDF5 can leave the partial's metadata unreadable: the first error then says
+    the items are lost, and --resume refuses the file in one line; where they were kept, it resumes."""
+    out = tmp_path / "m.h5"
+    r = _file_size_limited(600_000, pre_check=False)(out, 0, 30)
+    assert r.returncode == 1 and "write failed" in r.stderr, r.stderr[-1500:]
+    lost = "its items are lost" in r.stderr
+    r2 = _file_size_limited(-1)(out, 1, 30)
+    if lost:
+        assert r2.returncode == 1 and "damaged by the interruption" in r2.stderr, r2.stderr[-1500:]
+        assert "rerun with --overwrite" in r2.stderr
+        assert "Traceback" not in r2.stderr
+    else:
+        assert "the items written so far are kept" in r.stderr
+        assert r2.returncode == 0, r2.stderr[-1500:]
+        with open_store(out) as s:
+            assert s.ids == [f"i{i:02d}" for i in range(30)]
+
+
 def test_disk_full_from_the_command_line_is_one_line_with_exit_1(synth, tmp_path, monkeypatch):
     # The disk fills up after 3 items (statvfs reports no room), in-process so the CLI mapping is seen.
     real = os.statvfs
@@ -385,6 +572,30 @@ def _kill_mid_run(args: list, partial: Path, n_items: int, sig: int, seed: int, 
 
 def _slow_seed(synth, out):
     return ["seed", "--cams", synth / "cams.h5", "--data", synth, "--out", out, "--crf", "--batch-size", "1", "-q"]
+
+
+def test_a_sigterm_whose_raise_python_swallowed_still_stops_the_run(synth, tmp_path, monkeypatch):
+    """The SIGTERM handler raises at whatever bytecode runs; inside a finaliser or weakref callback Python
+    prints "Exception ignored" and goes on, and the run used to finish with exit 0. Only the handler's
+    flag survives that (simulated here after the first item): the next item stops the run."""
+    from dhr_cli.io import progress
+    from dhr_cli.io.store import StoreWriter
+
+    real_write = StoreWriter.write
+
+    def write(self, *args, **kwargs):
+        real_write(self, *args, **kwargs)
+        progress.request_termination()
+
+    monkeypatch.setattr(StoreWriter, "write", write)
+    out = tmp_path / "s.h5"
+    r = invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", out, "--no-crf", "-q", "--batch-size", "2")
+    assert r.exit_code == 143 and "terminated (SIGTERM)" in one_line_error(r)
+    assert not out.exists() and (tmp_path / "s.h5.partial").exists()
+    assert not progress._termination["requested"]  # cleared for whatever runs next in this process
+    monkeypatch.setattr(StoreWriter, "write", real_write)
+    assert invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--out", out, "--no-crf", "-q",
+                  "--resume").exit_code == 0
 
 
 @pytest.mark.slow

@@ -250,6 +250,30 @@ def test_image_size_is_required_on_every_map(tmp_path):
         s.read("a")
 
 
+def test_an_empty_mask_or_map_is_refused_by_readers_and_never_written(tmp_path):
+    """A (0, 0) mask from another program made `dhr export` fail inside PIL; an importer could write
+    (0, h, w) CAMs that dhr's readers then refused. Every reader and the writer apply one rule."""
+    from dhr_cli.io.store import create_store
+
+    path = tmp_path / "m.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"dhr_format": "dhr.store", "dhr_version": 1, "kind": "masks", "classes": json.dumps(CLASSES)})
+        f.create_dataset("items/a/mask", data=np.zeros((0, 0), np.uint8))
+    with open_store(path) as s:
+        for read in (lambda: s.read("a").mask, lambda: s.read_mask("a")):
+            with pytest.raises(StoreError, match=r"'a': mask has dtype uint8 shape \(0, 0\).*H and W >= 1"):
+                read()
+    r = _dhr("export", str(path), "--out", str(tmp_path / "png"))
+    _one_error_line(r, path, "shape (0, 0)")
+    assert not (tmp_path / "png").exists()
+    with create_store(tmp_path / "w.h5", "masks", CLASSES, provenance={}) as w:
+        with pytest.raises(StoreError, match="H and W >= 1"):
+            w.write("a", {"mask": np.zeros((0, 5), np.uint8)})
+    with create_store(tmp_path / "c.h5", "cams", CLASSES, provenance={}) as w:
+        with pytest.raises(StoreError, match="none of them 0"):
+            w.write("a", {"cams": np.zeros((0, 3, 4), np.float32)}, {"cams": {"labels": [], "image_size": [6, 8]}})
+
+
 # ---- files that do not open ------------------------------------------------------------------------
 def test_empty_non_hdf5_and_truncated_files_say_which(tmp_path):
     empty = tmp_path / "empty.h5"

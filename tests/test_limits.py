@@ -4,7 +4,6 @@ outside (0, 4] or more than 8 of them is a usage error."""
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 

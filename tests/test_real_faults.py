@@ -355,6 +355,13 @@ def test_an_overwrite_killed_among_its_moves_is_refused_by_readers_and_finished_
     r = invoke("import", "png", out, "--data", synth, "--out", tmp_path / "m.h5")
     assert r.exit_code == 1 and "was killed while moving its files" in one_line(r.output)
     assert not (tmp_path / "m.h5").exists()
+    # Every reader of a PNG folder (eval --pred, seed --init-masks, train --masks: MaskSource) refuses it too.
+    r = invoke("eval", "--pred", out, "--data", synth, "--json", tmp_path / "r.json")
+    assert r.exit_code == 1 and "was killed while moving its files" in one_line(r.output)
+    assert not (tmp_path / "r.json").exists()
+    r = invoke("seed", "--cams", synth / "cams.h5", "--data", synth, "--init-masks", out, "--no-crf",
+               "--out", tmp_path / "s.h5", "-q")
+    assert r.exit_code == 1 and "was killed while moving its files" in one_line(r.output)
     r = invoke("export", masks, "--out", out)  # no --overwrite: the killed export is finished, then refused
     assert r.exit_code == 1 and "pass --overwrite" in one_line(r.output)
     assert "finishing the export of PID" in caplog.text

@@ -86,6 +86,8 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 def user_errors(fn):
     """Turn DhrError (and OS errors on the user's files) into `Error: ...` and exit status 1."""
 
+    from dhr_cli.io.progress import Terminated, clear_termination
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _terminate_like_interrupt()
@@ -98,23 +100,23 @@ def user_errors(fn):
             _fail(str(e))
         except OSError as e:  # permission denied, disk full, ...: the user's to fix
             _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
-        except _Terminated:
+        except Terminated:
             _fail("terminated (SIGTERM); what was written is kept, rerun with --resume to continue", code=143)
         except KeyboardInterrupt:
             _fail("interrupted; what was written is kept, rerun with --resume to continue", code=130)
         finally:
+            clear_termination()
             _sigterm_default()  # a SIGTERM while the interpreter exits (torchrun stopping the other ranks) ends it
             # quietly, not as an "Exception ignored in atexit callback" traceback
 
     return wrapper
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the main thread is so that the writers close as for Ctrl-C."""
-
-
 def _on_sigterm(signum, frame) -> None:
-    raise _Terminated()
+    from dhr_cli.io.progress import Terminated, request_termination
+
+    request_termination()  # in case this raise lands in a finaliser, which swallows it
+    raise Terminated()
 
 
 def _terminate_like_interrupt() -> None:

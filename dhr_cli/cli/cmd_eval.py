@@ -46,23 +46,34 @@ def eval_cmd(
         on_missing=on_missing,  # type: ignore[arg-type]
         report_images=top,
     )
-    from dhr_cli.io.store import check_output
+    from dhr_cli.io.store import OutputLock, check_output
 
     inputs = {"--pred": list(pred) + list(compare or []), "--data": data, "--gt-cache": gt_cache}
-    if json_path is not None:  # fail before the (long) scoring, not after
-        check_output(json_path, overwrite=overwrite, resumable=False, inputs=inputs)
-    if report is not None:
-        check_output(report, folder=True, overwrite=overwrite, resumable=False, inputs=inputs)
-    result = run_eval(list(pred) + list(compare or []), data, split, cfg, names=names, quiet=quiet)
-    _print(result, top)
-    if json_path is not None:
-        write_json(result, json_path, top=max(top, 20))
-        out.print(f"JSON report: {json_path}", markup=False, highlight=False)
-    if report is not None:
-        from dhr_cli.pipeline.report import write_report
+    locks = []  # OUT.lock beside each output, from its check to its write: a second eval is refused
 
-        page = write_report(result, report, n_images=top, overwrite=overwrite, quiet=quiet)
-        out.print(f"HTML report: {page}", markup=False, highlight=False)
+    def claim(path, folder: bool) -> None:  # fail before the (long) scoring, not after
+        check_output(path, folder=folder, overwrite=overwrite, resumable=False, inputs=inputs)
+        locks.append(OutputLock(path, resumable=False))
+        check_output(path, folder=folder, overwrite=overwrite, resumable=False, inputs=inputs)  # as it is now, locked
+
+    try:
+        if json_path is not None:
+            claim(json_path, folder=False)
+        if report is not None:
+            claim(report, folder=True)
+        result = run_eval(list(pred) + list(compare or []), data, split, cfg, names=names, quiet=quiet)
+        _print(result, top)
+        if json_path is not None:
+            write_json(result, json_path, top=max(top, 20))
+            out.print(f"JSON report: {json_path}", markup=False, highlight=False)
+        if report is not None:
+            from dhr_cli.pipeline.report import write_report
+
+            page = write_report(result, report, n_images=top, overwrite=overwrite, quiet=quiet)
+            out.print(f"HTML report: {page}", markup=False, highlight=False)
+    finally:
+        for lock in locks:
+            lock.release()
 
 
 def _pct(x: float) -> str:

@@ -12,9 +12,11 @@ values) and, when present, ground-truth masks as class indices (255 = ignore).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import stat
 import xml.etree.ElementTree as ET
 from collections import Counter
 from contextvars import ContextVar
@@ -177,6 +179,31 @@ class Dataset:
     def describe(self) -> str:
         return f"{self.layout} layout at {self.root}, split {self.split or '(all)'}: {len(self)} images, {len(self.classes)} classes"
 
+    def fingerprint(self, ids: list[str] | None = None) -> str:
+        """A digest of what a command reads of these ids (all by default): the ids in order, and the
+        size and modification time of each one's image, label source and GT file. A --resume
+        compares it (docs/contracts.md), so items computed from an earlier split, image or label file
+        are never published beside new ones. Files shared by many ids (labels.json, a COCO json) are
+        read once; costs one stat per file, no decoding."""
+        digest = hashlib.sha1()
+        last: list[tuple[Path | None, bytes]] = [(None, b"")] * 3  # shared files repeat from id to id
+        for item_id in self.ids if ids is None else ids:
+            digest.update(item_id.encode("utf-8", "surrogateescape") + b"\0")
+            for slot, path in enumerate((self.image_path(item_id), self._labels_source(item_id), self.gt_path(item_id))):
+                if path is not None and path != last[slot][0]:
+                    last[slot] = (path, _stat_id(path))
+                digest.update((last[slot][1] if path is not None else b"") + b"\0")
+        return digest.hexdigest()[:20]
+
+
+def _stat_id(path: Path) -> bytes:
+    """Size and mtime of a file; a folder (a layout's labels come from its masks) or a missing file: a fixed mark."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return b"-"
+    return b"dir" if stat.S_ISDIR(st.st_mode) else f"{st.st_size}:{st.st_mtime_ns}".encode()
+
 
 def read_index_png(path: Path) -> np.ndarray:
     """(H, W) uint8 labels from a palette, grayscale or 16-bit PNG, or an RGB PNG in VOC colours.
@@ -230,11 +257,33 @@ def names_twice(names: list[str]) -> list[str]:
     return sorted({str(n) for n, k in zip(names, keys) if count[k] > 1})
 
 
+def read_classes_file(path: Path) -> list[str]:
+    """A classes.txt (one name a line, the index is the label value; flat, VOC and DHR layouts): one
+    line on what is wrong with it, the same for every layout."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: not UTF-8 text") from None
+    classes = [c.strip() for c in text.splitlines() if c.strip()]
+    if not classes:
+        raise DatasetError(f"{path}: no class names")
+    twice = names_twice(classes)
+    if twice:
+        raise DatasetError(f"{path}: class names {twice} name one class more than once")
+    if len(classes) > 255:
+        raise DatasetError(f"{path}: {len(classes)} classes; at most 255 fit uint8 masks with 255 = ignore")
+    return classes
+
+
 def _read_list(path: Path, known: set[str] | frozenset = frozenset()) -> list[str]:
     """The ids of a split file: a line's first word (VOC's `ImageSets/Main` lines are "id  1"), or the
     whole line when that is a known id (a flat dataset's image named "my photo.jpg") or when neither is
     (so that an error quotes the line as written)."""
-    lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: not UTF-8 text") from None
+    lines = [line.strip() for line in text.splitlines()]
     return [line.split()[0] if line not in known and line.split()[0] in known else line
             for line in lines if line and not line.startswith("#")]
 
@@ -319,15 +368,7 @@ class FlatDataset(Dataset):
     layout = "flat"
 
     def __init__(self, root: Path, split: str | None):
-        classes_file = root / "classes.txt"
-        classes = [c.strip() for c in classes_file.read_text(encoding="utf-8-sig").splitlines() if c.strip()]
-        if not classes:
-            raise DatasetError(f"{classes_file}: no class names")
-        twice = names_twice(classes)
-        if twice:
-            raise DatasetError(f"{classes_file}: class names {twice} name one class more than once")
-        if len(classes) > 255:
-            raise DatasetError(f"{classes_file}: {len(classes)} classes; at most 255 fit uint8 masks with 255 = ignore")
+        classes = read_classes_file(root / "classes.txt")
         self._images = _images_by_stem(root / "images")
         self._masks_dir = root / "masks"
         lists = {p.stem: p for p in sorted((root / "splits").glob("*.txt"))} if (root / "splits").is_dir() else {}
@@ -376,7 +417,7 @@ class VOCDataset(Dataset):
 
     def __init__(self, root: Path, split: str | None):
         classes_file = root / "classes.txt"
-        classes = [c.strip() for c in classes_file.read_text(encoding="utf-8-sig").splitlines() if c.strip()] if classes_file.exists() else VOC_CLASSES
+        classes = read_classes_file(classes_file) if classes_file.exists() else VOC_CLASSES
         self._images = _images_by_stem(root / "JPEGImages")
         self._gt_dirs = [d for d in (root / "SegmentationClass", root / "SegmentationClassAug") if d.is_dir()]
         self._xml_dir = root / "Annotations"
@@ -418,7 +459,7 @@ class DHRDataset(Dataset):
         if split not in splits:
             raise DatasetError(f"{root}: no split {split!r}; available: {', '.join(splits)}")
         classes_file = root / "classes.txt"
-        classes = [c.strip() for c in classes_file.read_text(encoding="utf-8-sig").splitlines() if c.strip()] if classes_file.exists() else VOC_CLASSES
+        classes = read_classes_file(classes_file) if classes_file.exists() else VOC_CLASSES
         base = root / split
         self._images = _images_by_stem(base / "image")
         self._mask_dir = base / "mask"

@@ -175,6 +175,10 @@ def merge_stores(inputs: Sequence[Path], out: Path, *, overwrite: bool = False, 
                              in enumerate(zip(first.classes, s.classes)) if a != b),
                             f"{len(s.classes)} classes here, {len(first.classes)} there")
                 raise StoreError(f"{s.path}: its classes differ from those of {first.path} ({diff}); cannot merge")
+            for key in ("source", "source_kind"):  # the network a cams / features store came from
+                if s.attrs.get(key) != first.attrs.get(key):
+                    raise StoreError(f"{s.path}: {key} {s.attrs.get(key)!r}, but {first.path} has "
+                                     f"{first.attrs.get(key)!r}: one network's maps beside another's; cannot merge")
         seen: dict[str, Path] = {}
         plan: list[tuple[object, list[str]]] = []
         for s in stores:

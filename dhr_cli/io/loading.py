@@ -164,6 +164,10 @@ class MaskSource:
         self._store: LazyStore | None = None
         self._pngs: dict[str, Path] = {}
         if self.path.is_dir():
+            from dhr_cli.pipeline.export import interrupted_export  # the export folder's own marks
+
+            if mixed := interrupted_export(self.path):  # half old masks, half new: never read as one set
+                raise InputError(mixed)
             self._pngs = {p.stem: p for p in self.path.iterdir() if p.suffix.lower() == ".png" and p.is_file()}
             if not self._pngs and not empty_folder_ok:
                 raise InputError(f"{self.path}: folder holds no .png masks")

@@ -19,6 +19,29 @@ T = TypeVar("T")
 _stderr = Console(stderr=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is so that the writers close as for Ctrl-C."""
+
+
+# Set by the CLI's SIGTERM handler. The handler also raises Terminated at once, but Python swallows an
+# exception raised inside a finaliser or weakref callback ("Exception ignored in ..."), and the run went
+# on to its end: every long loop (track) raises it again at its next item.
+_termination = {"requested": False}
+
+
+def request_termination() -> None:
+    _termination["requested"] = True
+
+
+def clear_termination() -> None:
+    _termination["requested"] = False
+
+
+def _stop_if_terminated() -> None:
+    if _termination["requested"]:
+        raise Terminated()
+
+
 class _Progress(Progress):
     """A Progress whose bar is erased when the block ends in an error: the error's one line stands alone."""
 
@@ -57,11 +80,14 @@ def track(items: Iterable[T], description: str, total: int | None = None, quiet:
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
     if quiet:  # no bar: no per-item bookkeeping either (it cost ~1 ms an item at COCO scale)
-        yield from items
+        for item in items:
+            _stop_if_terminated()
+            yield item
         return
     with progress_bar(quiet) as bar:
         task = bar.add_task(description, total=total, rate="")
         for n, item in enumerate(items, 1):
+            _stop_if_terminated()
             yield item
             bar.advance(task, 1 if count is None else count(item))
             if n % 16 == 0:  # rich's speed walks its sample window: not on every item

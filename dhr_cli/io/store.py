@@ -20,6 +20,7 @@ import socket
 import stat
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -97,8 +98,8 @@ class Item:
     def mask(self) -> np.ndarray:
         """(H, W) uint8, 255 = unsure / ignore."""
         x = self._get("mask")
-        if x.ndim != 2 or x.dtype != np.uint8:
-            raise StoreError(f"{self._where}: mask has dtype {x.dtype} shape {x.shape}, expected uint8 (H, W)")
+        if x.ndim != 2 or x.dtype != np.uint8 or 0 in x.shape:
+            raise StoreError(f"{self._where}: mask has dtype {x.dtype} shape {x.shape}, expected uint8 (H, W), H and W >= 1")
         return x
 
     @property
@@ -128,7 +129,8 @@ class Store:
         except OSError as e:
             raise StoreError(_open_failure(self.path, e)) from None
         try:
-            self._validate_root(expect)
+            with _damage_as_error(self.path):
+                self._validate_root(expect)
         except BaseException:
             self._file.close()
             raise
@@ -199,6 +201,10 @@ class Store:
     def read(self, item_id: str, names: Iterable[str] | None = None) -> Item:
         """One item; `names` limits which datasets are decompressed (the main one is always read):
         a CAMs store that also holds WSS features costs ~7 MB of unpacking per item otherwise."""
+        with _damage_as_error(self.path, item_id):
+            return self._read(item_id, names)
+
+    def _read(self, item_id: str, names: Iterable[str] | None) -> Item:
         group = self._group(item_id)
         where = f"{self.path}: item {item_id!r}"
         wanted = None if names is None else {*names, MAIN_DATASET[self.kind]}
@@ -256,18 +262,23 @@ class Store:
         main = MAIN_DATASET[self.kind]
         if main != "mask":
             raise StoreError(f"{self.path}: a {self.kind} store holds no masks")
+        with _damage_as_error(self.path, item_id):
+            return self._read_mask(item_id)
+
+    def _read_mask(self, item_id: str) -> np.ndarray:
         try:
             ds = self._items[f"{item_id}/mask"]
         except (KeyError, OSError, AttributeError):  # the reason, only when it fails (eval reads 82k masks)
             group = self._group(item_id)
+            list(group.keys())  # a damaged link table raises here (RuntimeError: one line, _damage_as_error)
             link = _broken_link(group, "mask")
             if link:
                 raise StoreError(f"{self.path}: item {item_id!r}: mask is a link to nothing ({link})") from None
             raise StoreError(f"{self.path}: item {item_id!r} has no 'mask' dataset (kind {self.kind!r})") from None
         x = read_dataset(ds, f"{self.path}: item {item_id!r}: mask") if isinstance(ds, h5py.Dataset) else None
-        if x is None or x.ndim != 2 or x.dtype != np.uint8:
+        if x is None or x.ndim != 2 or x.dtype != np.uint8 or 0 in x.shape:
             what = f"dtype {x.dtype} shape {x.shape}" if x is not None else "a group"
-            raise StoreError(f"{self.path}: item {item_id!r}: mask has {what}, expected uint8 (H, W)")
+            raise StoreError(f"{self.path}: item {item_id!r}: mask has {what}, expected uint8 (H, W), H and W >= 1")
         self._check_labels(item_id, x)
         return x
 
@@ -365,13 +376,13 @@ def validate_item(kind: str, path: Path, item_id: str, arrays: dict, attrs: dict
         raise StoreError(f"{where}: a {kind} store item needs a {main!r} dataset")
     x = np.asarray(arrays[main])
     if kind in ("seeds", "masks"):
-        if x.dtype != np.uint8 or x.ndim != 2:
-            raise StoreError(f"{where}: mask must be uint8 (H, W), got {x.dtype} {x.shape}")
+        if x.dtype != np.uint8 or x.ndim != 2 or 0 in x.shape:
+            raise StoreError(f"{where}: mask must be uint8 (H, W), H and W >= 1, got {x.dtype} {x.shape}")
         if n_classes is not None:
             check_mask_labels(where, x, n_classes)
     else:
-        if x.ndim != 3 or x.dtype not in (np.float16, np.float32):
-            raise StoreError(f"{where}: {main} must be float16/float32 (C, h, w), got {x.dtype} {x.shape}")
+        if x.ndim != 3 or x.dtype not in (np.float16, np.float32) or 0 in x.shape:
+            raise StoreError(f"{where}: {main} must be float16/float32 (C, h, w), none of them 0, got {x.dtype} {x.shape}")
         if not np.isfinite(x).all():
             raise StoreError(f"{where}: {main} holds NaN or infinite values")
         if "image_size" not in attrs.get(main, {}):
@@ -469,10 +480,7 @@ class StoreWriter:
                             "before the first item; nothing was written, free space and rerun") from None
 
     def _close_quietly(self) -> None:
-        try:
-            self._file.close()
-        except Exception:  # noqa: BLE001 - best effort: the file is being abandoned
-            pass
+        _close_h5_quietly(self._file)
 
     def _unsound(self, error: Exception, failed: str, tail: str) -> StoreError:
         """The one line for an I/O error inside HDF5: 'disk full', else `failed` and the reason; then `tail`."""
@@ -506,8 +514,12 @@ class StoreWriter:
                 if key.startswith(_TMP_PREFIX) or _UNSURE in items[key].attrs or _item_problem(items[key]) is not None:
                     del items[key]
                     self._changed = True
+        except (KeyError, RuntimeError) as e:  # the structure itself (an HDF5 write that failed midway)
+            _close_h5_quietly(f)
+            raise StoreError(f"{self.partial}: damaged by the interruption ({' '.join(str(e).split())[:120]}); "
+                             "delete it or rerun with --overwrite") from None
         except BaseException:
-            f.close()
+            _close_h5_quietly(f)
             raise
         if isinstance(prov, dict):
             prov.setdefault("resumed_at", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -537,8 +549,9 @@ class StoreWriter:
 
     def write(self, item_id: str, arrays: dict[str, np.ndarray], attrs: dict[str, dict] | None = None) -> None:
         attrs = attrs or {}
-        if "/" in item_id or not item_id:
-            raise StoreError(f"{self.path}: item id {item_id!r} is not a valid name")
+        if "/" in item_id or not item_id or item_id in (".", "..") or item_id.startswith(_TMP_PREFIX):
+            raise StoreError(f"{self.path}: item id {item_id!r} cannot be stored (an id may not contain '/', be '.' "
+                             f"or '..', or begin with {_TMP_PREFIX!r}); rename that image")
         if item_id in self.done:
             raise StoreError(f"{self.path}: item {item_id!r} written twice (duplicate id?)")
         validate_item(self.kind, self.path, item_id, arrays, attrs, len(self.classes))
@@ -548,14 +561,12 @@ class StoreWriter:
         # Checked before HDF5 meets ENOSPC: after a failed write libhdf5 can crash the process when
         # its handles are freed, so running out of room is detected while the file is still sound.
         need = sum(np.asarray(a).nbytes for a in arrays.values()) + _ROOM_MARGIN
-        try:
-            free = os.statvfs(self.partial).f_bavail * os.statvfs(self.partial).f_frsize
-        except OSError:
-            free = None
-        if free is not None and free < need:
+        room = _room(self.partial)
+        if room is not None and room[0] < need:
             self.broken = True
-            raise StoreError(f"{self.partial}: disk full ({free // 1024} KiB left, item {item_id!r} needs up to "
-                             f"{need // 1024} KiB); {self.rerun}")
+            rerun = self.rerun if room[1] == "disk full" else self.rerun.replace("free space", "raise the limit")
+            raise StoreError(f"{self.partial}: {room[1]} ({room[0] // 1024} KiB left, item {item_id!r} needs up to "
+                             f"{need // 1024} KiB); {rerun}")
         try:
             self._note_change()
             if tmp in self._items:
@@ -584,7 +595,9 @@ class StoreWriter:
         except Exception:  # noqa: BLE001 - best effort; the checksums catch the rest
             pass
         self._close_quietly()
-        raise self._unsound(error, "write failed", f"while writing item {item_id!r}; {self.rerun}") from None
+        tail = self.rerun if _readable_items(self.partial) else (
+            "HDF5 left the partial file unreadable, so its items are lost: free space and rerun with --overwrite")
+        raise self._unsound(error, "write failed", f"while writing item {item_id!r}; {tail}") from None
 
     broken = False
     _fresh = False  # this run created the partial (not a resume)
@@ -625,11 +638,20 @@ def create_store(path, kind, classes, *, provenance, overwrite=False, resume=Fal
                        root_attrs=root_attrs, resumable=resumable)
 
 
-def make_provenance(command: str, config=None, inputs: dict[str, Any] | None = None) -> dict:
-    """What produced a store: command line, options, version, input stores, time."""
+def make_provenance(command: str, config=None, inputs: dict[str, Any] | None = None, *, dataset=None,
+                    ids: list[str] | None = None) -> dict:
+    """What produced a store: command line, options, version, input stores, time. With `dataset`
+    (its root is inputs["data"]), the split is an input too and the data's id is its fingerprint over
+    `ids` (the items this run writes): a --resume over another split, or after an image or label file
+    changed, is refused instead of publishing old items beside new ones."""
     if is_dataclass(config):
         config = asdict(config)
     inputs = {k: str(v) for k, v in (inputs or {}).items()}
+    if dataset is not None:
+        inputs.setdefault("split", dataset.split or "")
+    ids_of = {k: _file_id(v) for k, v in inputs.items() if k != "split"}
+    if dataset is not None:
+        ids_of["data"] = "dataset:" + dataset.fingerprint(ids)
     return {
         "command": command,
         "argv": sys.argv,
@@ -637,8 +659,8 @@ def make_provenance(command: str, config=None, inputs: dict[str, Any] | None = N
         "dhr_version": __version__,
         "inputs": inputs,
         # the same files however they were spelt (./a.h5, a.h5, /abs/a.h5): what --resume compares
-        "input_paths": {k: os.path.abspath(v) if v and os.path.exists(v) else v for k, v in inputs.items()},
-        "input_ids": {k: _file_id(v) for k, v in inputs.items()},
+        "input_paths": {k: os.path.abspath(v) if v and k != "split" and os.path.exists(v) else v for k, v in inputs.items()},
+        "input_ids": ids_of,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -685,7 +707,9 @@ def provenance_differences(saved: dict, now: dict) -> list[str]:
         ids_then, ids_now = saved.get("input_ids") or {}, now.get("input_ids") or {}
         for key in sorted(set(ids_then) & set(ids_now)):
             if ids_then[key] != ids_now[key] and paths_then.get(key) == paths_now.get(key):
-                out.append(f"input {key}: {now['inputs'][key]} changed since the partial run (size/mtime)")
+                what = ("its split's ids, images or label files" if str(ids_now[key]).startswith("dataset:")
+                        else "size/mtime")
+                out.append(f"input {key}: {now['inputs'][key]} changed since the partial run ({what})")
     return out
 
 
@@ -755,6 +779,8 @@ def check_not_input(out: Path, inputs: dict[str, Any], *, folder: bool = False) 
         return
     part_of = None
     for option, value in inputs.items():
+        if option == "split":  # a name, not a path
+            continue
         for given in value if isinstance(value, (list, tuple)) else [value]:
             if given is None or str(given) == "" or not os.path.lexists(given):
                 continue
@@ -786,9 +812,10 @@ def _lock_owner(lock: Path) -> tuple[int | None, str]:
         return None, ""
 
 
-def _live_writer(lock: Path, out, pid: int, host: str) -> str:
+def _live_writer(lock: Path, out, pid: int, host: str, resumable: bool = True) -> str:
     where = f" on {host}" if host else ""
-    return f"{lock}: {out} is being written by PID {pid}{where} (a live process); wait for it, or stop it and rerun with --resume"
+    rerun = "rerun with --resume" if resumable else "rerun"
+    return f"{lock}: {out} is being written by PID {pid}{where} (a live process); wait for it, or stop it and {rerun}"
 
 
 def pid_alive(pid: int) -> bool:
@@ -798,14 +825,19 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A zombie (killed, not yet reaped by its parent) still answers kill(0) but writes nothing more.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):  # no /proc (macOS): the answer of kill(0)
+        return True
 
 
 class OutputLock:
     """OUT.lock, created with O_CREAT|O_EXCL and holding 'PID HOST': one writer per output. A lock
     whose process is gone (same host, PID not alive) is stale: it is named and taken over."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, resumable: bool = True):
         self.path = Path(out).with_name(Path(out).name + ".lock")
         self.held = False
         self.pid = os.getpid()
@@ -819,9 +851,10 @@ class OutputLock:
                     # A PID on another host cannot be checked from here: the lock counts as live.
                     raise StoreError(f"{self.path}: {out} is being written by PID {pid} on host {owner}, which this "
                                      f"host ({host}) cannot check, so the lock is treated as live; if that run is "
-                                     f"dead, delete {self.path} and rerun with --resume") from None
+                                     f"dead, delete {self.path} and rerun{' with --resume' if resumable else ''}"
+                                     ) from None
                 if pid is not None and pid_alive(pid) and pid != os.getpid():
-                    raise StoreError(_live_writer(self.path, out, pid, owner)) from None
+                    raise StoreError(_live_writer(self.path, out, pid, owner, resumable)) from None
                 if pid == os.getpid():  # taken further up by this process (rank 0 around its merge)
                     return
                 print(f"note: {self.path}: stale lock of PID {pid} on {owner or '?'} (not running); taking it over",
@@ -870,11 +903,12 @@ class OutputLock:
 
 def _item_problem(group) -> str | None:
     """None when every dataset of an item group reads back (checksums verified), else what fails."""
+    name = "its list of datasets"  # what failed when the group itself cannot be listed
     try:
         for name, ds in group.items():
             if isinstance(ds, h5py.Dataset):
                 ds[()]
-    except (OSError, RuntimeError, ValueError) as e:
+    except (KeyError, OSError, RuntimeError, ValueError) as e:
         return f"{name}: {' '.join(str(e).split())[:160]}"
     return None
 
@@ -886,11 +920,16 @@ def verify_store(path) -> list[str]:
     with open_store(path) as store:
         items = store._items
         for key in store.ids:
-            group = items[key]
             if key.startswith(_TMP_PREFIX):
                 bad.append(f"{path}: item {key[len(_TMP_PREFIX):]!r} was cut off half-written")
                 continue
-            if _UNSURE in group.attrs:
+            try:
+                group = items[key]
+                unsure = _UNSURE in group.attrs
+            except (KeyError, OSError, RuntimeError) as e:
+                bad.append(f"{path}: item {key!r} is damaged (cannot be opened: {' '.join(str(e).split())[:160]})")
+                continue
+            if unsure:
                 bad.append(f"{path}: item {key!r} was being written when an I/O error struck")
                 continue
             problem = _item_problem(group)
@@ -912,6 +951,30 @@ def _open_h5(path: Path, mode: str) -> h5py.File:
     config.max_size = 1 << 20
     f.id.set_mdc_config(config)
     return f
+
+
+def _room(path: Path) -> tuple[int, str] | None:
+    """(bytes `path` may still grow by, what limits it): the free disk space, or the process's file
+    size limit (`ulimit -f`, RLIMIT_FSIZE) less the file's size where that is smaller; None if unknown."""
+    try:
+        st = os.statvfs(path)
+        room = (st.f_bavail * st.f_frsize, "disk full")
+    except OSError:
+        return None
+    try:
+        import resource  # POSIX only
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    except (ImportError, OSError, ValueError):
+        limit = -1
+    if limit >= 0 and limit != getattr(resource, "RLIM_INFINITY", -1):
+        try:
+            left = max(0, limit - os.stat(path).st_size)
+        except OSError:
+            left = limit
+        if left < room[0]:
+            room = (left, "file size limit reached (ulimit -f)")
+    return room
 
 
 def _disk_full(error: Exception) -> bool:
@@ -989,12 +1052,42 @@ def _root_attr(attrs, name: str, path: Path):
         raise StoreError(f"{path}: attribute {name} cannot be read ({' '.join(str(e).split())[:120]})") from None
 
 
+def _readable_items(path: Path) -> bool:
+    """Whether a partial file that a failed write left behind can still be opened and its items listed
+    (what --resume needs); a write cut off inside HDF5's own metadata can leave it unreadable."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            list(f["items"].keys())
+        return True
+    except Exception:  # noqa: BLE001 - any failure means --resume could not use it
+        return False
+
+
+def _close_h5_quietly(f: h5py.File) -> None:
+    try:
+        f.close()
+    except Exception:  # noqa: BLE001 - best effort: the file is being abandoned
+        pass
+
+
+@contextmanager
+def _damage_as_error(path: Path, item_id: str | None = None):
+    """h5py raises RuntimeError (not OSError) where the file's own structure is damaged (a corrupt
+    heap, a link table cut short): one line naming the file and the item, never a traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        where = f"{path}: item {item_id!r}" if item_id is not None else f"{path}"
+        raise StoreError(f"{where}: the HDF5 file's structure is damaged ({' '.join(str(e).split())[:160]}); "
+                         "recompute it, or copy it again from its source") from None
+
+
 def _broken_link(group: h5py.Group, name: str) -> str:
     """'' when group/name is no link, else what it points to: a soft or external link whose target is
     missing reads as absent in h5py, and a store must not treat it as "no such item"."""
     try:
         link = group.get(name, getlink=True)
-    except (KeyError, OSError):
+    except (KeyError, OSError, RuntimeError):
         return ""
     if isinstance(link, h5py.SoftLink):
         return f"a dangling soft link to {link.path}"

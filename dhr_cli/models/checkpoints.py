@@ -8,6 +8,7 @@ arbitrary objects: only for files you trust (the CLI flag is `--trust-checkpoint
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -22,6 +23,20 @@ logger = logging.getLogger(__name__)
 
 CONTAINER_KEYS = ("state_dict", "teacher", "model")
 DEFAULT_PREFIXES = ("module.", "backbone.")
+
+
+def save_atomic(obj, path: str | os.PathLike) -> None:
+    """torch.save to a temporary name beside `path`, then one rename: a kill or a full disk while writing
+    leaves the file that was there before (never a truncated checkpoint), and the failure is one line."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports ENOSPC / EFBIG as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"{path}: could not be written ({' '.join(str(e).split())[:160]}); the file there "
+                              "before, if any, is as it was: free space and rerun") from None
 
 
 _PLAIN_BUILTINS = {"list", "dict", "set", "frozenset", "tuple", "int", "float", "str", "bytes", "bool", "complex"}

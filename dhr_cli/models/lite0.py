@@ -184,10 +184,12 @@ class Lite0Source(FeatureSource):
 
     # -- head file
     def save_head(self, path: str | Path) -> None:
-        torch.save({"format": HEAD_FORMAT, "classes": list(self.classes or []),
-                    "head": {k: v.detach().cpu() for k, v in self.head.state_dict().items()},
-                    "last_stage": {k: v.detach().cpu() for k, v in self.backbone.blocks[6].state_dict().items()}},
-                   Path(path))
+        from dhr_cli.models.checkpoints import save_atomic
+
+        save_atomic({"format": HEAD_FORMAT, "classes": list(self.classes or []),
+                     "head": {k: v.detach().cpu() for k, v in self.head.state_dict().items()},
+                     "last_stage": {k: v.detach().cpu() for k, v in self.backbone.blocks[6].state_dict().items()}},
+                    Path(path))
 
     @classmethod
     def from_head(cls, path: str | Path, backbone: nn.Module | None = None) -> "Lite0Source":

@@ -206,7 +206,8 @@ def cams_provenance(name: str, source, dataset, cfg: CamsConfig, weights=None, *
     """The provenance of a store `run_cams` writes: the same for `dhr cams` and the features cache."""
     from dhr_cli.io.store import make_provenance
 
-    provenance = make_provenance("cams", cfg, inputs=store_inputs(dataset, weights, **(inputs or {})))
+    provenance = make_provenance("cams", cfg, inputs=store_inputs(dataset, weights, **(inputs or {})),
+                                 dataset=dataset)
     provenance.update({"network": name, "network_kind": source.kind, "feature_maps": source.feature_spec(), **extra})
     return provenance
 

@@ -261,7 +261,7 @@ def write_json(result: EvalResult, path: str | os.PathLike, top: int = 20) -> Pa
 
     path = Path(path)
     check_output_path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two writers never share a temp file
     text = json.dumps(result.to_json(top), indent=2, allow_nan=False) + "\n"
     try:
         tmp.write_text(text)

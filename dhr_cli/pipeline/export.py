@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from dhr_cli.errors import InputError, StoreError
+from dhr_cli.errors import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def _staged(out: Path):
     export into the same folder from mixing its files in."""
     from dhr_cli.io.store import OutputLock
 
-    lock = OutputLock(out)
+    lock = OutputLock(out, resumable=False)  # export has no --resume: a rerun redoes it
     fresh = not out.exists()
     stage = _sibling_stage(out, os.getpid()) if fresh else out / _STAGE.format(pid=os.getpid())
     try:

@@ -127,8 +127,8 @@ def run_predict(cfg: PredictConfig, model: str | os.PathLike, data: str | os.Pat
         raise DatasetError(f"{data}: its {len(dataset.classes)} classes differ from the {len(meta['classes'])} "
                            f"the network {meta['path']} was trained on")
     background = 0 if dataset.has_background else None
-    provenance = make_provenance("predict", cfg, {"model": meta["path"], "data": str(data)})
     ids = shard(dataset.ids, rank)
+    provenance = make_provenance("predict", cfg, {"model": meta["path"], "data": str(data)}, dataset=dataset, ids=ids)
     written = skipped = 0
     with output_store(Path(out), "masks", dataset.classes, provenance=provenance, overwrite=overwrite,
                       resume=resume) as writer:

@@ -106,7 +106,7 @@ def run_propagate(cfg: PropagateConfig, *, seeds: Path, data: Path, uss: str | P
             opened["cams"] = open_checked(cams, "cams", dataset, "cams")
         ids = shard(select_ids(dataset, opened, missing))
         inputs = {"seeds": seeds, "uss": uss, "data": data, "cams": cams or ""} | {f"wss{k}": w for k, w in enumerate(wss)}
-        with output_store(out, "masks", dataset.classes, provenance=make_provenance("propagate", cfg, inputs),
+        with output_store(out, "masks", dataset.classes, provenance=make_provenance("propagate", cfg, inputs, dataset=dataset, ids=ids),
                           overwrite=overwrite, resume=resume) as writer:
             todo = [i for i in ids if i not in writer]
             reader = StoreReaders({role: store.path for role, store in opened.items()})

@@ -150,7 +150,8 @@ def run_refine(cfg: RefineConfig, *, masks: str | os.PathLike, data: str | os.Pa
         device = resolve_device(device_for_rank(cfg.device, rank))
         model = load_sam(sam, weights, device)
         refiner = SamRefiner(model, cfg, background)
-        provenance = make_provenance("refine", cfg, {"masks": masks, "data": data, "sam_weights": weights})
+        provenance = make_provenance("refine", cfg, {"masks": masks, "data": data, "sam_weights": weights},
+                                     dataset=dataset, ids=ids)
         provenance["options"]["sam"] = sam
         written = skipped = n_prompts = n_accepted = 0
         with output_store(Path(out), "masks", dataset.classes, provenance=provenance, overwrite=overwrite,

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dhr_cli.errors import InputError, StoreError
+from dhr_cli.errors import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _thumb(rgb: np.ndarray) -> Image.Image:
 
 
 def _save_png(im: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two writers never share a temp file
     try:
         im.save(tmp, format="PNG")
         os.replace(tmp, path)
@@ -184,7 +184,7 @@ def _write_report(result, out: Path, n_images: int, quiet: bool) -> Path:
             s.close()
 
     page = _html(result, sections, files, miou)
-    tmp = out / ".index.html.tmp"
+    tmp = out / f".index.html.{os.getpid()}.tmp"
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, index)
     logger.info("report written to %s", index)

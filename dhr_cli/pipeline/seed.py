@@ -60,7 +60,8 @@ def run_seed(cfg: SeedConfig, cams: Path, data: Path, out: Path, *, split: str |
             absent = [i for i in ids if i not in base]
             if absent:
                 raise InputError(f"{base.path}: no initial mask for {len(absent)} images, e.g. {absent[:3]}")
-        provenance = make_provenance("seed", cfg, {"cams": cams, "data": data, "init_masks": init_masks or ""})
+        provenance = make_provenance("seed", cfg, {"cams": cams, "data": data, "init_masks": init_masks or ""},
+                                     dataset=dataset, ids=ids)
         with output_store(out, "seeds", dataset.classes, provenance=provenance, overwrite=overwrite,
                           resume=resume) as writer:
             todo = [i for i in ids if i not in writer]

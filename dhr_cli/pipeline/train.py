@@ -48,6 +48,7 @@ from dhr_cli.io.loading import LazyStore, MaskSource, error_carrying_loader, rai
 from dhr_cli.io.progress import progress_bar
 from dhr_cli.pipeline.inputs import check_classes
 from dhr_cli.io.runtime import resolve_device
+from dhr_cli.models.checkpoints import save_atomic
 from dhr_cli.models.deeplab import DHRNet, NetworkSpec, build_network
 from dhr_cli.pipeline.augment import (
     color_jitter,
@@ -303,12 +304,6 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig, inputs: dict) -> None:
         raise CheckpointError(f"{run_dir}: --resume with options that differ from the saved run: {', '.join(differ)}")
 
 
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def run_train(cfg: TrainConfig, data: str | os.PathLike, masks: str | os.PathLike, out: str | os.PathLike, *,
               uss: str | os.PathLike | None = None, split: str | None = None,
               backbone_weights: str | os.PathLike | None = None, resume: bool = False,
@@ -413,7 +408,7 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
 
     def checkpoint(epochs_done: int, in_epoch: dict | None) -> None:
         """last.pt: after `epochs_done` whole epochs, plus `in_epoch` (batches, loss sums, RNG) mid-epoch."""
-        _save_atomic({**_model_record(spec, dataset, cfg, tr, epochs_done, step), **tr.state(),
+        save_atomic({**_model_record(spec, dataset, cfg, tr, epochs_done, step), **tr.state(),
                       "history": history, "in_epoch": in_epoch},
                      run_dir / "checkpoints" / "last.pt")
     with progress_bar(quiet) as bar:
@@ -477,7 +472,7 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
             if max_steps is not None and step >= max_steps:
                 break
     if rank == 0:
-        _save_atomic(_model_record(spec, dataset, cfg, tr, result.epochs, step), run_dir / "model.pt")
+        save_atomic(_model_record(spec, dataset, cfg, tr, result.epochs, step), run_dir / "model.pt")
     result.history = history
     result.val_miou = history[-1].get("val_miou") if history else None
     return result

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,18 +20,13 @@ import torch.nn.functional as F
 from dhr_cli.config import UssFitConfig
 from dhr_cli.errors import CheckpointError, DatasetError, InputError
 from dhr_cli.io.runtime import resolve_device
+from dhr_cli.models.checkpoints import save_atomic
 
 logger = logging.getLogger(__name__)
 
 
 def _partial(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
-
-
-def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def check_output(out: Path, overwrite: bool, resume: bool, inputs: dict | None = None) -> None:
@@ -150,7 +144,7 @@ def run_uss_fit(dataset, backbone: str, out: str | Path, cfg: UssFitConfig = Uss
         logger.info("%s: resuming at step %d", _partial(out), step)
 
     def save_state() -> None:
-        _save_atomic({"key": key, "head": proj.state_dict(), "optimizer": opt.state_dict(), "step": step,
+        save_atomic({"key": key, "head": proj.state_dict(), "optimizer": opt.state_dict(), "step": step,
                       "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history},
                      _partial(out))
 
@@ -190,7 +184,7 @@ def run_uss_fit(dataset, backbone: str, out: str | Path, cfg: UssFitConfig = Uss
     head = pack_head(proj.eval(), name, backbone_weights, asdict(cfg), step)
     head["fit"] = {"data": key["data"], "split": key["split"], "images": n,
                    "final_loss": history[-1] if history else None}
-    _save_atomic(head, out)
+    save_atomic(head, out)
     _partial(out).unlink(missing_ok=True)
     return {"steps": step, "complete": True, "out": str(out), "history": history, "images": n}
 
