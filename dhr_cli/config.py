@@ -22,6 +22,9 @@ MAX_PIXELS = 100_000_000
 # uses 0.5..2.0, four scales; memory of a pass grows with the square of its scale, time with their number).
 MAX_SCALE = 4.0
 MAX_SCALES = 8
+# --side of `dhr cams` / `dhr uss fit` (longer image side at scale 1.0): 16..MAX_SIDE. At the largest
+# scale (4) a 4096-px side is a 16384-px input, already tens of GB of activations for a ResNet.
+MAX_SIDE = 4096
 # `dhr eval` reads and scores this many images per loader task (what comes back per task is small).
 EVAL_BATCH = 32
 # ... and forks its loader workers only from this many images on: below, starting them costs more than
@@ -255,7 +258,7 @@ class CamsConfig:
         _check(self.feature_stride in (None, 8, 16, 32), f"feature_stride must be 8, 16 or 32, got {self.feature_stride}")
         _check_scales("scales", self.scales)
         _check_scales("uss_scales", self.uss_scales)
-        _check(self.side is None or self.side >= 16, f"side must be >= 16, got {self.side}")
+        _check(self.side is None or 16 <= self.side <= MAX_SIDE, f"side must be 16 to {MAX_SIDE}, got {self.side}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _check(self.store_dtype in ("float16", "float32"), f"store_dtype must be float16 or float32, got {self.store_dtype!r}")
         _check(self.feature_rank >= 0, f"feature_rank must be >= 0 (0 keeps every channel), got {self.feature_rank}")
@@ -305,7 +308,8 @@ class TrainConfig:
         _check(self.crop_size >= 32, f"crop_size must be >= 32, got {self.crop_size}")
         _check(0 < self.scale_range[0] <= self.scale_range[1], f"scale_range must be 0 < lo <= hi, got {self.scale_range}")
         _check(self.batch_size >= 1 and self.epochs >= 1, "batch_size and epochs must be >= 1")
-        _check(self.lr > 0 and self.head_lr_mult > 0, "lr and head_lr_mult must be > 0")
+        _check(0 < self.lr < math.inf and 0 < self.head_lr_mult < math.inf, "lr and head_lr_mult must be > 0 and finite")
+        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         _check(self.uss_cell >= 1, f"uss_cell must be >= 1, got {self.uss_cell}")
@@ -345,6 +349,7 @@ class RandomWalkConfig:
 
     def __post_init__(self) -> None:
         _check(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        _check(0 <= self.bg <= 1, f"bg (the background plane, against CAMs in [0, 1]) must be in [0, 1], got {self.bg}")
         _check(self.logt >= 0, f"logt must be >= 0, got {self.logt}")
         _check(self.affinity in ("cosine", "l1"), f"affinity must be 'cosine' or 'l1', got {self.affinity!r}")
         _check(self.radius >= 0, f"radius must be >= 0, got {self.radius}")
@@ -436,7 +441,9 @@ class UssFitConfig:
 
     def __post_init__(self) -> None:
         _check(self.dim >= 1 and self.steps >= 1 and self.batch_size >= 2, "dim, steps >= 1 and batch_size >= 2")
-        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(0 < self.lr < math.inf, f"lr must be > 0 and finite, got {self.lr}")
+        _check(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        _check(self.side is None or 16 <= self.side <= MAX_SIDE, f"side must be 16 to {MAX_SIDE}, got {self.side}")
         _check(self.neighbours >= 1, f"neighbours must be >= 1, got {self.neighbours}")
         _check(self.feature_samples >= 1 and self.neg_samples >= 0, "feature_samples >= 1, neg_samples >= 0")
         _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")

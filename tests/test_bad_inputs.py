@@ -19,6 +19,21 @@ def test_labels_json_with_non_string_labels_is_one_line(tmp_path, bad):
     assert "labels.json" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("layout", ["voc", "dhr"])
+@pytest.mark.parametrize("text, message", [("", "no class names"), ("background\ncat\nCat\n", "more than once"),
+                                           (b"\xff\xfe\x00bad", "not UTF-8 text")])
+def test_a_voc_or_dhr_classes_txt_is_checked_as_a_flat_one(tmp_path, layout, text, message):
+    """VOC and DHR/MARS roots may carry a classes.txt; an empty one was an IndexError, a doubled name passed."""
+    from tests.helpers import make_dhr, make_voc
+
+    root = (make_voc if layout == "voc" else make_dhr)(tmp_path / layout)
+    target = root / "classes.txt"
+    target.write_bytes(text) if isinstance(text, bytes) else target.write_text(text)
+    with pytest.raises(DatasetError, match=message) as e:
+        open_dataset(root, "train")
+    assert str(target) in str(e.value) and "\n" not in str(e.value)
+
+
 # ---- the commands, end to end: exit 1 (2 for usage errors), one line naming the file, no output --------
 from pathlib import Path  # noqa: E402
 
@@ -242,6 +257,18 @@ _CASES = {
     "uss fit: --out in a missing folder": lambda d, t: (["uss", "fit", "--data", d, "--out", t / "nodir" / "h.pt"],
                                                         "nodir", t / "nodir"),
     "uss fit: --out is a folder": lambda d, t: (["uss", "fit", "--data", d, "--out", t], str(t), None),
+    # option values that got past the checks (tracebacks, or NaN models and all-background masks without a word)
+    "cams: --wss-weights without --wss": lambda d, t: (["cams", "--data", d, "--uss", "lite0", "--wss-weights",
+                                                        t / "w.pt", "--out", t / "o.h5"], "--wss-weights", t / "o.h5"),
+    "seed: --device meta": lambda d, t: (["seed", "--cams", d / "cams.h5", "--data", d, "--out", t / "o.h5",
+                                          "--device", "meta"], "--device meta", t / "o.h5"),
+    "propagate: --rw-bg nan": lambda d, t: (["propagate", "--method", "rw", "--rw-bg", "nan", "--seeds",
+                                             d.parent / "seeds.h5", "--cams", d / "cams.h5", "--data", d, "--uss",
+                                             d / "uss.h5", "--out", t / "o.h5"], "bg", t / "o.h5"),
+    "train: --seed -1": lambda d, t: (["train", "--data", d, "--masks", d / "masks", "--out", t / "run", "--no-dhr",
+                                       "--seed", "-1"], "seed", t / "run"),
+    "uss fit: --lr inf": lambda d, t: (["uss", "fit", "--data", d, "--lr", "inf", "--out", t / "h.pt"], "lr",
+                                       t / "h.pt"),
     # a DhrError raised in a DataLoader worker: its own line, not torch's re-wrapped worker traceback
     "train: 0x0 --uss features (in workers)": lambda d, t: (
         ["train", "--data", d, "--masks", d / "masks", "--uss", _empty_features(d, t), "--out", t / "run",

@@ -29,7 +29,7 @@ from dhr_cli.cli.options import (
     out,
     user_errors,
 )
-from dhr_cli.config import MAX_PIXELS, CamsConfig
+from dhr_cli.config import MAX_PIXELS, MAX_SIDE, CamsConfig
 
 _D = CamsConfig()
 _WSS = "lite0, resnet (resnet50, resnet101), mctformer, dhr"
@@ -65,7 +65,7 @@ def cams_cmd(
     scales: Annotated[Optional[str], typer.Option("--scales", callback=parse_scales, help=(
         "Comma-separated input scales (default: " + ",".join(map(str, _D.scales)) + " for CAMs, as IRN; "
         + ",".join(map(str, _D.uss_scales)) + " for USS features, as DHR)."))] = None,
-    side: Annotated[Optional[int], typer.Option("--side", min=16, help=(
+    side: Annotated[Optional[int], typer.Option("--side", min=16, max=MAX_SIDE, help=(
         "Longer image side at scale 1.0 (default: the network's: native size for ViTs, 224 for lite0)."))] = None,
     feature_layers: Annotated[Optional[str], typer.Option("--feature-layers", help=(
         "Comma-separated layers whose outputs are stored as the features, each L2-normalised per cell and "
@@ -118,6 +118,9 @@ def cams_cmd(
 
     dev = resolve_device(device_for_rank(device))  # under torchrun: this rank's GPU
     ds = open_dataset(data, split)
+    if (wss_weights and not wss) or (uss_weights and not uss):  # weights of a network not being run: never ignored
+        raise InputError(f"--{'wss' if wss_weights and not wss else 'uss'}-weights is given without "
+                         f"--{'wss' if wss_weights and not wss else 'uss'}: it names the weights of that network")
     name = wss or uss
     kind = "wss" if wss else "uss"
     weights = wss_weights if wss else uss_weights

@@ -23,7 +23,7 @@ from dhr_cli.cli.options import (
     out,
     user_errors,
 )
-from dhr_cli.config import MAX_PIXELS, UssFitConfig
+from dhr_cli.config import MAX_PIXELS, MAX_SIDE, UssFitConfig
 
 _D = UssFitConfig()
 uss_app = typer.Typer(help="USS feature sources fitted on your own images.", no_args_is_help=True, rich_markup_mode=HELP_MARKUP)
@@ -48,7 +48,7 @@ def fit_cmd(
     neighbours: Annotated[int, typer.Option("--neighbours", min=1, help="kNN positives per image (STEGO: 7).")] = _D.neighbours,
     batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Images per step (STEGO: 16).")] = _D.batch_size,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate (STEGO: 5e-4).")] = _D.lr,
-    side: Annotated[Optional[int], typer.Option("--side", min=16, help="Longer image side at scale 1.0 (default: the backbone's, as dhr cams).")] = None,
+    side: Annotated[Optional[int], typer.Option("--side", min=16, max=MAX_SIDE, help="Longer image side at scale 1.0 (default: the backbone's, as dhr cams).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = _D.seed,
     trust_checkpoint: TrustCheckpoint = False,
     device: Device = _D.device,
