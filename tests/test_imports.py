@@ -70,7 +70,8 @@ def test_out_of_range_key_and_missing_file(data, tmp_path):
     np.save(src / f"{ds.ids[0]}.npy", {"keys": np.array([99]), "attn_highres": np.ones((1, h, w), np.float16)})
     r = invoke("import", "clip-es", src, "--data", root, "--split", "train", "--out", tmp_path / "x.h5", "--quiet")
     assert r.exit_code == 1 and "99" in r.output
-    np.save(src / f"{ds.ids[0]}.npy", {"keys": np.array([0]), "attn_highres": np.ones((1, h, w), np.float16)})
+    keys = np.asarray(ds.labels(ds.ids[0])) - 1  # one map per image label (CLIP-ES keys count foreground from 0)
+    np.save(src / f"{ds.ids[0]}.npy", {"keys": keys, "attn_highres": np.ones((len(keys), h, w), np.float16)})
     r = invoke("import", "clip-es", src, "--data", root, "--split", "train", "--out", tmp_path / "y.h5", "--quiet")
     assert r.exit_code == 1 and "missing" in r.output and ds.ids[1] in r.output
     r = invoke("import", "clip-es", src, "--data", root, "--split", "train", "--out", tmp_path / "z.h5", "--quiet",

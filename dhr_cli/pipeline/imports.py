@@ -12,6 +12,12 @@ torch.load(weights_only=True)); any other class in the file is refused, so no co
 runs. `trust=True` (CLI --trust-files) falls back to np.load(allow_pickle=True), which can run code:
 only for files you produced or trust. Class keys are 0-based foreground ids: the label value is
 key + 1 when the dataset's class 0 is background.
+
+Every imported array passes one gate, _numbers / _maps: real numbers only (text, Python objects and
+complex values are refused, bfloat16 tensors read through float32), one shape for every class, (K, h, w)
+with no empty dimension, finite, within float32 range; each refusal is one line naming the file. An
+imported CAM's class keys must be the image's labels, one map each (the cams store contract, the rule
+`dhr seed` checks with pipeline.inputs.check_cam_labels), so no store is written that dhr then refuses.
 """
 
 from __future__ import annotations
@@ -32,10 +38,91 @@ FORMATS = {"irn": "cams", "mctformer": "cams", "clip-es": "cams", "dhr-pt": "fea
 SUFFIX = {"irn": ".npy", "mctformer": ".npy", "clip-es": ".npy", "dhr-pt": ".pt", "png": ".png"}
 
 
+F32_MAX = float(np.finfo(np.float32).max)
+
+
 def _as_np(x) -> np.ndarray:
+    """A torch tensor (any dtype) or array-like as a NumPy array, in its own precision where NumPy has it."""
     if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        try:
+            x = x.numpy()
+        except TypeError:  # bfloat16 / float8: no NumPy dtype; float32 holds them exactly
+            if not x.is_floating_point():
+                raise
+            x = x.float().numpy()
     return np.asarray(x)
+
+
+def _describe(a: np.ndarray) -> str | None:
+    """What is wrong with the dtype of `a` for maps of real numbers (None: nothing)."""
+    kind = a.dtype.kind
+    if kind in "biuf":
+        return None
+    if kind == "c":
+        return "complex values"
+    if kind in "US":
+        return f"text ({str(a.flat[0])[:40]!r})" if a.size else "text"
+    if kind == "O":
+        for v in a.flat:
+            if v is None:
+                return "None"
+            if not isinstance(v, (int, float, np.integer, np.floating)):
+                return f"a Python {type(v).__name__} ({str(v)[:40]!r})"
+        return None  # Python numbers in an object array (made float64 by _numbers)
+    return f"{a.dtype} values"
+
+
+def _numbers(path: Path, x, what: str) -> np.ndarray:
+    """The one gate every imported array passes (CAMs, features, label vectors): `x` (a NumPy array, torch
+    tensor, number, or list of them) as a NumPy array of real numbers in its own precision. Text, Python
+    objects, complex values and lists of maps of different shapes are refused in one line naming `path`;
+    `what` names the array in that line ("its CAMs")."""
+    listed = isinstance(x, (list, tuple))
+    try:
+        parts = [_as_np(e) for e in x] if listed else [_as_np(x)]
+    except (ValueError, TypeError, RuntimeError) as e:  # a ragged nested list, an unconvertible tensor
+        raise InputError(f"{path}: {what}: not an array of numbers ({e.__class__.__name__}: {str(e)[:80]})") from None
+    for a in parts:
+        if (bad := _describe(a)) is not None:
+            raise InputError(f"{path}: {what} must be real numbers, found {bad}")
+    if not listed:
+        a = parts[0]
+    elif len({a.shape for a in parts}) > 1:
+        raise InputError(f"{path}: {what} differ in shape ({', '.join(str(a.shape) for a in parts[:8])}); "
+                         "one size for every class expected")
+    else:
+        a = np.stack(parts) if parts else np.zeros((0,), np.float32)
+    return a.astype(np.float64) if a.dtype.kind == "O" else a
+
+
+def _to_float32(path: Path, a: np.ndarray, what: str) -> np.ndarray:
+    """`a` (real numbers) as float32, refusing NaN / infinite values and values float32 cannot hold."""
+    if a.dtype.kind == "f":
+        finite = np.isfinite(a)
+        if not finite.all():
+            raise InputError(f"{path}: {what} hold NaN or infinite values ({int(a.size - finite.sum())} of {a.size})")
+        if a.dtype.itemsize > 4 and a.size:
+            peak = float(np.abs(a).max())
+            if peak > F32_MAX:
+                raise InputError(f"{path}: {what} hold values beyond float32 range (largest magnitude {peak:.3g}, "
+                                 f"float32 ends at {F32_MAX:.3g}), which a dhr store cannot hold; rescale them first")
+    return a.astype(np.float32)
+
+
+def _maps(path: Path, x, what: str, n_keys: int | None = None) -> np.ndarray:
+    """(K, h, w) float32 maps from a peer file (CAMs: K = n_keys; a bare 2-D array is one map when
+    n_keys is 1), checked through _numbers: three dimensions, none of them empty, finite, float32 range."""
+    a = _numbers(path, x, what)
+    if a.ndim == 2 and n_keys == 1 and not isinstance(x, (list, tuple)):
+        a = a[None]
+    if n_keys is not None and (a.ndim != 3 or a.shape[0] != n_keys):
+        raise InputError(f"{path}: {n_keys} keys but CAM array of shape {a.shape}; expected one 2-D map per class key")
+    if a.ndim != 3:
+        raise InputError(f"{path}: expected {what} of shape (C, h, w), found shape {a.shape}")
+    if 0 in a.shape:
+        raise InputError(f"{path}: {what} are empty (shape {a.shape}); every map needs at least one cell")
+    return _to_float32(path, a, what)
 
 
 def _torch_storage_from_bytes(b: bytes):
@@ -116,43 +203,60 @@ def _load_npy_dict(path: Path, trust: bool = False) -> dict:
 
 
 def read_cam_file(fmt: str, path: Path, trust: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(keys (K,) int64 0-based foreground ids, cams (K, h, w) float32) from one peer file."""
+    """(keys (K,) int64 0-based foreground ids, cams (K, h, w) float32 >= 0, K >= 1) from one peer file."""
     d = _load_npy_dict(path, trust)
     if fmt == "irn":
         if "keys" not in d or ("high_res" not in d and "cam" not in d):
             raise InputError(f"{path}: not an IRN CAM file (expected keys 'keys' and 'high_res' or 'cam', found {sorted(map(str, d))[:5]})")
-        keys, cams = _as_np(d["keys"]), _as_np(d["high_res"] if "high_res" in d else d["cam"])
+        keys, cams = d["keys"], d["high_res"] if "high_res" in d else d["cam"]
     elif fmt == "clip-es":
         if "keys" not in d or "attn_highres" not in d:
             raise InputError(f"{path}: not a CLIP-ES CAM file (expected keys 'keys' and 'attn_highres')")
-        keys, cams = _as_np(d["keys"]), _as_np(d["attn_highres"])
+        keys, cams = d["keys"], d["attn_highres"]
     elif fmt == "mctformer":
         if not all(isinstance(k, (int, np.integer)) for k in d):
             raise InputError(f"{path}: not an MCTformer CAM file (expected integer class keys)")
         ks = sorted(int(k) for k in d)
-        keys = np.asarray(ks, dtype=np.int64)
-        maps = [_as_np(d[k]) for k in ks]
-        if len({np.shape(m) for m in maps}) > 1:
-            raise InputError(f"{path}: its CAMs differ in shape ({', '.join(str(np.shape(m)) for m in maps)}); "
-                             "one size for every class expected")
-        cams = np.stack(maps) if ks else np.zeros((0, 1, 1), np.float32)
+        keys, cams = np.asarray(ks, dtype=np.int64), [d[k] for k in ks]
     else:
         raise InputError(f"unknown CAM format {fmt!r}")
-    keys = np.atleast_1d(np.asarray(keys))
-    whole = keys.dtype.kind in "iu" or (keys.dtype.kind == "f" and bool(np.all(keys == np.round(keys))))
-    if keys.ndim != 1 or not whole:
+    try:
+        keys = np.atleast_1d(_as_np(keys))
+    except (ValueError, TypeError, RuntimeError):
+        raise InputError(f"{path}: class keys must be a 1-D array of integers") from None
+    whole = keys.dtype.kind in "iu" or (keys.dtype.kind == "f" and bool(np.all(np.isfinite(keys)))
+                                        and bool(np.all(keys == np.round(keys))))
+    if keys.ndim != 1 or not whole or (keys.size and max(-float(keys.min()), float(keys.max())) > 2**31):
         raise InputError(f"{path}: class keys must be a 1-D array of integers, got {keys.dtype} {keys.shape}")
     keys = keys.astype(np.int64)
+    if not keys.size:
+        raise InputError(f"{path}: holds no CAMs (its class keys are empty); one map per label of the image expected")
     if len(np.unique(keys)) != len(keys):
         raise InputError(f"{path}: class keys {keys.tolist()} name a class twice")
-    cams = np.asarray(cams, dtype=np.float32)
-    if cams.ndim == 2:
-        cams = cams[None]
-    if cams.ndim != 3 or cams.shape[0] != keys.shape[0]:
-        raise InputError(f"{path}: {keys.shape[0]} keys but CAM array of shape {cams.shape}")
-    if not np.isfinite(cams).all():
-        raise InputError(f"{path}: CAMs hold NaN or infinite values")
+    cams = _maps(path, cams, "its CAMs", n_keys=len(keys))
     return keys, np.maximum(cams, 0)
+
+
+def _check_keys_match_labels(path: Path, dataset, item_id: str, keys: np.ndarray, offset: int) -> None:
+    """The cams store contract (docs/contracts.md), as `dhr seed` checks it: one map per image-level label
+    of the image, no more, no fewer."""
+    from dhr_cli.errors import StoreError
+    from dhr_cli.pipeline.inputs import check_cam_labels, check_labels
+
+    labels = keys + offset
+    image_labels = dataset.labels(item_id)
+    check_labels(dataset, item_id, image_labels)
+    try:
+        check_cam_labels(path, item_id, labels.tolist(), image_labels)
+    except StoreError:
+        names = lambda values: ", ".join(dataset.classes[v] for v in values)  # noqa: E731
+        extra = sorted(set(labels.tolist()) - set(image_labels))
+        lacking = sorted(set(image_labels) - set(labels.tolist()))
+        why = "; ".join(([f"maps for {names(extra)}, not labels of the image"] if extra else [])
+                        + ([f"no map for {names(lacking)}"] if lacking else []))
+        raise InputError(f"{path}: class keys {keys.tolist()} do not match the labels of image {item_id} "
+                         f"({names(image_labels)}: keys {[v - offset for v in image_labels]}): {why}; "
+                         "a cams store needs one map per image label, no more, no fewer") from None
 
 
 def run_import(fmt: str, src: str | Path, dataset, out: str | Path, *, provenance: dict | None = None,
@@ -196,6 +300,7 @@ def run_import(fmt: str, src: str | Path, dataset, out: str | Path, *, provenanc
                 if bad.size:
                     raise InputError(f"{path}: class keys {(bad - offset).tolist()[:5]} are outside the dataset's "
                                      f"{n_classes - offset} foreground classes")
+                _check_keys_match_labels(path, dataset, item_id, keys, offset)
                 # float16 halves the store; CAMs beyond its range (unnormalised scores) stay float32
                 small = not cams.size or float(cams.max()) <= float(np.finfo(np.float16).max)
                 w.write(item_id, {"cams": cams.astype(np.float16 if small else np.float32)},
@@ -209,9 +314,7 @@ def run_import(fmt: str, src: str | Path, dataset, out: str | Path, *, provenanc
                     raise InputError(f"{path}: not a readable tensor file ({e.__class__.__name__})") from None
                 if not isinstance(t, torch.Tensor) or t.ndim != 3:
                     raise InputError(f"{path}: expected a (C, h, w) tensor, found {getattr(t, 'shape', type(t).__name__)}")
-                arr = t.float().numpy()
-                if not np.isfinite(arr).all():
-                    raise InputError(f"{path}: the features hold NaN or infinite values")
+                arr = _maps(path, t, "its features")
                 w.write(item_id, {"features": arr.astype(np.float16 if t.dtype == torch.float16 else np.float32)},
                         {"features": {"image_size": size}})
             else:
@@ -238,19 +341,33 @@ def _id_forms(key) -> list[str]:
     return [str(key)]
 
 
-def read_label_vectors(path: Path, num_foreground: int | None = None, trust: bool = False) -> dict[str, list[int]]:
-    """IRN cls_labels.npy / ToCo cls_labels_onehot.npy: {id: (K,) 0/1 vector, background excluded}
-    -> {id (every form of it): sorted foreground label values, vector index i -> label i + 1}."""
-    d = _load_npy_dict(Path(path), trust)
+def _label_vectors(path: Path, raw: dict) -> dict:
+    """{key: 1-D float64 vector} of a label file's dict, every vector checked by _numbers: real, finite numbers."""
+    vectors = {}
+    for key, vec in raw.items():
+        v = _numbers(path, vec, f"the vector of {key!r}").reshape(-1).astype(np.float64)
+        if not np.isfinite(v).all():
+            raise InputError(f"{path}: the vector of {key!r} holds NaN or infinite values; 0/1 entries expected")
+        vectors[key] = v
+    return vectors
+
+
+def _labels_by_form(path: Path, vectors: dict, num_foreground: int | None) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
-    for key, vec in d.items():
-        v = np.asarray(_as_np(vec)).reshape(-1)
+    for key, v in vectors.items():
         if num_foreground is not None and v.size != num_foreground:
             raise InputError(f"{path}: the vector of {key!r} has {v.size} entries, expected {num_foreground} classes")
         values = (np.flatnonzero(v > 0.5) + 1).tolist()
         for form in _id_forms(key):
             out[form] = values
     return out
+
+
+def read_label_vectors(path: Path, num_foreground: int | None = None, trust: bool = False) -> dict[str, list[int]]:
+    """IRN cls_labels.npy / ToCo cls_labels_onehot.npy: {id: (K,) 0/1 vector, background excluded}
+    -> {id (every form of it): sorted foreground label values, vector index i -> label i + 1}."""
+    path = Path(path)
+    return _labels_by_form(path, _label_vectors(path, _load_npy_dict(path, trust)), num_foreground)
 
 
 LABEL_FILE_HELP = ("labels: IRN cls_labels.npy / ToCo cls_labels_onehot.npy ({id: (K,) 0/1 vector over the "
@@ -279,11 +396,12 @@ def run_import_labels(src: str | Path, dataset, out: str | Path, *, overwrite: b
     offset = 1 if dataset.has_background else 0
     n_fg = len(dataset.classes) - offset
     raw = _load_npy_dict(src, trust)
-    sizes = {np.asarray(_as_np(v)).size for v in raw.values()}
+    checked = _label_vectors(src, raw)
+    sizes = {v.size for v in checked.values()}
     if sizes and sizes != {n_fg}:
         raise InputError(f"{src}: label vectors have {'/'.join(map(str, sorted(sizes)))} entries but {dataset.root} "
                          f"has {n_fg} foreground classes ({dataset.layout} layout)")
-    vectors = read_label_vectors(src, n_fg, trust)
+    vectors = _labels_by_form(src, checked, n_fg)
     labels, absent = {}, []
     for item_id in dataset.ids:
         values = vectors.get(item_id)
