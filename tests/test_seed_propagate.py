@@ -256,6 +256,18 @@ def test_seed_command_without_ot_matches_the_oracle_and_records_it(synth, tmp_pa
         assert differ > 0
 
 
+def test_seed_from_a_folder_of_png_masks_prints_nothing_but_its_summary(synth, tmp_path):
+    """--init-masks DIR: PIL's read-only buffers made torch print its 'NumPy array is not writable' warning."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        r = runner.invoke(app, [str(a) for a in ["seed", "--cams", synth / "cams.h5", "--data", synth, "--init-masks",
+                                                 synth / "masks", "--out", tmp_path / "s.h5", "--no-crf", "-q"]])
+    assert r.exit_code == 0 and "Warning" not in r.output, r.output
+    assert not [w for w in seen if "writable" in str(w.message)], [str(w.message) for w in seen]
+
+
 def test_propagate_missing_ids_fail_or_skip(synth, tmp_path):
     with open_store(synth / "uss.h5") as uss, create_store(tmp_path / "u.h5", "features", uss.classes, provenance={}) as w:
         for item_id in uss.ids[:-2]:

@@ -79,7 +79,12 @@ def image_and_labels(dataset: Dataset, with_image: bool, item_id: str):
 
 
 def to_tensor(x: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
-    return None if x is None else torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    if x is None:
+        return None
+    x = np.ascontiguousarray(x)
+    if not x.flags.writeable:  # a PIL image's buffer (PNG masks): torch warns on read-only memory
+        x = x.copy()
+    return torch.from_numpy(x).to(device)
 
 
 def check_cam_labels(path: Path, item_id: str, cam_labels: list[int], labels: list[int]) -> None:
