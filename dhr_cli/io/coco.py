@@ -17,6 +17,9 @@ import json
 import logging
 import os
 from importlib import resources
+from itertools import chain, compress, repeat, starmap
+from math import hypot
+from operator import is_, itemgetter, not_
 from pathlib import Path
 
 import numpy as np
@@ -83,10 +86,16 @@ class COCODataset(Dataset):
         unlabelled = [row for row, labels in enumerate(index.labels) if not len(labels)]
         self.skipped_unlabelled = len(unlabelled)
         skip = set(unlabelled)
+        stems = [Path(name).stem for name in index.file_names]  # the item ids
+        self._check_unique_ids(index, stems)
+        listings = {"": present}  # the file names of each sub-folder of the split folder named in the json
         for row, name in enumerate(index.file_names):
             if row in skip:
                 continue
-            (by_id.__setitem__(Path(name).stem, row) if name in present else absent.append(name))
+            sub, _, base = name.rpartition("/")
+            if sub not in listings:
+                listings[sub] = {e.name for e in os.scandir(folder / sub)} if (folder / sub).is_dir() else set()
+            (by_id.__setitem__(stems[row], row) if base in listings[sub] else absent.append(name))
         if unlabelled:
             logger.info("%s: %d images without a (non-crowd) object left out", self._json, len(unlabelled))
         self.skipped_missing = len(absent)
@@ -109,24 +118,29 @@ class COCODataset(Dataset):
             return None
         return CocoIndex.read(self.cache_path)
 
+    def _check_unique_ids(self, index: "CocoIndex", stems: list[str]) -> None:
+        """An image's item id is its file name without folder and extension (store item ids may not hold
+        '/'): two images of one id (the same file listed twice, or a.jpg and a.png, or sub/a.jpg and
+        a.jpg) would replace each other, so they are refused, as the other layouts refuse duplicate ids.
+        Checked on the index from the json and from a GT cache alike."""
+        if len(set(stems)) == len(stems):
+            return
+        first: dict[str, int] = {}
+        for row, stem in enumerate(stems):
+            other = first.setdefault(stem, row)
+            if other != row:
+                a, b = int(index.image_ids[other]), int(index.image_ids[row])
+                name = index.file_names[row]
+                if index.file_names[other] == name:
+                    raise DatasetError(f"{self._json}: images {a} and {b} have the same file_name {name!r}; "
+                                       "each image needs its own file")
+                raise DatasetError(f"{self._json}: images {a} ({index.file_names[other]}) and {b} ({name}) would both be "
+                                   f"image id {stem!r} (the file name without folder and extension); duplicate image ids")
+
     def _index_from_json(self) -> "CocoIndex":
-        coco = self._coco
+        coco = self._coco  # validated when loaded (check_instances)
         cats = sorted(coco.cats)
         label_of = {cid: i + 1 for i, cid in enumerate(cats)}
-        names = [coco.cats[cid].get("name") for cid in cats]
-        twice = names_twice(names)
-        if twice:
-            raise DatasetError(f"{self._json}: category names {twice} appear more than once; each class needs its own name")
-        for ann in coco.anns.values():
-            if ann.get("category_id") not in label_of:
-                raise DatasetError(f"{self._json}: annotation {ann.get('id')} has unknown category id {ann.get('category_id')!r}")
-            img = coco.imgs.get(ann.get("image_id"))
-            if img is None:
-                raise DatasetError(f"{self._json}: annotation {ann.get('id')} names image id {ann.get('image_id')!r}, "
-                                   "which is not among the images")
-            problem = _segmentation_problem(ann.get("segmentation"), (img.get("height"), img.get("width")))
-            if problem:
-                raise DatasetError(f"{self._json}: annotation {ann['id']} {problem}")
         imgs = list(coco.imgs.values())
         labels = [sorted({label_of[a["category_id"]] for a in coco.imgToAnns.get(img["id"], []) if not a.get("iscrowd", 0)})
                   for img in imgs]
@@ -158,12 +172,17 @@ class COCODataset(Dataset):
         from pycocotools.coco import COCO
 
         coco = COCO()
+        text = path.read_text(encoding="utf-8-sig")
         try:
-            coco.dataset = json.loads(path.read_text(encoding="utf-8-sig"))
+            coco.dataset = json.loads(text)
         except json.JSONDecodeError as e:
             raise DatasetError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
         if not isinstance(coco.dataset, dict) or not {"images", "annotations", "categories"} <= set(coco.dataset):
             raise DatasetError(f"{path}: not a COCO instances file (needs images, annotations, categories)")
+        # before pycocotools indexes (or later rasterises) any of it; a file without true / false
+        # (COCO's have none) holds no bools, whose search in every polygon is then skipped
+        check_instances(path, coco.dataset, exact_types="true" in text or "false" in text)
+        del text
         with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
             coco.createIndex()
         return coco
@@ -267,25 +286,278 @@ class COCODataset(Dataset):
                 f"{unlabelled}; {self.convention})")
 
 
-def _segmentation_problem(seg, hw) -> str | None:
-    """What is wrong with an annotation's segmentation for an image of size hw, or None: polygons
-    (lists of x, y coordinates; those of under 3 points are dropped when rasterising, and at least
-    one must remain) or RLE ({"counts", "size"} with size = the image's [height, width])."""
-    if isinstance(seg, list):
-        if not all(isinstance(p, list) and all(isinstance(v, (int, float)) for v in p) for p in seg):
+# ---- instances json: structure checked once, when it is loaded -------------------------------
+_NUMBER = {int, float}  # JSON numbers: exact types, so that true/false (bool, an int subclass) are refused
+_ID_RANGE = 2**63  # ids are kept as int64 (the GT cache's image index)
+# Polygon coordinates must be finite and within POLY_MARGIN image sizes (max(height, width)) of the
+# image. pycocotools' rleFrPoly scales every vertex by 5 into a C int (NaN, inf and values past ~4e8
+# overflow it: a segfault) and allocates every upsampled point along the outline, 5 per pixel of each
+# edge's longer side (so coordinates of 1e8 ask for gigabytes: the process is killed). Real annotations
+# lie within the image give or take a pixel; 10 image sizes on every side is generous for them, keeps
+# the C ints far from overflow (for images of up to ~40 million pixels a side) and bounds that memory
+# to ~16 bytes x 5 x 21 image sizes per vertex at worst (~1 MB for a 640x480 image).
+POLY_MARGIN = 10
+MAX_CATEGORIES = 254  # label values 1..K and 255 (crowd) in a uint8 mask: K <= 254
+
+
+def _is_id(v) -> bool:
+    return type(v) is int and -_ID_RANGE <= v < _ID_RANGE
+
+
+def _entries(path: Path, d: dict, key: str) -> list:
+    seq = d[key]
+    if not isinstance(seq, list):
+        raise DatasetError(f"{path}: {key!r} is {'null' if seq is None else 'a ' + type(seq).__name__}; expected a list")
+    if set(map(type, seq)) - {dict}:
+        bad = next(k for k, e in enumerate(seq) if type(e) is not dict)
+        raise DatasetError(f"{path}: {key}[{bad}] is {json.dumps(seq[bad])[:40]}; expected an object")
+    return seq
+
+
+def _rle_string_counts(s: str) -> list[int] | None:
+    """The run lengths of a compressed RLE string, decoded as pycocotools' rleFrString does (6 bits a
+    character from '0', 5 of value and a continuation bit; from the third run on, a difference to the
+    run two before), or None when it is none: a character outside '0'..'o', a count cut off at the end
+    or longer than 6 characters (where rleFrString reads past the string or overflows a C int)."""
+    counts: list[int] = []
+    x = k = 0
+    for ch in s:
+        c = ord(ch) - 48
+        if not 0 <= c < 64 or k == 6:
+            return None
+        x |= (c & 0x1F) << (5 * k)
+        k += 1
+        if not c & 0x20:
+            if c & 0x10:
+                x -= 1 << (5 * k)  # sign extension
+            if len(counts) > 2:
+                x += counts[-2]
+            counts.append(x)
+            x = k = 0
+    return None if k else counts
+
+
+def _rle_problem(seg: dict, h: int, w: int) -> str | None:
+    if "counts" not in seg or "size" not in seg:
+        return "has an RLE segmentation without 'counts' and 'size'"
+    size, counts = seg["size"], seg["counts"]
+    if not (type(size) is list and len(size) == 2 and all(type(v) is int for v in size)):
+        return f"has an RLE size {json.dumps(size)[:40]}; expected [height, width]"
+    if size != [h, w]:
+        return f"has an RLE of size {size}, but its image is {[h, w]} (height, width) in the json"
+    if type(counts) is str:
+        runs = _rle_string_counts(counts)
+        if runs is None:
+            return "has RLE counts that are not a compressed RLE string"
+        kind = "compressed RLE counts"
+    elif type(counts) is list:
+        if not set(map(type, counts)) <= {int}:
+            return "has RLE counts that are not a list of integers"
+        runs, kind = counts, "RLE counts"
+    else:
+        return f"has RLE counts of type {type(counts).__name__}; expected a string or a list of integers"
+    if runs and min(runs) < 0:
+        return f"has {kind} with a negative run ({min(runs)})"
+    if sum(runs) != h * w:  # pycocotools refuses more; fewer leave pixels of the mask unwritten (garbage)
+        return f"has {kind} covering {sum(runs)} pixels, but its image has {h}x{w} = {h * w}"
+    return None
+
+
+def _polygons_problem(seg: list, h: int, w: int) -> str | None:
+    """Polygons: lists of x, y numbers (those of under 3 points are dropped when rasterising, and at
+    least one must remain), finite and within POLY_MARGIN image sizes of the image."""
+    size = max(h, w)
+    lo, hi = -POLY_MARGIN * size, (POLY_MARGIN + 1) * size
+    kept = 0
+    for p in seg:
+        if type(p) is not list or not set(map(type, p)) <= _NUMBER:
             return "has a polygon that is not a list of numbers"
-        if any(len(p) % 2 for p in seg):
+        if len(p) % 2:
             return "has a polygon with an odd number of coordinates"
-        if not any(len(p) >= 6 for p in seg):
-            return "has an empty segmentation"
-        return None
-    if isinstance(seg, dict):
-        if "counts" not in seg or "size" not in seg:
-            return "has an RLE segmentation without 'counts' and 'size'"
-        if list(seg["size"]) != list(hw):
-            return f"has an RLE of size {list(seg['size'])}, but its image is {list(hw)} (height, width) in the json"
-        return None
-    return "has an empty segmentation" if not seg else f"has a segmentation of type {type(seg).__name__}; expected polygons or RLE"
+        if not p:
+            continue
+        try:
+            total = sum(p)  # NaN or inf anywhere makes it NaN or inf (so do values near 1e308)
+        except OverflowError:  # an integer beyond the float range
+            total = float("inf")
+        if total != total or abs(total) == float("inf") or min(p) < lo or max(p) > hi:
+            bad = next((v for v in p if not lo <= v <= hi), p[0])  # NaN fails every comparison
+            return (f"has a polygon coordinate {json.dumps(bad)[:24]}; coordinates must be finite and within "
+                    f"{POLY_MARGIN} image sizes of its {w}x{h} image")
+        kept += len(p) >= 6
+    return None if kept else "has an empty segmentation"
+
+
+def check_instances(path: Path, d: dict, exact_types: bool = True) -> None:
+    """Refuse, in one DatasetError line naming the json and the entry, what pycocotools would crash on
+    (a traceback or a segfault), run out of memory on, or read wrongly: entries of the wrong type,
+    missing or mistyped ids, file names and sizes, duplicate ids, unknown references, and
+    segmentations that are not polygons of finite, sane coordinates or RLE of the image's size.
+
+    Column-wise with C-level builtins and numpy (_annotations_pass), entry by entry only to name what
+    is wrong: 10-15% of pycocotools' own load (read, json parse, createIndex) on a synthetic json of
+    100k annotations, ~6% on one of COCO train's 600k (docs/datasets.md)."""
+    cats = _entries(path, d, "categories")
+    images = _entries(path, d, "images")
+    anns = _entries(path, d, "annotations")
+
+    cat_ids: set[int] = set()
+    for k, c in enumerate(cats):
+        if "id" not in c or not _is_id(c["id"]):
+            what = f"has id {json.dumps(c['id'])[:40]}" if "id" in c else "has no id"
+            raise DatasetError(f"{path}: categories[{k}] {what}; expected an integer")
+        if type(c.get("name")) is not str or not c["name"].strip():
+            what = f"name {json.dumps(c['name'])[:40]}" if "name" in c else "no name"
+            raise DatasetError(f"{path}: category {c['id']} has {what}; expected a non-empty string")
+        if c["id"] in cat_ids:
+            raise DatasetError(f"{path}: category id {c['id']} appears more than once")
+        cat_ids.add(c["id"])
+    twice = names_twice([c["name"] for c in cats])
+    if twice:
+        raise DatasetError(f"{path}: category names {twice} appear more than once; each class needs its own name")
+    if len(cats) > MAX_CATEGORIES:
+        raise DatasetError(f"{path}: {len(cats)} categories; at most {MAX_CATEGORIES} fit the uint8 masks "
+                           "(255 marks crowd regions)")
+
+    size_of: dict[int, tuple[int, int]] = {}
+    names: set[str] = set()
+    for k, img in enumerate(images):
+        if "id" not in img or not _is_id(img["id"]):
+            what = f"has id {json.dumps(img['id'])[:40]}" if "id" in img else "has no id"
+            raise DatasetError(f"{path}: images[{k}] {what}; expected an integer")
+        iid = img["id"]
+        if iid in size_of:
+            raise DatasetError(f"{path}: image id {iid} appears more than once (images[{k}] and an earlier one)")
+        name = img.get("file_name")
+        if type(name) is not str or not name:
+            what = f"file_name {json.dumps(name)[:40]}" if "file_name" in img else "no file_name"
+            raise DatasetError(f"{path}: image {iid} has {what}; expected a file name")
+        wrapped = f"/{name}/"  # an empty, '.' or '..' part: "//", "/./", "/../"
+        if "//" in wrapped or "/./" in wrapped or "/../" in wrapped or "\x00" in name:
+            raise DatasetError(f"{path}: image {iid} has file_name {name!r}; expected a path inside the split's "
+                               "image folder (no leading '/', no '.' or '..' parts)")
+        try:
+            name.encode()
+        except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the json): no file has that name
+            raise DatasetError(f"{path}: image {iid} has file_name {name!r}, which is not valid Unicode") from None
+        if name in names:
+            raise DatasetError(f"{path}: file_name {name!r} is listed twice (image {iid} and an earlier one); "
+                               "each image needs its own file")
+        names.add(name)
+        hw = []
+        for key in ("height", "width"):
+            v = img.get(key)
+            if type(v) is not int or not 0 < v < 2**31:  # (int32 in the GT cache's index)
+                what = f"{key} {json.dumps(v)[:40]}" if key in img else f"no {key}"
+                raise DatasetError(f"{path}: image {iid} ({name}) has {what}; expected a positive integer")
+            hw.append(v)
+        size_of[iid] = (hw[0], hw[1])
+
+    if not _annotations_pass(anns, cat_ids, size_of, exact_types):
+        _annotation_problem(path, anns, cat_ids, size_of)  # the same checks entry by entry: raises, naming it
+
+
+def _annotations_pass(anns: list[dict], cat_ids: set, size_of: dict, exact_types: bool) -> bool:
+    """True when every annotation passes _annotation_problem's checks, made here by columns with
+    C-level builtins and numpy (about 3x faster than entry by entry); False at the first doubt (the
+    entry-by-entry pass then says which annotation and why).
+
+    A polygon's coordinates cost one math.hypot (a C loop over doubles, as fast as sum()): no
+    coordinate exceeds that norm, so a norm within the margin clears them all (and a NaN or inf makes
+    it NaN or inf); only polygons of a larger norm (long ones, or far out) are looked at closer."""
+    try:  # the columns (a missing key: KeyError)
+        aids, cids, iids, segs = (list(map(itemgetter(key), anns)) for key in ("id", "category_id", "image_id", "segmentation"))
+    except KeyError:
+        return False
+    try:
+        crowd = list(map(itemgetter("iscrowd"), anns))
+    except KeyError:  # optional (0)
+        crowd = [a.get("iscrowd", 0) for a in anns]
+    if set(map(type, aids)) - {int}:
+        return False
+    try:
+        ordered = np.sort(np.array(aids, np.int64))  # OverflowError: beyond int64
+    except OverflowError:
+        return False
+    if (ordered[1:] == ordered[:-1]).any():  # an id twice
+        return False
+    if not (set(map(type, cids)) <= {int} and set(cids) <= cat_ids):
+        return False
+    if not (set(map(type, iids)) <= {int} and set(iids) <= size_of.keys()):
+        return False
+    if not (set(map(type, crowd)) <= {int, bool} and set(crowd) <= {0, 1}):
+        return False
+    kinds = list(map(type, segs))
+    if not set(kinds) <= {list, dict}:
+        return False
+    is_poly = list(map(is_, kinds, repeat(list)))
+    if not all(is_poly):  # RLE: crowd regions, ~1% of COCO's annotations
+        if any(_rle_problem(seg, *size_of[iid]) for seg, iid in compress(zip(segs, iids), map(not_, is_poly))):
+            return False
+    psegs = list(compress(segs, is_poly))
+    if not psegs:
+        return True
+    if not all(psegs):  # an empty list
+        return False
+    polys = list(chain.from_iterable(psegs))
+    if set(map(type, polys)) != {list}:
+        return False
+    lens = np.fromiter(map(len, polys), np.int64, len(polys))
+    if (lens % 2).any():
+        return False
+    try:
+        norms = np.fromiter(starmap(hypot, polys), np.float64, len(polys))
+    except (TypeError, OverflowError):  # not numbers, or an integer beyond the float range
+        return False
+    if exact_types and not set(map(type, chain.from_iterable(polys))) <= _NUMBER:  # bools (hypot takes them)
+        return False
+    size = {iid: max(hw) for iid, hw in size_of.items()}
+    per_seg = np.fromiter(map(len, psegs), np.int64, len(psegs))
+    first = np.concatenate([[0], np.cumsum(per_seg)[:-1]])
+    if not (np.add.reduceat(lens >= 6, first) > 0).all():  # an annotation all of whose polygons lack an area
+        return False
+    seg_size = np.fromiter(map(size.__getitem__, compress(iids, is_poly)), np.int64, len(psegs))
+    poly_size = np.repeat(seg_size, per_seg)
+    for k in np.flatnonzero(~(norms <= POLY_MARGIN * poly_size)):  # NaN fails the test as well
+        p, lo, hi = polys[k], -POLY_MARGIN * int(poly_size[k]), (POLY_MARGIN + 1) * int(poly_size[k])
+        if not np.isfinite(norms[k]) or min(p) < lo or max(p) > hi:
+            return False
+    return True
+
+
+def _annotation_problem(path: Path, anns: list[dict], cat_ids: set, size_of: dict) -> None:
+    ann_ids: set[int] = set()
+    for k, a in enumerate(anns):
+        aid = a.get("id")
+        if not _is_id(aid):
+            what = f"has id {json.dumps(aid)[:40]}" if "id" in a else "has no id"
+            raise DatasetError(f"{path}: annotations[{k}] {what}; expected an integer")
+        if aid in ann_ids:
+            raise DatasetError(f"{path}: annotation id {aid} appears more than once")
+        ann_ids.add(aid)
+        for key in ("image_id", "category_id"):
+            if key not in a:
+                raise DatasetError(f"{path}: annotation {aid} has no {key}")
+        cid, iid = a["category_id"], a["image_id"]
+        if type(cid) is not int or cid not in cat_ids:
+            raise DatasetError(f"{path}: annotation {aid} has unknown category id {cid!r}")
+        hw = size_of.get(iid) if type(iid) is int else None
+        if hw is None:
+            raise DatasetError(f"{path}: annotation {aid} names image id {iid!r}, which is not among the images")
+        crowd = a.get("iscrowd", 0)
+        if type(crowd) not in (int, bool) or crowd not in (0, 1):
+            raise DatasetError(f"{path}: annotation {aid} has iscrowd {json.dumps(crowd)[:40]}; expected 0 or 1")
+        seg = a.get("segmentation")
+        if type(seg) is list and seg:
+            problem = _polygons_problem(seg, *hw)
+        elif type(seg) is dict:
+            problem = _rle_problem(seg, *hw)
+        elif not seg:
+            problem = "has an empty segmentation"
+        else:
+            problem = f"has a segmentation of type {type(seg).__name__}; expected polygons or RLE"
+        if problem:
+            raise DatasetError(f"{path}: annotation {aid} {problem}")
 
 
 # ---- GT cache: COCO instance GT rasterised once ----------------------------------------------
