@@ -185,12 +185,13 @@ def _append(where: str, value):
     (_set("images", "file_name", "\ud800.jpg"), "image 1 has file_name '\\ud800.jpg', which is not valid Unicode"),
     (_append("categories", [{"id": 100 + k, "name": f"class{k}"} for k in range(252)]),
      "255 categories; at most 254 fit the uint8 masks"),
+    (lambda doc, root: doc.update(categories=[], annotations=[]), "'categories' is empty"),
 ], ids=["no-file_name", "no-height", "height-null", "height-str", "height-float", "width-0", "no-image-id",
         "image-id-str", "images-dict", "images-null", "image-not-object", "category-no-name", "category-name-int",
         "category-id-str", "category-id-twice", "no-category_id", "no-image_id", "no-annotation-id", "iscrowd-str",
         "annotation-not-object", "rle-size-int", "rle-size-str", "rle-counts-garbage", "rle-counts-int",
         "rle-counts-negative", "rle-counts-strings", "rle-counts-floats", "rle-counts-too-long", "rle-counts-too-short",
-        "rle-string-too-short", "height-2**40", "file_name-surrogate", "255-categories"])
+        "rle-string-too-short", "height-2**40", "file_name-surrogate", "255-categories", "no-categories"])
 def test_malformed_entries_give_one_line(base, tmp_path, no_pycocotools_masks, mutate, expect):
     _check_refused(base, tmp_path, mutate, expect)
 

@@ -398,6 +398,8 @@ def check_instances(path: Path, d: dict, exact_types: bool = True) -> None:
     is wrong: 10-15% of pycocotools' own load (read, json parse, createIndex) on a synthetic json of
     100k annotations, ~6% on one of COCO train's 600k (docs/datasets.md)."""
     cats = _entries(path, d, "categories")
+    if not cats:
+        raise DatasetError(f"{path}: 'categories' is empty; the classes are listed there")
     images = _entries(path, d, "images")
     anns = _entries(path, d, "annotations")
 
