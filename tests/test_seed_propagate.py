@@ -268,6 +268,30 @@ def test_seed_from_a_folder_of_png_masks_prints_nothing_but_its_summary(synth, t
     assert not [w for w in seen if "writable" in str(w.message)], [str(w.message) for w in seen]
 
 
+def test_cams_on_a_tiny_scale_are_named_in_a_warning(synth, tmp_path, caplog, monkeypatch):
+    """Another program's CAMs scaled by 1e-6 fall below the floor Step 1 divides by: all-background
+    seeds, which used to come without a word."""
+    from dhr_cli.pipeline import seed as seed_pipeline
+    from tests.helpers import write_plain_store
+
+    monkeypatch.setattr(seed_pipeline, "_faint_warned", False)
+    with open_store(synth / "cams.h5") as cams:
+        items = {i: ("cams", cams.read(i).cams * 1e-6, {"labels": cams.read(i).labels.tolist(),
+                                                         "image_size": list(cams.read(i).image_size)})
+                 for i in cams.ids}
+        classes = cams.classes
+    faint = write_plain_store(tmp_path / "faint.h5", "cams", classes, items)
+    with caplog.at_level("WARNING"):
+        _cli(["seed", "--cams", faint, "--data", synth, "--out", tmp_path / "s.h5", "--no-crf", "-q"])
+    said = [r.getMessage() for r in caplog.records if "below the 1e-05 that Step 1 divides by" in r.getMessage()]
+    assert len(said) == 1 and "faint.h5" in said[0], [r.getMessage() for r in caplog.records]
+    caplog.clear()
+    monkeypatch.setattr(seed_pipeline, "_faint_warned", False)
+    with caplog.at_level("WARNING"):  # CAMs on their usual scale: nothing said
+        _cli(["seed", "--cams", synth / "cams.h5", "--data", synth, "--out", tmp_path / "t.h5", "--no-crf", "-q"])
+    assert not [r for r in caplog.records if "divides by" in r.getMessage()]
+
+
 def test_propagate_missing_ids_fail_or_skip(synth, tmp_path):
     with open_store(synth / "uss.h5") as uss, create_store(tmp_path / "u.h5", "features", uss.classes, provenance={}) as w:
         for item_id in uss.ids[:-2]:

@@ -16,11 +16,13 @@ from dhr_cli.kernels.upsample import resize
 
 __all__ = ["normalize_cams", "ot_rebalance_cams", "seed_probabilities", "seed_masks", "seed_batch", "crf_padded"]
 
+CAM_FLOOR = 1e-5  # a map is divided by max(its peak, CAM_FLOOR) (IRN's cam / (max + 1e-5)): below it, near zero
+
 
 def normalize_cams(cams: torch.Tensor) -> torch.Tensor:
-    """relu, then each map divided by its spatial max (clipped at 1e-5): (K, h, w)."""
+    """relu, then each map divided by its spatial max (clipped at CAM_FLOOR): (K, h, w)."""
     cams = torch.relu(cams)
-    return cams / cams.flatten(1).amax(1).clamp_min(1e-5)[:, None, None]
+    return cams / cams.flatten(1).amax(1).clamp_min(CAM_FLOOR)[:, None, None]
 
 
 def ot_rebalance_cams(cams: list[torch.Tensor], sinkhorn: SinkhornConfig) -> list[torch.Tensor]:

@@ -21,7 +21,7 @@ from dhr_cli.io.progress import track
 from dhr_cli.io.runtime import resolve_device
 from dhr_cli.io.store import make_provenance
 from dhr_cli.kernels.crf import crf_function
-from dhr_cli.kernels.seed import seed_masks
+from dhr_cli.kernels.seed import CAM_FLOOR, seed_masks
 from dhr_cli.pipeline.inputs import (
     Missing,
     check_cam_labels,
@@ -96,11 +96,27 @@ def _seed_chunk(load, dataset, reader, base, cfg, device, background, crf, ids: 
     return _seed_batch([load(item_id) for item_id in ids], dataset, reader, base, cfg, device, background, crf)
 
 
+_faint_warned = False
+
+
+def _warn_if_faint(path, item_id: str, cams: np.ndarray) -> None:
+    """Once a process: CAMs of another program on a tiny scale (peak below CAM_FLOOR) read as near zero,
+    so their seeds are all background; the run goes on (a real CAM that faint is noise), but says so."""
+    global _faint_warned
+    peak = float(cams.max()) if cams.size else 0.0
+    if not _faint_warned and 0 < peak < CAM_FLOOR:
+        _faint_warned = True
+        logger.warning("%s: item %r: its CAMs peak at %.3g, below the %.0e that Step 1 divides by: they read as "
+                       "near zero (background); rescale the store's CAMs if that is their scale", path, item_id,
+                       peak, CAM_FLOOR)
+
+
 def _seed_batch(batch, dataset, reader: StoreReaders, base, cfg, device, background, crf) -> list[tuple[str, np.ndarray]]:
     cam_store = reader.store("cams")
     cams, labels, sizes, images, bases = [], [], [], [], []
     for item_id, image, image_labels, size in batch:
         item = cam_store.read(item_id, names=("cams",))  # not the WSS features beside them
+        _warn_if_faint(cam_store.path, item_id, item.cams)
         cam_labels = item.labels.tolist()
         check_labels(dataset, item_id, image_labels)
         check_cam_labels(cam_store.path, item_id, cam_labels, image_labels)
