@@ -301,6 +301,59 @@ def test_corrupt_last_checkpoint_is_a_one_line_error(dataset, tmp_path):
     assert res.exit_code == 1 and "--overwrite" in res.output
 
 
+def test_bad_training_inputs_found_after_the_run_folder_exists_are_one_line_and_leave_no_folder(dataset, tmp_path):
+    """A PNG mask of a label the dataset lacks (IndexError in the loss), USS maps of two widths (torch.stack),
+    missing --backbone-weights, and a config.json of another shape on --resume (AttributeError) were
+    tracebacks or left a half-made run folder that refused the corrected rerun."""
+    import shutil
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from dhr_cli.cli import app
+    from dhr_cli.io.datasets import open_dataset
+    from dhr_cli.io.store import open_store
+    from tests.helpers import write_plain_store
+
+    def run(out, *extra, masks=None):
+        args = _cli_train(dataset, out, *extra)
+        if masks is not None:
+            args[args.index("--masks") + 1] = str(masks)
+        res = CliRunner().invoke(app, args)
+        lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+        assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:"), res.output[-1500:]
+        return lines[0]
+
+    ds = open_dataset(dataset, "train")
+    pngs = tmp_path / "pngs"
+    shutil.copytree(dataset / "masks", pngs)
+    h, w = ds.image_size(ds.ids[0])
+    Image.fromarray(np.full((h, w), len(ds.classes), np.uint8)).save(pngs / f"{ds.ids[0]}.png")
+    line = run(tmp_path / "a", masks=pngs)
+    assert f"{ds.ids[0]}.png: mask holds label values [{len(ds.classes)}]" in line and not (tmp_path / "a").exists()
+
+    with open_store(dataset / "uss.h5") as uss:
+        items = {i: ("features", uss.read(i).features[: 2 if i == ds.ids[1] else None],
+                     {"image_size": list(uss.read(i).image_size)}) for i in uss.ids}
+        classes = uss.classes
+    mixed = write_plain_store(tmp_path / "mixed.h5", "features", classes, items)
+    args = _cli_train(dataset, tmp_path / "b")
+    args[args.index("--no-dhr")] = "--dhr"
+    res = CliRunner().invoke(app, args + ["--uss", str(mixed)])
+    assert res.exit_code == 1 and "mixed.h5: item" in res.output and "channels" in res.output, res.output[-1500:]
+    assert "Traceback" not in res.output and not (tmp_path / "b").exists()
+
+    line = run(tmp_path / "c", "--backbone-weights", str(tmp_path / "nope.pth"))
+    assert "nope.pth" in line and not (tmp_path / "c").exists()
+
+    from dhr_cli.pipeline.train import run_train
+
+    run_train(TINY, dataset, dataset / "masks", tmp_path / "d", split="train", quiet=True, max_steps=1)
+    for text in ("[1, 2]", '{"config": 5}'):
+        (tmp_path / "d" / "config.json").write_text(text)
+        assert "config.json: missing or unreadable" in run(tmp_path / "d", "--resume")
+
+
 def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(dataset, tmp_path):
     import os
     import signal

@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
-from dhr_cli.errors import DhrError, InputError
+from dhr_cli.config import IGNORE_INDEX
+from dhr_cli.errors import DatasetError, DhrError, InputError
 from dhr_cli.io.datasets import read_index_png
 from dhr_cli.io.store import Item, Store, open_store
 
@@ -158,8 +159,9 @@ class MaskSource:
     manager, or call close().
     """
 
-    def __init__(self, path: str | os.PathLike, *, empty_folder_ok: bool = False):
+    def __init__(self, path: str | os.PathLike, *, empty_folder_ok: bool = False, n_classes: int | None = None):
         self.path = Path(path)
+        self._n_classes = n_classes  # a PNG's values are checked against it (a store checks its own classes)
         self.name = self.path.stem if self.path.is_file() else self.path.name
         self._store: LazyStore | None = None
         self._pngs: dict[str, Path] = {}
@@ -182,7 +184,14 @@ class MaskSource:
     def read(self, item_id: str) -> np.ndarray:
         """The mask of an id in `ids` (StoreError from a damaged store item, DatasetError from a bad PNG)."""
         if self._store is None:
-            return read_index_png(self._pngs[item_id])
+            mask = read_index_png(self._pngs[item_id])
+            n = self._n_classes
+            if n is not None and mask.size and int(mask.max()) >= n:
+                bad = np.unique(mask[(mask >= n) & (mask != IGNORE_INDEX)])
+                if len(bad):
+                    raise DatasetError(f"{self._pngs[item_id]}: mask holds label values {bad.tolist()[:5]} beyond the "
+                                       f"dataset's {n} classes (0..{n - 1}, 255 = ignore)")
+            return mask
         return self._store.read_mask(item_id)
 
     def close(self) -> None:

@@ -53,7 +53,8 @@ def run_seed(cfg: SeedConfig, cams: Path, data: Path, out: Path, *, split: str |
     device = resolve_device(device_for_rank(cfg.device))
     crf = crf_function(cfg.crf) if cfg.use_crf else None
     cam_store = open_checked(cams, "cams", dataset, "cams")
-    base = MaskSource(init_masks) if init_masks is not None else None  # initial masks M0 from another WSS method
+    # initial masks M0 from another WSS method
+    base = MaskSource(init_masks, n_classes=len(dataset.classes)) if init_masks is not None else None
     try:
         ids = shard(select_ids(dataset, {"cams": cam_store}, missing))
         if base is not None:

@@ -42,7 +42,7 @@ from torch.utils.data import Sampler
 
 from dhr_cli import __version__
 from dhr_cli.config import IGNORE_INDEX, TrainConfig
-from dhr_cli.errors import CheckpointError, DatasetError, InputError
+from dhr_cli.errors import CheckpointError, DatasetError, InputError, StoreError
 from dhr_cli.io.datasets import Dataset, open_dataset
 from dhr_cli.io.loading import LazyStore, MaskSource, error_carrying_loader, raise_carried
 from dhr_cli.io.progress import progress_bar
@@ -71,7 +71,8 @@ def open_training_masks(path: str | os.PathLike, ids: list[str], dataset: Datase
     path = Path(path)
     if not (path.is_dir() or path.is_file()):
         raise InputError(f"--masks {path}: no such store or folder")
-    masks = MaskSource(path, empty_folder_ok=True)  # an empty folder is reported as the images it lacks
+    masks = MaskSource(path, empty_folder_ok=True,  # an empty folder is reported as the images it lacks
+                       n_classes=len(dataset.classes) if dataset is not None else None)
     if dataset is not None and masks.classes is not None:
         check_classes(masks, dataset)  # another class order would train the wrong labels
     missing = [i for i in ids if i not in masks]
@@ -93,9 +94,15 @@ class FeatureSource:
         missing = [i for i in ids if i not in self._store.ids]
         if missing:
             raise InputError(f"{option} {path}: {len(missing)} training images have no features, e.g. {missing[:3]}")
+        self._first = ids[0] if ids else None
+        self._channels = self._store.read(ids[0]).features.shape[0] if ids else None  # every item's, checked on read
 
     def read(self, item_id: str) -> np.ndarray:
-        return self._store.read(item_id).features
+        x = self._store.read(item_id).features
+        if self._channels is not None and x.shape[0] != self._channels:  # a batch could not be stacked
+            raise StoreError(f"{self.path}: item {item_id!r}: features have {x.shape[0]} channels, but item "
+                             f"{self._first!r} has {self._channels}; one network's maps for every image expected")
+        return x
 
 
 def cam_index(dataset: Dataset) -> tuple[int, int]:
@@ -295,8 +302,11 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig, inputs: dict) -> None:
     path = run_dir / "config.json"
     try:
         saved = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: missing or unreadable; cannot check that --resume continues the same run") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        saved = None
+    if not (isinstance(saved, dict) and isinstance(saved.get("config", {}), dict)
+            and isinstance(saved.get("inputs", {}), dict)):  # valid JSON of another shape is as unreadable
+        raise CheckpointError(f"{path}: missing or unreadable; cannot check that --resume continues the same run")
     now = json.loads(json.dumps(asdict(cfg)))
     differ = sorted(k for k in now if k not in _RESUME_FREE and saved.get("config", {}).get(k) != now[k])
     differ += sorted(f"--{k}" for k in inputs if saved.get("inputs", {}).get(k) != inputs[k] and k != "backbone_weights")
@@ -320,9 +330,17 @@ def run_train(cfg: TrainConfig, data: str | os.PathLike, masks: str | os.PathLik
         torch.cuda.set_device(device)
     if distributed and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    run_dir = Path(out)
+    fresh = not resume and not (run_dir.is_dir() and any(run_dir.iterdir()))  # this run makes the folder
     try:
-        return _run(cfg, Path(data), Path(masks), Path(out), uss, split, backbone_weights, resume, overwrite,
+        return _run(cfg, Path(data), Path(masks), run_dir, uss, split, backbone_weights, resume, overwrite,
                     quiet or rank != 0, max_steps, rank, world, device)
+    except Exception:
+        # A check that fails after the run folder was made (backbone weights, a store's item) leaves no
+        # half-made folder to block the corrected rerun; one with a checkpoint is kept for --resume.
+        if fresh and rank == 0 and run_dir.is_dir() and not (run_dir / "checkpoints" / "last.pt").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
