@@ -18,8 +18,11 @@ IGNORE_INDEX = 255  # the one label value meaning "unsure / ignore" in every mas
 # 10000x10000 photo, 10x a 30 MP camera frame and ~500x a VOC image; the next power of ten (a 20000x20000
 # decompression bomb, a few KB on disk) would need tens of GB in the float maps a command keeps per image.
 MAX_PIXELS = 100_000_000
-# --scales of `dhr cams` / `dhr predict`: each in (0, MAX_SCALE], at most MAX_SCALES of them (the paper
-# uses 0.5..2.0, four scales; memory of a pass grows with the square of its scale, time with their number).
+# --scales of `dhr cams` / `dhr predict`: each in [MIN_SCALE, MAX_SCALE], at most MAX_SCALES of them (the
+# paper uses 0.5..2.0, four scales; memory of a pass grows with the square of its scale, time with their
+# number). Below 0.1 a VOC image is under 50 px, a few cells of a stride-16 network: `predict --scales 0.01`
+# gave one class over every image without a word.
+MIN_SCALE = 0.1
 MAX_SCALE = 4.0
 MAX_SCALES = 8
 # --side of `dhr cams` / `dhr uss fit` (longer image side at scale 1.0): 16..MAX_SIDE. At the largest
@@ -44,8 +47,8 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def _check_scales(name: str, scales: tuple[float, ...]) -> None:
-    _check(1 <= len(scales) <= MAX_SCALES and all(0 < s <= MAX_SCALE for s in scales),
-           f"{name} must be 1 to {MAX_SCALES} values in (0, {MAX_SCALE:g}], got {scales}")
+    _check(1 <= len(scales) <= MAX_SCALES and all(MIN_SCALE <= s <= MAX_SCALE for s in scales),
+           f"{name} must be 1 to {MAX_SCALES} values in [{MIN_SCALE:g}, {MAX_SCALE:g}], got {scales}")
 
 
 # Each solver's own iteration cap and tolerance, used where SinkhornConfig leaves them None:

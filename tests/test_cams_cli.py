@@ -106,7 +106,7 @@ def test_option_errors(data, tmp_path):
     r = invoke("cams", "--data", data, "--uss", "lite0", "--scales", "1,x", "--out", tmp_path / "x.h5")
     assert r.exit_code == 2 and "--scales" in r.output  # a usage error, from the one --scales parser
     r = invoke("predict", "--model", tmp_path, "--data", data, "--scales", "1,-0.5", "--out", tmp_path / "x.h5")
-    assert r.exit_code == 2 and "--scales" in r.output and "(0, 4]" in r.output
+    assert r.exit_code == 2 and "--scales" in r.output and "[0.1, 4]" in r.output
     assert not (tmp_path / "x.h5").exists()
 
 

@@ -109,15 +109,17 @@ def parse_scales(value: str | None) -> tuple[float, ...] | None:
     """--scales "1,0.5,1.5" -> (1.0, 0.5, 1.5) (the one parser of both commands); else a usage error."""
     if value is None:
         return None
-    try:
-        scales = tuple(float(s) for s in value.split(",") if s.strip())
-    except ValueError:
-        raise typer.BadParameter(f"{value!r}: expected comma-separated numbers, e.g. 1.0,0.5,1.5") from None
-    from dhr_cli.config import MAX_SCALE, MAX_SCALES
+    from dhr_cli.config import MAX_SCALE, MAX_SCALES, MIN_SCALE
 
-    if not scales or any(not 0 < s <= MAX_SCALE for s in scales) or len(scales) > MAX_SCALES:
+    try:
+        scales = tuple(float(s) for s in value.split(","))  # an empty entry ("1.0,,0.5") is no number either
+    except ValueError:
+        raise typer.BadParameter(f"{value!r}: expected comma-separated numbers, each in [{MIN_SCALE:g}, "
+                                 f"{MAX_SCALE:g}], e.g. 1.0,0.5,1.5") from None
+
+    if not scales or any(not MIN_SCALE <= s <= MAX_SCALE for s in scales) or len(scales) > MAX_SCALES:
         # memory of a pass grows with the square of its scale: --scales 100 would exhaust any machine
-        raise typer.BadParameter(f"{value!r}: expected 1 to {MAX_SCALES} scales, each in (0, {MAX_SCALE:g}]")
+        raise typer.BadParameter(f"{value!r}: expected 1 to {MAX_SCALES} scales, each in [{MIN_SCALE:g}, {MAX_SCALE:g}]")
     return scales
 
 
