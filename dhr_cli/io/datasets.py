@@ -257,14 +257,19 @@ def names_twice(names: list[str]) -> list[str]:
     return sorted({str(n) for n, k in zip(names, keys) if count[k] > 1})
 
 
+def _read_text(path: Path) -> str:
+    """A layout's list file as text: a file that is not UTF-8 is named (open_dataset's catch-all cannot
+    name it: a UnicodeDecodeError carries no file name)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: not UTF-8 text") from None
+
+
 def read_classes_file(path: Path) -> list[str]:
     """A classes.txt (one name a line, the index is the label value; flat, VOC and DHR layouts): one
     line on what is wrong with it, the same for every layout."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise DatasetError(f"{path}: not UTF-8 text") from None
-    classes = [c.strip() for c in text.splitlines() if c.strip()]
+    classes = [c.strip() for c in _read_text(path).splitlines() if c.strip()]
     if not classes:
         raise DatasetError(f"{path}: no class names")
     twice = names_twice(classes)
@@ -279,11 +284,7 @@ def _read_list(path: Path, known: set[str] | frozenset = frozenset()) -> list[st
     """The ids of a split file: a line's first word (VOC's `ImageSets/Main` lines are "id  1"), or the
     whole line when that is a known id (a flat dataset's image named "my photo.jpg") or when neither is
     (so that an error quotes the line as written)."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise DatasetError(f"{path}: not UTF-8 text") from None
-    lines = [line.strip() for line in text.splitlines()]
+    lines = [line.strip() for line in _read_text(path).splitlines()]
     return [line.split()[0] if line not in known and line.split()[0] in known else line
             for line in lines if line and not line.startswith("#")]
 
