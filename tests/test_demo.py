@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from dhr_cli.cli import app
+from dhr_cli.pipeline.demo import is_demo_output
 
 
 def test_demo_runs_every_step_and_rewrites_the_readme_block(tmp_path):
@@ -39,6 +41,7 @@ def test_demo_runs_every_step_and_rewrites_the_readme_block(tmp_path):
     assert table.strip() in text
     assert "old" not in text and text.startswith("# title") and text.rstrip().endswith("after")
     assert "| DHR |" in text and "| CAM + CRF |" in text and "Wall time per step" in text
+    assert is_demo_output(out)  # what `make demo` replaces on its next run
     # a second run refuses to overwrite without --overwrite
     r = CliRunner().invoke(app, ["demo", "--out", str(out), "--features", "simulated", "--quiet"])
     assert r.exit_code == 1 and "already exists" in r.output
@@ -63,3 +66,73 @@ def test_summary_names_the_seed_options_that_differ_from_the_defaults():
     assert "seeds: `dhr seed --bg-rule otsu --no-ot`." in summary_markdown({**base, "seed_bg_rule": "otsu", "seed_ot": False})
     assert "seeds: `dhr seed --bg-rule otsu`." in summary_markdown({**base, "seed_bg_rule": "otsu", "seed_ot": True})
     assert "dhr seed" not in summary_markdown({**base, "seed_bg_rule": "power", "seed_ot": True})
+
+
+def _one_line_error(r) -> str:
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    return lines[0]
+
+
+def test_overwrite_refuses_a_file_and_a_folder_that_is_no_demo_output(tmp_path):
+    """--overwrite removed any folder (a home folder given by mistake), and a file was 'Not a directory'."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    line = _one_line_error(CliRunner().invoke(app, ["demo", "--out", str(home), "--overwrite", "--features", "simulated"]))
+    assert str(home) in line and "does not look like a dhr demo output folder" in line
+    for extra in (["--overwrite"], []):
+        line = _one_line_error(CliRunner().invoke(app, ["demo", "--out", str(afile), "--features", "simulated", *extra]))
+        assert f"{afile}: is a file, not a folder; nothing was removed" in line
+    link = tmp_path / "link"
+    link.symlink_to(home)
+    line = _one_line_error(CliRunner().invoke(app, ["demo", "--out", str(link), "--overwrite", "--features", "simulated"]))
+    assert f"{link}: is a symbolic link" in line
+    assert (home / "notes.txt").read_text() == "mine" and afile.read_text() == "mine"
+
+
+def _killed_demo(out, *, classes: bool = True):
+    """What a demo killed in its first steps leaves: its dataset begun, a store being written."""
+    from dhr_cli.testing.synthetic import CLASSES
+
+    for sub in ("images", "masks", "splits"):
+        (out / "data" / sub).mkdir(parents=True)
+    if classes:
+        (out / "data" / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+        (out / "data" / "images" / "synth_0000.png").write_bytes(b"png")
+        for side in ("seeds.h5.partial", "seeds.h5.lock", ".report.json.4242.tmp"):
+            (out / side).write_bytes(b"cut")
+    return out
+
+
+def test_overwrite_replaces_an_interrupted_demo_and_nothing_else(tmp_path, monkeypatch):
+    """A demo_out left by a killed `make demo` holds only the demo's files: the next `make demo` replaces it."""
+    import dhr_cli.testing.synthetic as synthetic
+    from dhr_cli.config import DemoConfig
+    from dhr_cli.errors import InputError
+    from dhr_cli.pipeline.demo import run_demo
+
+    class Started(Exception):
+        pass
+
+    def stop(root, **kw):  # the old folder is gone by the time the new dataset is made
+        raise Started(sorted(p.name for p in root.parent.iterdir()))
+
+    monkeypatch.setattr(synthetic, "make_dataset", stop)
+    for out in (_killed_demo(tmp_path / "a"), _killed_demo(tmp_path / "b", classes=False)):
+        assert is_demo_output(out)
+        with pytest.raises(Started) as e:
+            run_demo(out, DemoConfig(features="simulated", quiet=True), overwrite=True)
+        assert e.value.args[0] == []
+    mixed = _killed_demo(tmp_path / "c")
+    (mixed / "notes.txt").write_text("mine")  # a user's file beside the demo's
+    other = tmp_path / "d"
+    (other / "data").mkdir(parents=True)  # a user's dataset of other classes
+    (other / "data" / "classes.txt").write_text("background\nzebra\n")
+    for out in (mixed, other):
+        assert not is_demo_output(out)
+        with pytest.raises(InputError, match="does not look like a dhr demo output folder"):
+            run_demo(out, DemoConfig(features="simulated", quiet=True), overwrite=True)
+    assert (mixed / "notes.txt").exists() and (other / "data" / "classes.txt").exists()

@@ -185,6 +185,23 @@ def test_merge_says_which_class_differs(synth, tmp_path):
     _one_line_error(invoke("merge", masks, other, "--out", tmp_path / "o.h5"), "class 2 is", "'zebra'")
 
 
+def test_class_mismatch_names_the_first_difference_in_full(synth, tmp_path):
+    """The message showed the first 4 names of each list: a list differing at class 5 read as two equal lists."""
+    from dhr_cli.io.datasets import VOC_CLASSES, class_mismatch
+
+    root, _, _ = synth
+    long_name = "double-decker bus of the london transport museum"
+    renamed = _with_classes(root / "cams.h5", tmp_path / "renamed.h5", lambda c: c.__setitem__(5, long_name))
+    _one_line_error(invoke("seed", "--cams", renamed, "--data", root, "--out", tmp_path / "s.h5", "--no-crf", "-q"),
+                    "renamed.h5", f"class 5 is '{long_name}' in the store but 'bus' in the dataset")
+    longer = _with_classes(root / "cams.h5", tmp_path / "longer.h5", lambda c: c.append("zebra"))
+    _one_line_error(invoke("seed", "--cams", longer, "--data", root, "--out", tmp_path / "s.h5", "--no-crf", "-q"),
+                    "class 6 is 'zebra' in the store but absent from the dataset (it has 6 classes)")
+    other = [*VOC_CLASSES[:17], "Sheep!", *VOC_CLASSES[18:]]  # class_key's rule: case and punctuation aside
+    assert class_mismatch(other, VOC_CLASSES, "a", "b") is None
+    assert class_mismatch(other, VOC_CLASSES, "a", "b", key=str) == "class 17 is 'Sheep!' in a but 'sheep' in b"
+
+
 # ---- cams label attributes -----------------------------------------------------------------
 @pytest.mark.parametrize("labels, needle", [
     ("cat,dog", "must be a 1-D array of integers"),

@@ -438,3 +438,99 @@ def test_train_passes_the_step3_grouping_rule_to_online_regeneration(dataset, tm
     monkeypatch.setattr(train_module, "run_train", fake_run_train)
     CliRunner().invoke(app, _cli_train(dataset, tmp_path / "r", *flag))
     assert seen["cfg"].propagate.step3_background is expected
+
+
+# ---- the run folder: --overwrite, dhr info, inputs checked up front ------------------------------
+def _one_line_error(res) -> str:
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error:"), res.output[-1500:]
+    return lines[0]
+
+
+def test_overwrite_removes_only_an_earlier_run_folder(dataset, tmp_path):
+    """--overwrite removed whatever folder --out named (a home folder given by mistake): now only a run's,
+    finished or killed before its config.json (nothing but a run's own files), or an empty one."""
+    from typer.testing import CliRunner
+
+    from dhr_cli.cli import app
+    from dhr_cli.errors import InputError
+    from dhr_cli.pipeline.train import run_train
+
+    home = tmp_path / "home"
+    (home / "checkpoints").mkdir(parents=True)  # a run's names beside a user's file do not make it a run
+    (home / "thesis.tex").write_text("years of work")
+    line = _one_line_error(CliRunner().invoke(app, _cli_train(dataset, home, "--overwrite", "--max-steps", "1")))
+    assert str(home) in line and "does not look like a dhr train run folder" in line
+    with pytest.raises(InputError, match="does not look like a dhr train run folder"):  # the library call too
+        run_train(TINY, dataset, dataset / "masks", home, split="train", quiet=True, overwrite=True, max_steps=1)
+    assert (home / "thesis.tex").read_text() == "years of work"
+
+    killed = tmp_path / "killed"  # killed before config.json: an empty checkpoints/, a save's temporary
+    (killed / "checkpoints").mkdir(parents=True)
+    (killed / ".model.pt.4242.tmp").write_bytes(b"cut short")
+    for _ in range(2):  # then the finished run it became
+        res = CliRunner().invoke(app, _cli_train(dataset, killed, "--overwrite", "--max-steps", "1"))
+        assert res.exit_code == 0, res.output
+        assert sorted(p.name for p in killed.iterdir()) == ["checkpoints", "config.json", "epochs.csv", "log.jsonl",
+                                                            "model.pt"]
+
+
+def test_info_summarises_a_run_folder(dataset, tmp_path):
+    """`dhr info RUN_DIR` said the run folder matched no dataset layout."""
+    from typer.testing import CliRunner
+
+    from dhr_cli.cli import app
+    from dhr_cli.pipeline.train import run_train
+
+    run_train(TINY, dataset, dataset / "masks", tmp_path / "r", split="train", quiet=True, max_steps=3)  # epoch 1 of 2
+    res = CliRunner().invoke(app, ["info", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert "dhr train run" in res.output and "resnet18" in res.output and "epoch 1 of 2, step 3" in res.output
+    summary = json.loads(CliRunner().invoke(app, ["info", str(tmp_path / "r"), "--json"]).output)
+    assert summary["what"] == "dhr train run" and summary["weights"] == "model.pt, checkpoints/last.pt"
+    assert summary["config"]["backbone"] == "resnet18" and summary["inputs"]["split"] == "train"
+
+
+def test_uss_store_of_other_image_sizes_is_refused_before_the_run_folder(dataset, tmp_path):
+    """A features item whose image_size is not its image's size trained without a word."""
+    from typer.testing import CliRunner
+
+    from dhr_cli.cli import app
+    from dhr_cli.io.datasets import open_dataset
+    from dhr_cli.io.store import open_store
+    from tests.helpers import write_plain_store
+
+    ids = open_dataset(dataset, "train").ids
+    with open_store(dataset / "uss.h5") as uss:
+        items = {i: ("features", uss.read(i).features, {"image_size": [7, 9] if i == ids[1] else list(uss.read(i).image_size)})
+                 for i in uss.ids}
+        classes = uss.classes
+    store = write_plain_store(tmp_path / "sized.h5", "features", classes, items)
+    args = _cli_train(dataset, tmp_path / "r", "--uss", str(store), "--no-crf", "--max-steps", "1")
+    args[args.index("--no-dhr")] = "--dhr"
+    line = _one_line_error(CliRunner().invoke(app, args))
+    assert "sized.h5" in line and repr(ids[1]) in line and "image_size 9x7 but its image is 160x120" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_non_finite_weights_are_refused_naming_the_file_and_tensor(dataset, tmp_path):
+    """NaN backbone weights ended in "the loss became NaN" deep in training (NaN CAMs in `dhr cams`)."""
+    from torchvision.models import resnet18
+    from typer.testing import CliRunner
+
+    from dhr_cli.cli import app
+    from dhr_cli.errors import CheckpointError
+    from dhr_cli.models.checkpoints import load_state_dict
+
+    sd = resnet18(weights=None).state_dict()
+    sd["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(sd, tmp_path / "nan.pth")
+    sd["layer2.0.conv1.weight"][0, 0, 0, 0] = 0.0
+    sd["bn1.running_var"][3] = float("inf")
+    torch.save({"state_dict": sd}, tmp_path / "inf.pth")
+    line = _one_line_error(CliRunner().invoke(app, _cli_train(dataset, tmp_path / "r", "--backbone-weights",
+                                                               str(tmp_path / "nan.pth"))))
+    assert "nan.pth: tensor 'layer2.0.conv1.weight' holds NaN or infinite values" in line
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(CheckpointError, match=r"inf.pth: tensor 'state_dict.bn1.running_var' holds NaN"):
+        load_state_dict(tmp_path / "inf.pth")

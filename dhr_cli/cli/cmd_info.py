@@ -11,10 +11,11 @@ import typer
 from dhr_cli.cli.options import GtCache, Quiet, SkipMissingImages, Split, app, out, user_errors
 
 
-@app.command("info", help="Summarise a store (kind, classes, items, shapes, provenance) or a dataset folder.")
+@app.command("info", help="Summarise a store (kind, classes, items, shapes, provenance), a dataset folder or a "
+                          "dhr train run folder (options, weights, the epoch reached).")
 @user_errors
 def info_cmd(
-    path: Annotated[Path, typer.Argument(help="A store (.h5) or a dataset folder.")],
+    path: Annotated[Path, typer.Argument(help="A store (.h5), a dataset folder or a dhr train run folder.")],
     split: Split = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Read every item of a store and check its checksums; "

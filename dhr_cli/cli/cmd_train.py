@@ -83,11 +83,13 @@ def train_cmd(
 
     from dhr_cli.errors import InputError
     from dhr_cli.io.store import check_output
-    from dhr_cli.pipeline.train import run_train
+    from dhr_cli.pipeline.train import check_overwritable, run_train
 
     check_output(out_dir, folder=True, overwrite=overwrite, resume=resume,  # before any work: the shared output check
                  inputs={"--data": data, "--masks": masks, "--uss": uss, "--uss-weights": uss_weights,
                          "--uss-backbone-weights": uss_backbone_weights, "--backbone-weights": backbone_weights})
+    if overwrite:
+        check_overwritable(out_dir)  # before the USS features are computed, not after
 
     try:
         cfg = TrainConfig(

@@ -249,6 +249,18 @@ def class_key(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
+def class_mismatch(ours: list[str], theirs: list[str], here: str, there: str, key=class_key) -> str | None:
+    """Where two class lists first differ (by `key`), both names in full whatever their position:
+    "class 5 is 'train' in the store but 'bus' in the dataset"; None when they match."""
+    shorter = min(len(ours), len(theirs))
+    i = next((i for i in range(max(len(ours), len(theirs))) if i >= shorter or key(ours[i]) != key(theirs[i])), None)
+    return None if i is None else f"class {i} is {_named(ours, i, here)} but {_named(theirs, i, there)}"
+
+
+def _named(names: list[str], i: int, where: str) -> str:
+    return f"{names[i]!r} in {where}" if i < len(names) else f"absent from {where} (it has {len(names)} classes)"
+
+
 def names_twice(names: list[str]) -> list[str]:
     """The names of a class list that class_key makes one (sorted): such a list is ambiguous wherever
     classes are matched by name."""

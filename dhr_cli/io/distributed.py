@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from dhr_cli.errors import StoreError
+from dhr_cli.io.datasets import class_mismatch
 from dhr_cli.io.store import OutputLock, StoreWriter, check_output, create_store, open_store, validate_item
 
 logger = logging.getLogger(__name__)
@@ -170,10 +171,8 @@ def merge_stores(inputs: Sequence[Path], out: Path, *, overwrite: bool = False, 
         for s in stores[1:]:
             if s.kind != first.kind:
                 raise StoreError(f"{s.path}: holds {s.kind!r}, but {first.path} holds {first.kind!r}; cannot merge")
-            if s.classes != first.classes:
-                diff = next((f"class {i} is {a!r} there and {b!r} here" for i, (a, b)
-                             in enumerate(zip(first.classes, s.classes)) if a != b),
-                            f"{len(s.classes)} classes here, {len(first.classes)} there")
+            diff = class_mismatch(s.classes, first.classes, "this store", first.path.name, key=str)  # copied as spelt
+            if diff:
                 raise StoreError(f"{s.path}: its classes differ from those of {first.path} ({diff}); cannot merge")
             for key in ("source", "source_kind"):  # the network a cams / features store came from
                 if s.attrs.get(key) != first.attrs.get(key):

@@ -143,6 +143,9 @@ class LazyStore:
     def read_mask(self, item_id: str) -> np.ndarray:
         return self.store().read_mask(item_id)
 
+    def image_size(self, item_id: str) -> tuple[int, int]:
+        return self.store().image_size(item_id)
+
     def close(self) -> None:
         self._readers.close()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import socket
 import stat
 import sys
@@ -234,6 +235,15 @@ class Store:
             elif name == main:
                 raise StoreError(f"{where}: {name} has no image_size attribute ([H, W] of the image)")
         return Item(self.path, item_id, arrays, attrs)
+
+    def image_size(self, item_id: str) -> tuple[int, int]:
+        """(H, W) of the image an item was computed for, from its datasets' attributes alone: no map is
+        read (a check of every item costs what a header read does)."""
+        with _damage_as_error(self.path, item_id):
+            group = self._group(item_id)
+            attrs = {name: _dataset_attrs(group[name]) for name in ("cams", "features")
+                     if isinstance(group.get(name), h5py.Dataset)}
+            return Item(self.path, item_id, {}, attrs).image_size
 
     def _group(self, item_id: str) -> h5py.Group:
         """items/<id> as a group, else a one-line StoreError (a missing id, a broken link, a dataset)."""
@@ -793,6 +803,33 @@ def check_not_input(out: Path, inputs: dict[str, Any], *, folder: bool = False) 
                 part_of = part_of or dataset_part(out) or False
                 if part_of and os.path.samefile(part_of, given):
                     raise StoreError(f"{out}: is read by the dataset {option} {given}; write the output elsewhere")
+
+
+def check_replaceable(folder: Path, recognised: Callable[[Path], bool], what: str) -> None:
+    """--overwrite of a command that removes its whole output folder (`dhr train`, `dhr demo`): only an
+    empty folder or one `recognised` as `what` may go, never a file or a user's folder named by mistake."""
+    folder = Path(folder)
+    if folder.is_symlink():  # rmtree refuses links; removing what one points to would surprise
+        raise StoreError(f"{folder}: is a symbolic link; --overwrite removes nothing through a link, "
+                         "give the folder itself")
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise StoreError(f"{folder}: is a file, not a folder; nothing was removed")
+    if folder.is_dir() and any(folder.iterdir()) and not recognised(folder):
+        raise StoreError(f"{folder}: does not look like {what}, so --overwrite removes nothing; "
+                         "choose another folder, or empty it yourself")
+
+
+def holds_only(folder: Path, names: Iterable[str]) -> bool:
+    """Every entry of `folder` is one of `names` or a side file dhr writes beside one: X.partial, X.lock,
+    or .X.<pid>.tmp (an atomic write's temporary, which a kill leaves)."""
+    names = set(names)
+    return all(_written_name(p.name) in names for p in Path(folder).iterdir())
+
+
+def _written_name(name: str) -> str:
+    """The output a side file belongs to: X for X.partial, X.lock, X.partial.lock and .X.<pid>.tmp."""
+    temporary = re.fullmatch(r"\.(.+)\.\d+\.tmp", name)
+    return temporary.group(1) if temporary else name.removesuffix(".lock").removesuffix(".partial")
 
 
 def _refuse_if_being_written(out: Path) -> None:

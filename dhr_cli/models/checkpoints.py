@@ -96,6 +96,27 @@ def read_checkpoint(path: str | Path, trust: bool = False, inert: bool = True, m
         raise CheckpointError(f"{path}: is a directory, expected a checkpoint file")
     if not _looks_like_checkpoint(path):
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle)")
+    obj = _read(path, trust, inert, map_location)
+    bad = _first_non_finite(obj)
+    if bad is not None:  # else a NaN loss deep in training, or NaN CAMs, far from the file to blame
+        raise CheckpointError(f"{path}: tensor {bad!r} holds NaN or infinite values; the file is damaged or comes "
+                              "from a run that diverged")
+    return obj
+
+
+def _first_non_finite(obj, key: str = "") -> str | None:
+    """The dotted key of the first floating tensor in `obj` (nested dicts, lists) holding NaN or inf, else None."""
+    if isinstance(obj, torch.Tensor):
+        return key if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    items = obj.items() if isinstance(obj, Mapping) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        bad = _first_non_finite(v, f"{key}.{k}" if key else str(k))
+        if bad is not None:
+            return bad
+    return None
+
+
+def _read(path: Path, trust: bool, inert: bool, map_location):
     try:
         return torch.load(path, map_location=map_location, weights_only=not trust)
     except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError ...

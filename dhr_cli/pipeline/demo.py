@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
 
 from dhr_cli.config import DemoConfig, EvalConfig, PropagateConfig, SeedConfig
 from dhr_cli.errors import InputError
+from dhr_cli.io.store import check_replaceable, holds_only
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +44,10 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), overwrite: bool = False)
     from dhr_cli.testing.synthetic import make_dataset
 
     out = Path(out)
-    if out.exists():
-        if not overwrite:
+    if os.path.lexists(out):
+        if out.is_dir() and not overwrite:
             raise InputError(f"{out}: already exists; pass --overwrite to replace it")
+        check_replaceable(out, is_demo_output, "a dhr demo output folder")  # a file, or a user's folder: kept
         shutil.rmtree(out)
     out.mkdir(parents=True)
     data = out / "data"
@@ -101,6 +104,24 @@ def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), overwrite: bool = False)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(summary_markdown(summary) + "\n")
     return summary
+
+
+# What OUT holds: the procedural dataset (written first), the stores, the eval JSON, report and summary.
+_DEMO_FILES = ("data", "cams.h5", "uss.h5", "seeds.h5", "masks.h5", "cam.h5", "cam_crf.h5", "report.json", "report",
+               "summary.json", "summary.md")
+
+
+def is_demo_output(out: Path) -> bool:
+    """OUT of an earlier demo, finished or interrupted: the demo's files only, around its procedural
+    dataset (known by its class list; a run killed before writing that has written no file at all)."""
+    from dhr_cli.testing.synthetic import CLASSES
+
+    if not holds_only(out, _DEMO_FILES):
+        return False
+    try:
+        return (out / "data" / "classes.txt").read_text().split() == CLASSES
+    except OSError:
+        return not any(p.is_file() for p in out.rglob("*"))
 
 
 def seed_options(bg_rule: str | None, ot: bool | None) -> list[str]:

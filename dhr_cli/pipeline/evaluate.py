@@ -24,7 +24,7 @@ import numpy as np
 
 from dhr_cli.config import EVAL_BATCH, EVAL_PARALLEL_FROM, IGNORE_INDEX, EvalConfig
 from dhr_cli.errors import DatasetError, InputError
-from dhr_cli.io.datasets import class_key
+from dhr_cli.io.datasets import class_mismatch
 from dhr_cli.io.loading import MaskSource
 from dhr_cli.kernels.metrics import class_scores, fold_joint, joint_histogram, mean_over_present
 
@@ -57,14 +57,12 @@ def open_predictions(path: str | os.PathLike, classes: list[str]) -> Predictions
 
 
 def _check_classes(path: Path, store_classes: list[str], classes: list[str]) -> None:
-    if len(store_classes) != len(classes):
-        raise InputError(
-            f"{path}: holds {len(store_classes)} classes but the dataset has {len(classes)}; "
-            "the masks were made for another class list"
-        )
-    diff = [(a, b) for a, b in zip(store_classes, classes) if class_key(a) != class_key(b)]
+    diff = class_mismatch(store_classes, classes, "the masks", "the dataset")
+    if diff and len(store_classes) != len(classes):
+        raise InputError(f"{path}: holds {len(store_classes)} classes but the dataset has {len(classes)} ({diff}); "
+                         "the masks were made for another class list")
     if diff:
-        raise InputError(f"{path}: class names differ from the dataset's, e.g. {diff[0][0]!r} vs {diff[0][1]!r}")
+        raise InputError(f"{path}: class names differ from the dataset's: {diff}")
 
 
 # ---- results --------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""`dhr info`: what is in a store or a dataset folder, as plain data (the CLI renders it)."""
+"""`dhr info`: what is in a store, a dataset folder or a `dhr train` run folder, as plain data (the CLI renders it)."""
 
 from __future__ import annotations
 
@@ -110,5 +110,10 @@ def _coco_extras(ds) -> dict:
 
 
 def describe(path: Path, split: str | None = None) -> dict:
-    """Summary of a store file or a dataset folder."""
-    return describe_dataset(path, split) if Path(path).is_dir() else describe_store(path)
+    """Summary of a store file, a `dhr train` run folder or a dataset folder."""
+    from dhr_cli.pipeline.run_folder import describe_run, is_train_run
+
+    path = Path(path)
+    if not path.is_dir():
+        return describe_store(path)
+    return describe_run(path) if is_train_run(path) else describe_dataset(path, split)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dhr_cli.errors import InputError, StoreError
-from dhr_cli.io.datasets import Dataset, class_key
+from dhr_cli.io.datasets import Dataset, class_mismatch
 from dhr_cli.io.store import Store, open_store
 
 logger = logging.getLogger(__name__)
@@ -25,9 +25,10 @@ Missing = Literal["fail", "skip"]
 def check_classes(store, dataset: Dataset) -> None:
     """A store's class list (anything with .path and .classes) must be the dataset's (case, spaces and
     punctuation aside)."""
-    if [class_key(c) for c in store.classes] != [class_key(c) for c in dataset.classes]:
-        raise StoreError(f"{store.path}: its {len(store.classes)} classes ({', '.join(store.classes[:4])}, ...) differ "
-                         f"from the dataset's {len(dataset.classes)} ({', '.join(dataset.classes[:4])}, ...) at {dataset.root}")
+    diff = class_mismatch(store.classes, dataset.classes, "the store", "the dataset")
+    if diff:
+        raise StoreError(f"{store.path}: its {len(store.classes)} classes differ from the dataset's "
+                         f"{len(dataset.classes)} at {dataset.root}: {diff}")
 
 
 def require_background(dataset: Dataset) -> int:

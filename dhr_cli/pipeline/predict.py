@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from dhr_cli.config import PredictConfig
 from dhr_cli.errors import DatasetError
-from dhr_cli.io.datasets import open_dataset
+from dhr_cli.io.datasets import class_mismatch, open_dataset
 from dhr_cli.io.progress import track
 from dhr_cli.io.runtime import resolve_device
 from dhr_cli.models.deeplab import DHRNet, load_trained
@@ -123,9 +123,10 @@ def run_predict(cfg: PredictConfig, model: str | os.PathLike, data: str | os.Pat
     device = resolve_device(device_for_rank(cfg.device, rank))
     net, meta = load_trained(model, device, use_ema=cfg.use_ema)
     dataset = open_dataset(data, split)
-    if list(meta["classes"]) != list(dataset.classes):
+    diff = class_mismatch(dataset.classes, list(meta["classes"]), "the dataset", "the network", key=str)
+    if diff:
         raise DatasetError(f"{data}: its {len(dataset.classes)} classes differ from the {len(meta['classes'])} "
-                           f"the network {meta['path']} was trained on")
+                           f"the network {meta['path']} was trained on: {diff}")
     background = 0 if dataset.has_background else None
     ids = shard(dataset.ids, rank)
     provenance = make_provenance("predict", cfg, {"model": meta["path"], "data": str(data)}, dataset=dataset, ids=ids)

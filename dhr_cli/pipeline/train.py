@@ -46,7 +46,9 @@ from dhr_cli.errors import CheckpointError, DatasetError, InputError, StoreError
 from dhr_cli.io.datasets import Dataset, open_dataset
 from dhr_cli.io.loading import LazyStore, MaskSource, error_carrying_loader, raise_carried
 from dhr_cli.io.progress import progress_bar
+from dhr_cli.io.store import check_replaceable
 from dhr_cli.pipeline.inputs import check_classes
+from dhr_cli.pipeline.run_folder import is_train_run
 from dhr_cli.io.runtime import resolve_device
 from dhr_cli.models.checkpoints import save_atomic
 from dhr_cli.models.deeplab import DHRNet, NetworkSpec, build_network
@@ -84,7 +86,8 @@ def open_training_masks(path: str | os.PathLike, ids: list[str], dataset: Datase
 class FeatureSource:
     """Per-image feature maps (D, h, w) covering the whole image: a features (or cams) store."""
 
-    def __init__(self, spec: str | os.PathLike, ids: list[str], option: str = "--uss"):
+    def __init__(self, spec: str | os.PathLike, ids: list[str], option: str = "--uss",
+                 sizes: dict[str, tuple[int, int]] | None = None):
         path = Path(spec)
         if not path.is_file():
             raise InputError(f"{option} {spec}: no such store; give a features store, or a network name on the "
@@ -94,6 +97,11 @@ class FeatureSource:
         missing = [i for i in ids if i not in self._store.ids]
         if missing:
             raise InputError(f"{option} {path}: {len(missing)} training images have no features, e.g. {missing[:3]}")
+        for item_id, size in (sizes or {}).items():  # maps of another image would be warped onto this one's crops
+            stored = self._store.image_size(item_id)
+            if tuple(stored) != tuple(size):
+                raise StoreError(f"{option} {path}: item {item_id!r} has image_size {stored[1]}x{stored[0]} but its "
+                                 f"image is {size[1]}x{size[0]}; the features were computed for other images")
         self._first = ids[0] if ids else None
         self._channels = self._store.read(ids[0]).features.shape[0] if ids else None  # every item's, checked on read
 
@@ -346,6 +354,12 @@ def run_train(cfg: TrainConfig, data: str | os.PathLike, masks: str | os.PathLik
             dist.destroy_process_group()
 
 
+def check_overwritable(run_dir: Path) -> None:
+    """--overwrite removes the whole run folder: only an earlier run's (or an empty one), never a folder
+    given to --out by mistake."""
+    check_replaceable(run_dir, is_train_run, "a dhr train run folder (no config.json of a run)")
+
+
 def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, rank: int) -> Path | None:
     last = run_dir / "checkpoints" / "last.pt"
     if rank == 0:
@@ -356,6 +370,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, rank: int) ->
         if run_dir.is_dir() and any(run_dir.iterdir()) and not resume:
             if not overwrite:
                 raise InputError(f"--out {run_dir}: already holds a run; pass --resume to continue it or --overwrite to start again")
+            check_overwritable(run_dir)
             shutil.rmtree(run_dir)
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if resume and not last.is_file():
@@ -373,14 +388,14 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
         logger.info("%d images without foreground labels are left out of training", len(dataset.ids) - len(ids))
     if not ids:
         raise DatasetError(f"{data}: no training image has a foreground label")
-    for item_id in ids:  # headers only (missing, undecodable, above --max-pixels): fail before the run folder exists
-        dataset.image_size(item_id)
+    # headers only (missing, undecodable, above --max-pixels): fail before the run folder exists
+    sizes = {item_id: dataset.image_size(item_id) for item_id in ids}
     if cfg.dhr and uss_spec is None:
         raise InputError("DHR training needs USS features: pass --uss USS.h5 (or --no-dhr to train on --masks only)")
     inputs = {"data": str(data), "split": split, "masks": str(masks_path), "uss": None if uss_spec is None else str(uss_spec),
               "backbone_weights": None if backbone_weights is None else str(backbone_weights)}
     mask_source = open_training_masks(masks_path, ids, dataset)
-    uss_source = FeatureSource(uss_spec, ids) if cfg.dhr else None
+    uss_source = FeatureSource(uss_spec, ids, sizes=sizes) if cfg.dhr else None
     regen = OnlineRegenerator(cfg, dataset, cam_index(dataset)[1]) if cfg.dhr else None
     val_set = _validation_split(dataset, data, cfg)
     num_cams, cam_offset = cam_index(dataset)
