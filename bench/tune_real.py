@@ -8,8 +8,10 @@ Each positional argument is one setting: space-separated `key=value` overrides o
 
     seed.KEY=V        SeedConfig (bg_power, confidence, use_crf)
     seed.crf.KEY=V    the CRF of Step 1 (CRFConfig: max_side, n_iter, gauss_sxy, ...)
+    seed.sinkhorn.KEY=V  Step 1's OT (SinkhornConfig: eps, max_iter, tol)
     prop.KEY=V        PropagateConfig (tau, step3, marginals, upsample, restore_classes, ...)
     prop.crf.KEY=V    the CRF after Steps 2-3
+    prop.sinkhorn.KEY=V  the OT of Steps 2-3
     crf.KEY=V         both CRFs (and the CRF of the CAM + CRF baseline)
     cam=1             also score CAM + CRF (bg swept over bench/real.py's BG_SWEEP) with that CRF
 
@@ -63,7 +65,8 @@ def _value(text: str):
 
 def parse_setting(text: str) -> dict[str, dict]:
     """'seed.crf.max_side=128 prop.tau=0.9' -> {'seed': {...}, 'seed.crf': {...}, 'prop': ..., 'prop.crf': ..., 'cam': ...}."""
-    out: dict[str, dict] = {"seed": {}, "seed.crf": {}, "prop": {}, "prop.crf": {}, "cam": {}}
+    out: dict[str, dict] = {"seed": {}, "seed.crf": {}, "seed.sinkhorn": {}, "prop": {}, "prop.crf": {},
+                            "prop.sinkhorn": {}, "cam": {}}
     for part in text.split():
         if part == "defaults":
             continue
@@ -79,15 +82,17 @@ def parse_setting(text: str) -> dict[str, dict]:
         elif scope in out:
             out[scope][name] = _value(val)
         else:
-            raise SystemExit(f"setting {text!r}: unknown scope {scope!r} (seed, seed.crf, prop, prop.crf, crf)")
+            raise SystemExit(f"setting {text!r}: unknown scope {scope!r} (seed, seed.crf, seed.sinkhorn, prop, prop.crf, prop.sinkhorn, crf)")
     return out
 
 
 def configs(setting: dict[str, dict]) -> tuple[SeedConfig, PropagateConfig, CRFConfig]:
     seed_crf = dataclasses.replace(SeedConfig().crf, **setting["seed.crf"])  # overrides of each stage's default CRF
     prop_crf = dataclasses.replace(PropagateConfig().crf, **setting["prop.crf"])
-    seed = SeedConfig(crf=seed_crf, **setting["seed"])
-    prop = PropagateConfig(crf=prop_crf, **setting["prop"])
+    seed_ot = dataclasses.replace(SeedConfig().sinkhorn, **setting["seed.sinkhorn"])
+    prop_ot = dataclasses.replace(PropagateConfig().sinkhorn, **setting["prop.sinkhorn"])
+    seed = SeedConfig(crf=seed_crf, sinkhorn=seed_ot, **setting["seed"])
+    prop = PropagateConfig(crf=prop_crf, sinkhorn=prop_ot, **setting["prop"])
     return seed, prop, prop_crf
 
 

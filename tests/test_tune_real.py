@@ -34,6 +34,9 @@ def test_settings_parse_into_the_configs():
     assert seed.bg_power == 3.0 and prop.step3 is False and prop.crf.n_iter == 5 and seed.crf.n_iter == CRFConfig().n_iter
     assert tune_real.configs(tune_real.parse_setting("seed.bg_power=3"))[1].crf == PropagateConfig().crf
     assert s["cam"]["on"] is True
+    seed, prop, _ = tune_real.configs(tune_real.parse_setting("prop.sinkhorn.eps=0.2 seed.sinkhorn.max_iter=50"))
+    assert prop.sinkhorn.eps == 0.2 and seed.sinkhorn.eps == SeedConfig().sinkhorn.eps
+    assert seed.sinkhorn.max_iter == 50 and prop.sinkhorn.max_iter == PropagateConfig().sinkhorn.max_iter
     assert tune_real.configs(tune_real.parse_setting("defaults"))[:2] == (SeedConfig(), PropagateConfig())
     with pytest.raises(SystemExit):
         tune_real.parse_setting("bogus.tau=1")
