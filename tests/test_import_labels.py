@@ -97,3 +97,60 @@ def test_bad_label_files(tmp_path):
     (tmp_path / "evil.npy").write_bytes(b"not a numpy file")
     code, output = _cli("import", "labels", tmp_path / "evil.npy", "--data", root, "--out", out, "--overwrite")
     assert code != 0 and "evil.npy: not a readable .npy file" in output and "Traceback" not in output
+
+
+def test_labels_json_that_cannot_be_written_is_named_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A full disk (or `ulimit -f`) used to give "Error: File too large" without the file's name, and to
+    leave a half-written OUT.partial that made the next run ask for a --resume that import labels lacks."""
+    import errno
+
+    root = _flat(tmp_path / "flat")
+    src, out = tmp_path / "cls_labels.npy", tmp_path / "labels.json"
+    np.save(src, _vectors(4), allow_pickle=True)
+    real_write = Path.write_text
+
+    def cut_off(self, text, *args, **kwargs):
+        real_write(self, text[:10], *args, **kwargs)  # the file is cut off, as RLIMIT_FSIZE does
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(Path, "write_text", cut_off)
+    code, output = _cli("import", "labels", src, "--data", root, "--out", out)
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith(f"Error: {out}: could not be written (File too large)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cls_labels.npy", "flat"]  # no partial, temp or lock
+    monkeypatch.undo()
+    code, output = _cli("import", "labels", src, "--data", root, "--out", out)
+    assert code == 0 and len(json.loads(out.read_text())) == 3, output
+
+
+def test_a_second_writer_of_the_same_labels_json_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    root = _flat(tmp_path / "flat")
+    src, out = tmp_path / "cls_labels.npy", tmp_path / "labels.json"
+    np.save(src, _vectors(4), allow_pickle=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # a live writer holds labels.json.lock
+        (tmp_path / "labels.json.lock").write_text(f"{holder.pid} {__import__('socket').gethostname()}\n")
+        code, output = _cli("import", "labels", src, "--data", root, "--out", out)
+        assert code == 1 and "is being written by PID" in output and not out.exists(), output
+    finally:
+        holder.kill()
+        holder.wait()
+    code, output = _cli("import", "labels", src, "--data", root, "--out", out)  # the stale lock is taken over
+    assert code == 0 and out.exists() and not (tmp_path / "labels.json.lock").exists(), output
+
+
+@pytest.mark.parametrize("value", [-1.0, 2.0, 0.7, 1e30])
+def test_label_vectors_of_scores_not_labels_are_refused(tmp_path, value):
+    """Vectors of other than 0/1 (scores, logits, -1 for 'absent') were thresholded at 0.5 without a word:
+    a file of -1/0 entries gave every image no label at all, one of scores invented labels."""
+    root = _flat(tmp_path / "flat")
+    out = tmp_path / "labels.json"
+    vecs = _vectors(4)
+    vecs[IDS[1]][0] = value
+    np.save(tmp_path / "scores.npy", vecs, allow_pickle=True)
+    code, output = _cli("import", "labels", tmp_path / "scores.npy", "--data", root, "--out", out)
+    assert code == 1 and f"scores.npy: the vector of '{IDS[1]}' holds {value:g}; 0/1 entries expected" in output
+    assert "Traceback" not in output and not out.exists()

@@ -125,3 +125,41 @@ def test_npy_pickles_are_read_without_running_code(data, tmp_path, monkeypatch):
     r = invoke("import", "clip-es", src, "--data", root, "--split", "train", "--out", tmp_path / "e.h5", "--quiet")
     assert r.exit_code == 1 and "refusing to load builtins.exec" in r.output and "--trust-files" in r.output
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_resume_of_an_import_refuses_another_split_or_edited_source_files(tmp_path, monkeypatch):
+    """`dhr import` recorded neither the split nor its SRC files: a run over split train stopped midway and
+    resumed with --split val published a store of train items beside val ones; PNGs edited in between were
+    mixed in as well."""
+    import os
+
+    from dhr_cli.io import datasets
+
+    root = make_dataset(tmp_path / "d", n_images=8, stores=False)
+    png = tmp_path / "png"
+    png.mkdir()
+    ds = open_dataset(root)
+    for i in ds.ids:
+        Image.fromarray(ds.gt(i)).save(png / f"{i}.png")
+    out = tmp_path / "m.h5"
+    real, calls = datasets.read_index_png, [0]
+
+    def stopping(path):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt  # as a Ctrl-C: the items written so far stay in OUT.partial
+        return real(path)
+
+    monkeypatch.setattr(datasets, "read_index_png", stopping)
+    r = invoke("import", "png", png, "--data", root, "--split", "train", "--out", out, "-q")
+    assert r.exit_code == 130 and (tmp_path / "m.h5.partial").exists() and not out.exists(), r.output
+    monkeypatch.setattr(datasets, "read_index_png", real)
+    r = invoke("import", "png", png, "--data", root, "--split", "val", "--out", out, "-q", "--resume")
+    assert r.exit_code == 1 and "input split: train (partial) vs val (this run)" in r.output and not out.exists()
+    train = open_dataset(root, "train").ids
+    later = png / f"{train[-1]}.png"  # a file the stopped run had not read yet
+    Image.fromarray(np.zeros_like(ds.gt(train[-1]))).save(later)
+    os.utime(later, ns=(1, 1))
+    r = invoke("import", "png", png, "--data", root, "--split", "train", "--out", out, "-q", "--resume")
+    assert r.exit_code == 1 and "input src" in r.output and "changed since the partial run" in r.output, r.output
+    assert not out.exists()

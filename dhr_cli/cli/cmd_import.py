@@ -60,10 +60,10 @@ def import_cmd(
     from dhr_cli.io.store import check_output
     from dhr_cli.pipeline.imports import run_import
 
-    check_output(out_path, overwrite=overwrite, resume=resume,  # before any work: the shared output check
-                 inputs={"SRC": src, "--data": data})
-
     fmt = ImportFormat(fmt).value
+    check_output(out_path, overwrite=overwrite, resume=resume,  # before any work: the shared output check
+                 resumable=fmt != "labels", inputs={"SRC": src, "--data": data})  # a labels.json is written whole
+
     ds = open_dataset(data, split)
     if fmt == "labels":
         from dhr_cli.pipeline.imports import run_import_labels
@@ -74,7 +74,7 @@ def import_cmd(
                      if s["missing"] else ""), markup=False, soft_wrap=True)
         return
     prov = make_provenance("import", {"format": fmt, "missing": missing, "source": source},
-                           inputs={"src": src, "data": data})
+                           inputs={"src": src, "data": data}, dataset=ds, ids=ds.ids)  # a --resume: same split
     s = run_import(fmt, src, ds, out_path, provenance=prov, overwrite=overwrite, resume=resume, quiet=quiet,
                    source_name=source, missing=missing, trust=trust_files)
     out.print(f"{s['kind']} store {out_path}: {s['written']} images imported"

@@ -280,7 +280,11 @@ def run_import(fmt: str, src: str | Path, dataset, out: str | Path, *, provenanc
     kind = FORMATS[fmt]
     offset = 1 if dataset.has_background else 0
     n_classes = len(dataset.classes)
-    provenance = provenance or make_provenance("import", {"format": fmt}, {"src": src})
+    provenance = provenance or make_provenance("import", {"format": fmt}, {"src": src, "data": dataset.root},
+                                               dataset=dataset, ids=dataset.ids)
+    # SRC is a folder: its files for the split's ids are what a --resume must find unchanged
+    provenance = {**provenance, "input_ids": {**provenance.get("input_ids", {}),
+                                              "src": _files_fingerprint(src, dataset.ids, SUFFIX[fmt])}}
     root_attrs = {"source": source_name or fmt} if kind == "features" else None
     written, absent = 0, []
     with create_store(out, kind, dataset.classes, provenance=provenance, overwrite=overwrite, resume=resume,
@@ -329,6 +333,18 @@ def run_import(fmt: str, src: str | Path, dataset, out: str | Path, *, provenanc
     return {"kind": kind, "written": written, "missing": absent}
 
 
+def _files_fingerprint(src: Path, ids: list[str], suffix: str) -> str:
+    """A digest of the size and modification time of SRC/<id><suffix> for every id (a missing one marked)."""
+    import hashlib
+
+    from dhr_cli.io.datasets import _stat_id
+
+    digest = hashlib.sha1()
+    for item_id in ids:
+        digest.update(item_id.encode("utf-8", "surrogateescape") + b"\0" + _stat_id(src / f"{item_id}{suffix}") + b"\0")
+    return "files:" + digest.hexdigest()[:20]
+
+
 def _id_forms(key) -> list[str]:
     """Ways a label-file key names an image: ToCo keys are the id string; IRN keys are ints with the
     underscore dropped (2011003271 = 2011_003271); COCO's are the integer image id (12 digits in names)."""
@@ -348,6 +364,10 @@ def _label_vectors(path: Path, raw: dict) -> dict:
         v = _numbers(path, vec, f"the vector of {key!r}").reshape(-1).astype(np.float64)
         if not np.isfinite(v).all():
             raise InputError(f"{path}: the vector of {key!r} holds NaN or infinite values; 0/1 entries expected")
+        other = v[(v != 0) & (v != 1)]
+        if other.size:  # scores or logits, not labels: a threshold would invent (or drop) every label
+            raise InputError(f"{path}: the vector of {key!r} holds {other[0]:g}; 0/1 entries expected "
+                             "(image-level labels, not scores)")
         vectors[key] = v
     return vectors
 
@@ -381,11 +401,12 @@ def run_import_labels(src: str | Path, dataset, out: str | Path, *, overwrite: b
 
     Vector index i is foreground class i: label value i + 1 when the dataset's class 0 is background,
     i otherwise; the vectors must have one entry per foreground class. Keys are matched in every form
-    _id_forms() knows (IRN's int ids, COCO's 12-digit numbers). Written atomically (OUT.partial, renamed)."""
+    _id_forms() knows (IRN's int ids, COCO's 12-digit numbers). Written atomically (a temporary file,
+    renamed), under OUT.lock."""
     import json
     import os
 
-    from dhr_cli.io.store import check_output_path
+    from dhr_cli.io.store import OutputLock, check_output_path
 
     src, out = Path(src), Path(out)
     if not src.is_file():
@@ -418,7 +439,18 @@ def run_import_labels(src: str | Path, dataset, out: str | Path, *, overwrite: b
     if absent and missing != "skip":
         raise InputError(f"{src}: no labels for {len(absent)} of the split's {len(dataset)} images, first "
                          f"{absent[0]}; pass --missing skip to leave them out")
-    partial = out.with_name(out.name + ".partial")
-    partial.write_text(json.dumps(labels, indent=0, sort_keys=True) + "\n")
-    os.replace(partial, out)
+    lock = OutputLock(out, resumable=False)  # one writer: a second one is refused, never mixed in
+    try:
+        if out.exists() and not overwrite:  # made by another writer since the check above
+            raise InputError(f"{out}: already exists; pass --overwrite to replace it")
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # two writers never share a temp file
+        try:
+            tmp.write_text(json.dumps(labels, indent=0, sort_keys=True) + "\n")
+            os.replace(tmp, out)
+        except OSError as e:  # disk full, `ulimit -f`, ...: no half-written file stays behind
+            tmp.unlink(missing_ok=True)
+            raise InputError(f"{out}: could not be written ({e.strerror or e}); it was left as it was, "
+                             "free space and rerun") from None
+    finally:
+        lock.release()
     return {"written": len(labels), "missing": absent, "keys": len(raw)}
