@@ -27,6 +27,10 @@ class CheckpointError(InputError):
     """A checkpoint is missing, unreadable, or its keys do not match the model."""
 
 
+class WorkerDiedError(DhrError):
+    """A loader worker process died under the command (killed by a signal: the out-of-memory killer, a kill)."""
+
+
 class NotBuiltError(DhrError):
     """A capability that this version does not provide yet."""
 

@@ -4,7 +4,8 @@ each item is written, so tiny runs last long enough to be killed between items (
 SIGKILL of this process, which may land anywhere). DHR_TEST_FAIL_AT=N: the N-th dataset written fails
 inside HDF5 with ENOSPC, as a disk that fills between the free-space check and the write.
 DHR_TEST_KILL_AT_EXPORT=N: `dhr export` SIGKILLs itself at its N-th step (a PNG written into the staging
-folder, or a rename out of it), so a kill lands inside a chosen window rather than by chance."""
+folder, or a rename out of it), so a kill lands inside a chosen window rather than by chance;
+DHR_TEST_EXPORT_SIGNAL=TERM sends SIGTERM there instead (the CLI's handler stops the export)."""
 
 import os
 import time
@@ -50,7 +51,7 @@ if _kill_at:
     def _step():
         _steps[0] += 1
         if _steps[0] == _kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("DHR_TEST_EXPORT_SIGNAL", "KILL")))
 
     _save, _replace, _rename = palette.save_palette_png, os.replace, os.rename
 

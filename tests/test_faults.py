@@ -369,6 +369,29 @@ def test_info_verify_names_each_damaged_item_and_resume_redoes_it(synth, tmp_pat
     _same_store(clean, out)
 
 
+def test_info_verify_of_a_store_without_checksums_says_so_and_checks_what_readers_check(tmp_path):
+    """Another program's store without fletcher32 and with an item every reader refuses (label 7 of 2 classes):
+    `info --verify` said "all checksums verified" and exit 0, though it had no checksum to verify."""
+    import json
+
+    path = tmp_path / "foreign.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs.update(dhr_format="dhr.store", dhr_version=1, kind="masks", classes=json.dumps(CLASSES),
+                       ignore_index=255, provenance="{}")
+        for i in range(3):
+            f.create_dataset(f"items/a{i}/mask", data=np.ones((8, 8), np.uint8))
+    r = invoke("info", "--verify", path)
+    assert r.exit_code == 0 and "all checksums verified" not in r.output, r.output
+    assert "3 items read and valid; 3 of them (e.g. 'a0') carry no checksum" in r.output
+    with h5py.File(path, "r+") as f:
+        f["items/a1/mask"][0, 0] = 7  # what damage to an unchecked dataset can look like
+    with open_store(path) as s:
+        with pytest.raises(StoreError, match="label values"):
+            s.read("a1")
+    r = invoke("info", "--verify", path)
+    assert r.exit_code == 1 and "item 'a1': mask holds label values [7] beyond the store's 2 classes" in r.output
+
+
 def _same_store(a: Path, b: Path) -> None:
     with open_store(a) as x, open_store(b) as y:
         assert x.ids == y.ids
@@ -539,15 +562,16 @@ def _orphans(marker: str) -> list[int]:
 
 
 def _kill_mid_run(args: list, partial: Path, n_items: int, sig: int, seed: int, torchrun: bool = False,
-                  module: str = "dhr_cli", env: dict | None = None):
-    """Start ARGS (`python -m MODULE`), wait until a seeded number of items (>= 1, < n_items) is in PARTIAL, send SIG."""
+                  module: str = "dhr_cli", env: dict | None = None, target: str = "command"):
+    """Start ARGS (`python -m MODULE`), wait until a seeded number of items (>= 1, < n_items) is in PARTIAL, send SIG
+    to the command, or (target) to its whole process group (a job scheduler's stop) or to one of its loader workers."""
     at = random.Random(seed).randint(1, max(1, n_items - 2))
     marker = f"DHR_FAULT_TEST={os.getpid()}-{seed}-{sig}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {}), marker.split("=")[0]: marker.split("=")[1]}
     head = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
             "-m", module] if torchrun else [sys.executable, "-m", module]
     proc = subprocess.Popen(head + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env, start_new_session=target == "group")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and _items_in(partial) < at:
         time.sleep(0.02)
@@ -558,6 +582,12 @@ def _kill_mid_run(args: list, partial: Path, n_items: int, sig: int, seed: int, 
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
+    elif target == "group":
+        os.killpg(proc.pid, sig)
+    elif target == "worker":
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert children, "the command runs no worker process"
+        os.kill(int(children[0]), sig)
     else:
         proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
@@ -599,6 +629,24 @@ def test_a_sigterm_whose_raise_python_swallowed_still_stops_the_run(synth, tmp_p
 
 
 @pytest.mark.slow
+def test_a_sigterm_of_a_command_without_resume_does_not_advise_resume(synth, tmp_path, monkeypatch):
+    """A stopped `dhr export` (or eval, merge) said "rerun with --resume to continue": it has no --resume."""
+    from dhr_cli.io import palette, progress
+
+    masks = tmp_path / "m.h5"
+    assert invoke("import", "png", synth / "masks", "--data", synth, "--out", masks, "-q").exit_code == 0
+    real_save = palette.save_palette_png
+
+    def save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        progress.request_termination()
+
+    monkeypatch.setattr(palette, "save_palette_png", save)
+    r = invoke("export", masks, "--out", tmp_path / "png", "-q")
+    assert r.exit_code == 143 and "rerun with --resume" not in one_line_error(r) and "rerun it" in one_line_error(r)
+    assert not (tmp_path / "png").exists()
+
+
 def test_sigterm_is_one_line_and_resume_completes(synth, uninterrupted, tmp_path):
     clean, out = uninterrupted("seed"), tmp_path / "s.h5"
     code, err = _kill_mid_run(_slow_seed(synth, out), tmp_path / "s.h5.partial", 12, signal.SIGTERM, seed=1)
@@ -608,6 +656,66 @@ def test_sigterm_is_one_line_and_resume_completes(synth, uninterrupted, tmp_path
     assert not (tmp_path / "s.h5.lock").exists()
     assert invoke(*_slow_seed(synth, out), "--resume").exit_code == 0
     _same_store(clean, out)
+
+
+@pytest.mark.parametrize("target, sig, code, said", [("group", signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                                      ("worker", signal.SIGKILL, 1, "a loader process died")])
+def test_a_stop_that_kills_the_workers_too_is_one_line_and_resume_completes(synth, seeds, uninterrupted, tmp_path,
+                                                                           target, sig, code, said):
+    """A SIGTERM to the whole process group (SLURM's scancel, a container stop) killed the loader workers
+    with the command: torch reported each dead worker from the loader's finaliser, a 20-line 'Exception
+    ignored' traceback after the one line (2 runs of 3). A worker killed alone (the out-of-memory killer)
+    was a RuntimeError traceback."""
+    clean, out = uninterrupted("propagate"), tmp_path / "m.h5"
+    args = _propagate(synth, seeds, out)
+    got, err = _kill_mid_run(args, tmp_path / "m.h5.partial", 12, sig, seed=3, target=target)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert got == code and len(lines) == 1 and said in lines[0] and "--resume" in lines[0], err[-1500:]
+    assert invoke(*args, "--resume").exit_code == 0
+    _same_store(clean, out)
+
+
+def test_loader_errors_of_dead_workers_are_named_and_the_workers_shut_down(monkeypatch):
+    """raise_carried: a dead worker's RuntimeError becomes the SIGTERM that killed it, or one line; any other
+    error passes as it is; the workers are shut down when the consumer stops, a dead worker's report there kept quiet."""
+    from dhr_cli.errors import WorkerDiedError
+    from dhr_cli.io import progress
+    from dhr_cli.io.loading import raise_carried
+
+    class Loader:
+        def __init__(self, error=None):
+            self.error, self.shutdowns = error, 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            if self.error:
+                raise self.error
+            return [1]
+
+        def _shutdown_workers(self):
+            self.shutdowns += 1
+            raise RuntimeError("DataLoader worker (pid 7) is killed by signal: Terminated.")
+
+    dead = RuntimeError("DataLoader worker (pid(s) 7) exited unexpectedly")
+    with pytest.raises(WorkerDiedError, match="a loader process died .*pid.s. 7.* exited unexpectedly; out of memory"):
+        next(raise_carried(Loader(dead)))
+    progress.request_termination()
+    try:
+        with pytest.raises(progress.Terminated):
+            next(raise_carried(Loader(dead)))
+    finally:
+        progress.clear_termination()
+    other = RuntimeError("CUDA out of memory")
+    with pytest.raises(RuntimeError) as caught:
+        next(raise_carried(Loader(other)))
+    assert caught.value is other
+    loader = Loader()
+    batches = raise_carried(loader)
+    assert next(batches) == [1] and loader.shutdowns == 0
+    batches.close()  # the consumer stopped (an error of its own): the workers go now, not in a finaliser
+    assert loader.shutdowns == 1
 
 
 def _propagate(synth, seeds, out):

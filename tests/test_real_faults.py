@@ -313,11 +313,13 @@ def test_a_rank_whose_peer_stopped_says_so_in_one_line_not_a_gloo_traceback(monk
 
 
 # ---- export killed inside its window of renames ---------------------------------------------------
-def _killed_export(masks, out, step, *extra):
-    env = dict(os.environ, DHR_TEST_KILL_AT_EXPORT=str(step))
+def _killed_export(masks, out, step, *extra, sig="KILL"):
+    env = dict(os.environ, DHR_TEST_KILL_AT_EXPORT=str(step), DHR_TEST_EXPORT_SIGNAL=sig)
     r = subprocess.run([sys.executable, "-m", "tests.fault_cli", "export", str(masks), "--out", str(out), "-q", *extra],
                        capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
-    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    if sig == "KILL":
+        assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    return r
 
 
 def _pngs(folder: Path) -> dict[str, bytes]:
@@ -369,3 +371,22 @@ def test_an_overwrite_killed_among_its_moves_is_refused_by_readers_and_finished_
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
     r = invoke("import", "png", out, "--data", synth, "--out", tmp_path / "m.h5")
     assert r.exit_code == 0, r.output
+
+
+def test_an_overwrite_terminated_among_its_moves_is_refused_by_readers_and_finished_by_the_next_export(
+        synth, masks, tmp_path):
+    """A SIGTERM (or Ctrl-C) among the moves used to remove the marked staging folder on the way out, with
+    the files not yet moved: DIR was left a mix of two exports that every reader took without a word."""
+    assert invoke("export", masks, "--out", tmp_path / "ref", "-q").exit_code == 0
+    ref = _pngs(tmp_path / "ref")
+    out = tmp_path / "png"
+    out.mkdir()
+    for name in ref:
+        (out / name).write_bytes(b"old")
+    r = _killed_export(masks, out, len(ref) + 1 + 2, "--overwrite", sig="TERM")  # stopped after 1 file moved in
+    assert r.returncode == 143 and "terminated (SIGTERM)" in one_line(r.stderr)
+    assert len([name for name in ref if (out / name).read_bytes() != b"old"]) == 1
+    r = invoke("import", "png", out, "--data", synth, "--out", tmp_path / "m.h5")
+    assert r.exit_code == 1 and "was killed while moving its files" in one_line(r.output)
+    r = invoke("export", masks, "--out", out)  # the stopped export is finished first
+    assert _pngs(out) == ref and [p.name for p in out.iterdir() if p.name.startswith(".")] == []

@@ -4,6 +4,7 @@ DhrError / OSError to a one-line `Error: ...` with exit status 1 (`user_errors`)
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import shutil
@@ -88,6 +89,11 @@ def user_errors(fn):
 
     from dhr_cli.io.progress import Terminated, clear_termination
 
+    # What a stop advises: the commands with --resume keep their items for it; the others (export, eval,
+    # merge, ...) are run again (a stopped export is finished by the next one).
+    then = ("what was written is kept, rerun with --resume to continue"
+            if "resume" in inspect.signature(fn).parameters else "it has no --resume: rerun it")
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _terminate_like_interrupt()
@@ -101,9 +107,9 @@ def user_errors(fn):
         except OSError as e:  # permission denied, disk full, ...: the user's to fix
             _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
         except Terminated:
-            _fail("terminated (SIGTERM); what was written is kept, rerun with --resume to continue", code=143)
+            _fail(f"terminated (SIGTERM); {then}", code=143)
         except KeyboardInterrupt:
-            _fail("interrupted; what was written is kept, rerun with --resume to continue", code=130)
+            _fail(f"interrupted; {then}", code=130)
         finally:
             clear_termination()
             _sigterm_default()  # a SIGTERM while the interpreter exits (torchrun stopping the other ranks) ends it

@@ -251,11 +251,41 @@ class CarryingCollate:
 
 
 def raise_carried(batches: Iterable) -> Iterator:
-    """The batches of a loader over a CarryErrors dataset, re-raising a carried DhrError as itself."""
-    for batch in batches:
-        if isinstance(batch, _Failure):
-            raise batch.error
-        yield batch
+    """The batches of a loader over a CarryErrors dataset, re-raising a carried DhrError as itself.
+
+    The loader's workers are shut down here however the iteration ends. A SIGTERM to the process group
+    (a job scheduler's stop) kills them with the parent, and torch reports each dead worker as a
+    RuntimeError: left to the loader's finaliser, that was a 20-line "Exception ignored" traceback after
+    dhr's one line; raised first, it hid the SIGTERM.
+    """
+    it = iter(batches)
+    try:
+        for batch in it:
+            if isinstance(batch, _Failure):
+                raise batch.error
+            yield batch
+    except RuntimeError as e:
+        raise _worker_death(e) from None
+    finally:
+        try:
+            getattr(it, "_shutdown_workers", lambda: None)()
+        except RuntimeError:  # a worker found dead while joining: the error in flight says why
+            pass
+
+
+def _worker_death(e: RuntimeError) -> BaseException:
+    """What a DataLoader's 'worker (pid N) is killed by signal' means here: the SIGTERM that stops this
+    command too, or a worker killed alone (by the out-of-memory killer, most often); any other error as it is."""
+    from dhr_cli.errors import WorkerDiedError
+    from dhr_cli.io.progress import Terminated, termination_requested
+
+    text = " ".join(str(e).split())
+    if "DataLoader worker" not in text or "exited unexpectedly" not in text and "killed by signal" not in text:
+        return e
+    if termination_requested():
+        return Terminated()
+    return WorkerDiedError(f"a loader process died ({text.rstrip('. ')}; out of memory?); what was written is kept, "
+                           "rerun with --resume (a smaller --batch-size needs less memory)")
 
 
 def error_carrying_loader(dataset, *, collate_fn: Callable[[list], object] | None = None, **kwargs) -> DataLoader:

@@ -33,6 +33,10 @@ def request_termination() -> None:
     _termination["requested"] = True
 
 
+def termination_requested() -> bool:
+    return _termination["requested"]
+
+
 def clear_termination() -> None:
     _termination["requested"] = False
 

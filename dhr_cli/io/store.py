@@ -241,9 +241,11 @@ class Store:
         read (a check of every item costs what a header read does)."""
         with _damage_as_error(self.path, item_id):
             group = self._group(item_id)
-            attrs = {name: _dataset_attrs(group[name]) for name in ("cams", "features")
-                     if isinstance(group.get(name), h5py.Dataset)}
-            return Item(self.path, item_id, {}, attrs).image_size
+            for name in ("cams", "features"):
+                ds = group.get(name)
+                if isinstance(ds, h5py.Dataset) and "image_size" in ds.attrs:  # that one attribute alone: 2x faster
+                    return image_size_attr(ds.attrs["image_size"], f"{self.path}:{item_id}: {name}")
+            return Item(self.path, item_id, {}, {}).image_size  # its one-line error
 
     def _group(self, item_id: str) -> h5py.Group:
         """items/<id> as a group, else a one-line StoreError (a missing id, a broken link, a dataset)."""
@@ -938,20 +940,23 @@ class OutputLock:
                 pass
 
 
-def _item_problem(group) -> str | None:
-    """None when every dataset of an item group reads back (checksums verified), else what fails."""
+def _item_problem(group, read: bool = True) -> str | None:
+    """None when every dataset of an item group reads back (checksums verified), else what fails;
+    read=False: only that every entry opens (no link dangles)."""
     name = "its list of datasets"  # what failed when the group itself cannot be listed
     try:
         for name, ds in group.items():
-            if isinstance(ds, h5py.Dataset):
+            if read and isinstance(ds, h5py.Dataset):
                 ds[()]
     except (KeyError, OSError, RuntimeError, ValueError) as e:
         return f"{name}: {' '.join(str(e).split())[:160]}"
     return None
 
 
-def verify_store(path) -> list[str]:
-    """Read every dataset of every item (HDF5 verifies the fletcher32 checksums); one line per bad item."""
+def verify_store(path, unchecked: list[str] | None = None) -> list[str]:
+    """Read every dataset of every item (HDF5 verifies the fletcher32 checksums) and check each item as
+    the readers do (a mask's label values, a cams item's labels, ...); one line per bad item. The ids of
+    items with a dataset that carries no checksum (another program's store) are added to `unchecked`."""
     path = Path(path)
     bad = []
     with open_store(path) as store:
@@ -969,9 +974,17 @@ def verify_store(path) -> list[str]:
             if unsure:
                 bad.append(f"{path}: item {key!r} was being written when an I/O error struck")
                 continue
-            problem = _item_problem(group)
-            if problem is not None:
-                bad.append(f"{path}: item {key!r} is damaged ({problem})")
+            try:  # every dataset read back (checksums verified), and the rules every reader applies
+                store.read(key)
+                problem, invalid = _item_problem(group, read=False), None  # entries the readers skip
+            except StoreError as e:
+                problem, invalid = _item_problem(group), str(e)  # a dataset that does not read back, or a bad item
+            if problem is not None or invalid is not None:
+                bad.append(f"{path}: item {key!r} is damaged ({problem})" if problem is not None else invalid)
+                continue
+            if unchecked is not None and any(isinstance(ds, h5py.Dataset) and ds.ndim and not ds.fletcher32
+                                             for ds in group.values()):
+                unchecked.append(key)
     return bad
 
 

@@ -106,13 +106,14 @@ def _staged(out: Path):
     """A staging folder whose files land in OUT when the block ends cleanly; it is removed either way
     (all or nothing: a failed export leaves OUT as it was). A new OUT is staged beside it and renamed
     into place; an existing one is staged inside it, marked `_MOVING` before the files move so that a
-    kill among the moves is finished later (`check_export_dir`). OUT.lock, beside OUT, keeps a second
+    kill (or a SIGTERM, which keeps the stage) among the moves is finished later (`check_export_dir`). OUT.lock, beside OUT, keeps a second
     export into the same folder from mixing its files in."""
     from dhr_cli.io.store import OutputLock
 
     lock = OutputLock(out, resumable=False)  # export has no --resume: a rerun redoes it
     fresh = not out.exists()
     stage = _sibling_stage(out, os.getpid()) if fresh else out / _STAGE.format(pid=os.getpid())
+    moving = False  # the moves into OUT have begun and not ended: the marked stage must stay
     try:
         try:
             if stage.exists():
@@ -131,9 +132,14 @@ def _staged(out: Path):
                                  f"during the export; nothing was exported") from None
         else:
             os.replace(stage / _WRITING, stage / _MOVING)
+            moving = True
             _finish_moves(stage, out)
+            moving = False
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        # Stopped among the moves (SIGTERM, Ctrl-C, an OS error): OUT holds a mix, so the marked stage
+        # stays for readers to refuse and for the next export to finish (`check_export_dir`).
+        if not moving:
+            shutil.rmtree(stage, ignore_errors=True)
         lock.release()
 
 
