@@ -230,6 +230,27 @@ def test_resume_over_another_split_or_changed_dataset_files_is_refused(tmp_path)
     assert r.exit_code == 1 and "its split's ids" in one_line_error(r)
 
 
+def test_resume_after_a_file_of_a_folder_input_changed_is_refused(tmp_path):
+    """A folder input (`seed --init-masks DIR`, an import's SRC, `predict --model RUN_DIR`) counted by its
+    name alone: masks edited between a kill and a --resume were mixed in. Its id is a digest of its files."""
+    data = make_dataset(tmp_path / "data", n_images=6, seed=8)
+    init = tmp_path / "init"
+    shutil.copytree(data / "masks", init)
+    out = tmp_path / "s.h5"
+    seed = ["seed", "--cams", data / "cams.h5", "--data", data, "--init-masks", init, "--out", out, "--no-crf", "-q"]
+    assert invoke(*seed).exit_code == 0
+    assert invoke(*seed, "--resume").exit_code == 0  # the same files: nothing to do
+    png = sorted(init.iterdir())[0]
+    st = png.stat()
+    os.utime(png, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    r = invoke(*seed, "--resume")
+    assert r.exit_code == 1 and f"input init_masks: {init} changed since the partial run (the files in it)" in one_line_error(r)
+    os.utime(png, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert invoke(*seed, "--resume").exit_code == 0
+    shutil.copy(png, init / "extra.png")  # a file more
+    assert invoke(*seed, "--resume").exit_code == 1
+
+
 def test_resume_with_nothing_to_do_leaves_the_store_as_it_was_so_downstream_resumes_still_work(synth, tmp_path):
     """A pipeline rerun with --resume everywhere: a complete seed store must stay byte- and
     time-identical, or propagate's resume refuses it as an input changed since its partial run."""

@@ -678,12 +678,31 @@ def make_provenance(command: str, config=None, inputs: dict[str, Any] | None = N
 
 
 def _file_id(path: str) -> str:
-    """Size and modification time of an input file (a folder or missing path: its name alone)."""
+    """Size and modification time of an input file; of a folder (`--init-masks DIR`, an import's SRC), a
+    digest of every file in it, so that files edited between a kill and a --resume are seen; else ""."""
     try:
         st = os.stat(path)
     except (OSError, ValueError):
         return ""
-    return f"{st.st_size}:{st.st_mtime_ns}" if stat.S_ISREG(st.st_mode) else ""
+    if stat.S_ISREG(st.st_mode):
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    return "folder:" + _folder_digest(path) if stat.S_ISDIR(st.st_mode) else ""
+
+
+def _folder_digest(path: str) -> str:
+    """SHA-1 of the names, sizes and modification times of a folder's files (not its sub-folders): about
+    5 us a file (20k files, warm directory cache), ~0.4 s for COCO train's 82k masks."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    try:
+        with os.scandir(path) as entries:
+            files = sorted((e.name, e.stat()) for e in entries if e.is_file())
+    except OSError:
+        return "unreadable"
+    for name, st in files:
+        digest.update(f"{name}\0{st.st_size}:{st.st_mtime_ns}\0".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()[:20]
 
 
 def option_differences(saved: dict, now: dict, free=RESUME_FREE, prefix: str = "") -> list[str]:
@@ -719,8 +738,8 @@ def provenance_differences(saved: dict, now: dict) -> list[str]:
         ids_then, ids_now = saved.get("input_ids") or {}, now.get("input_ids") or {}
         for key in sorted(set(ids_then) & set(ids_now)):
             if ids_then[key] != ids_now[key] and paths_then.get(key) == paths_now.get(key):
-                what = ("its split's ids, images or label files" if str(ids_now[key]).startswith("dataset:")
-                        else "size/mtime")
+                what = {"dataset": "its split's ids, images or label files", "folder": "the files in it"}.get(
+                    str(ids_now[key]).partition(":")[0], "size/mtime")
                 out.append(f"input {key}: {now['inputs'][key]} changed since the partial run ({what})")
     return out
 

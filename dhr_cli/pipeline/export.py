@@ -68,7 +68,7 @@ def interrupted_export(folder: Path) -> str | None:
     for stage, pid in _stale_stages(Path(folder), _INSIDE):
         if (stage / _MOVING).exists():
             return (f"{folder}: an export into it (PID {pid}) was killed while moving its files, so it holds a mix "
-                    f"of that export and what was there before; run `dhr export` into it again to finish it")
+                    f"of that export and what was there before; rerun that `dhr export ... --overwrite` into it to finish it")
     return None
 
 

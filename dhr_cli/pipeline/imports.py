@@ -282,9 +282,6 @@ def run_import(fmt: str, src: str | Path, dataset, out: str | Path, *, provenanc
     n_classes = len(dataset.classes)
     provenance = provenance or make_provenance("import", {"format": fmt}, {"src": src, "data": dataset.root},
                                                dataset=dataset, ids=dataset.ids)
-    # SRC is a folder: its files for the split's ids are what a --resume must find unchanged
-    provenance = {**provenance, "input_ids": {**provenance.get("input_ids", {}),
-                                              "src": _files_fingerprint(src, dataset.ids, SUFFIX[fmt])}}
     root_attrs = {"source": source_name or fmt} if kind == "features" else None
     written, absent = 0, []
     with create_store(out, kind, dataset.classes, provenance=provenance, overwrite=overwrite, resume=resume,
@@ -331,18 +328,6 @@ def run_import(fmt: str, src: str | Path, dataset, out: str | Path, *, provenanc
                 w.write(item_id, {"mask": mask})
             written += 1
     return {"kind": kind, "written": written, "missing": absent}
-
-
-def _files_fingerprint(src: Path, ids: list[str], suffix: str) -> str:
-    """A digest of the size and modification time of SRC/<id><suffix> for every id (a missing one marked)."""
-    import hashlib
-
-    from dhr_cli.io.datasets import _stat_id
-
-    digest = hashlib.sha1()
-    for item_id in ids:
-        digest.update(item_id.encode("utf-8", "surrogateescape") + b"\0" + _stat_id(src / f"{item_id}{suffix}") + b"\0")
-    return "files:" + digest.hexdigest()[:20]
 
 
 def _id_forms(key) -> list[str]:
