@@ -149,6 +149,27 @@ def test_resume_continues_exactly(dataset, tmp_path):
         torch.testing.assert_close(a["ema"][k], b["ema"][k], atol=1e-5, rtol=1e-4)
 
 
+def test_resume_after_the_masks_changed_is_refused(dataset, tmp_path):
+    """A resumed run repeats the uninterrupted one only on the same masks: a PNG of --masks DIR edited
+    between the kill and --resume was trained on without a word (the check compared paths only)."""
+    import os
+    import shutil
+
+    from dhr_cli.errors import CheckpointError
+    from dhr_cli.pipeline.train import run_train
+
+    masks = tmp_path / "masks"
+    shutil.copytree(dataset / "masks", masks)
+    run_train(TINY, dataset, masks, tmp_path / "r", split="train", quiet=True, max_steps=3)  # "killed" after epoch 1
+    png = sorted(masks.iterdir())[0]
+    st = png.stat()
+    os.utime(png, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(CheckpointError, match=r"--masks \(changed since the run began\)"):
+        run_train(TINY, dataset, masks, tmp_path / "r", split="train", quiet=True, resume=True)
+    os.utime(png, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert run_train(TINY, dataset, masks, tmp_path / "r", split="train", quiet=True, resume=True).history
+
+
 def test_bad_inputs_fail_before_the_run_folder_is_made(dataset, tmp_path):
     from dhr_cli.errors import InputError
     from dhr_cli.pipeline.train import run_train

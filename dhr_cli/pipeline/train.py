@@ -46,7 +46,7 @@ from dhr_cli.errors import CheckpointError, DatasetError, InputError, StoreError
 from dhr_cli.io.datasets import Dataset, open_dataset
 from dhr_cli.io.loading import LazyStore, MaskSource, error_carrying_loader, raise_carried
 from dhr_cli.io.progress import progress_bar
-from dhr_cli.io.store import check_replaceable
+from dhr_cli.io.store import check_replaceable, make_provenance
 from dhr_cli.pipeline.inputs import check_classes
 from dhr_cli.pipeline.run_folder import is_train_run
 from dhr_cli.io.runtime import resolve_device
@@ -299,14 +299,22 @@ class TrainResult:
     val_miou: float | None = None
 
 
-def _config_record(cfg: TrainConfig, inputs: dict, world: int) -> dict:
-    return {"dhr_version": __version__, "config": asdict(cfg), "inputs": inputs, "world_size": world}
+def _config_record(cfg: TrainConfig, inputs: dict, world: int, input_ids: dict) -> dict:
+    return {"dhr_version": __version__, "config": asdict(cfg), "inputs": inputs, "world_size": world,
+            "input_ids": input_ids}
+
+
+def _input_ids(inputs: dict, dataset: Dataset, ids: list[str]) -> dict:
+    """What --resume must find unchanged beyond the paths: the masks (a store, or every PNG of a folder), the
+    USS store, and the training images and label files (the dataset's fingerprint over `ids`)."""
+    files = {k: inputs[k] for k in ("masks", "uss") if inputs.get(k) is not None}
+    return make_provenance("train", None, files, dataset=dataset, ids=ids)["input_ids"]
 
 
 _RESUME_FREE = {"epochs", "device", "num_workers", "log_every", "val_split", "val_size", "checkpoint_every"}
 
 
-def _check_resume_config(run_dir: Path, cfg: TrainConfig, inputs: dict) -> None:
+def _check_resume_config(run_dir: Path, cfg: TrainConfig, inputs: dict, input_ids: dict) -> None:
     path = run_dir / "config.json"
     try:
         saved = json.loads(path.read_text())
@@ -318,6 +326,9 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig, inputs: dict) -> None:
     now = json.loads(json.dumps(asdict(cfg)))
     differ = sorted(k for k in now if k not in _RESUME_FREE and saved.get("config", {}).get(k) != now[k])
     differ += sorted(f"--{k}" for k in inputs if saved.get("inputs", {}).get(k) != inputs[k] and k != "backbone_weights")
+    ids_then = saved.get("input_ids") if isinstance(saved.get("input_ids"), dict) else {}  # runs of older versions: none
+    differ += sorted(f"{'--' + k if k != 'data' else '--data (its images or label files)'} (changed since the run began)"
+                     for k in set(ids_then) & set(input_ids) if ids_then[k] != input_ids[k] and f"--{k}" not in differ)
     if differ:
         raise CheckpointError(f"{run_dir}: --resume with options that differ from the saved run: {', '.join(differ)}")
 
@@ -402,8 +413,9 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
     spec = NetworkSpec(cfg.backbone, len(dataset.classes), num_cams, cfg.output_stride, cfg.decoder_channels,
                        dropout=cfg.dropout)
     last = _prepare_run_dir(run_dir, resume, overwrite, rank)  # after every input check: no empty run folder left
+    input_ids = _input_ids(inputs, dataset, ids)
     if resume:
-        _check_resume_config(run_dir, cfg, inputs)
+        _check_resume_config(run_dir, cfg, inputs, input_ids)
     if distributed:
         dist.barrier()
     samples = TrainSamples(dataset, ids, mask_source, uss_source, cfg)
@@ -426,7 +438,7 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
         logger.info("resuming %s at epoch %d, batch %d (step %d)", run_dir, start_epoch + 1,
                     partial["batches"] if partial else 0, step)
     elif rank == 0:
-        (run_dir / "config.json").write_text(json.dumps(_config_record(cfg, inputs, world), indent=1, default=str))
+        (run_dir / "config.json").write_text(json.dumps(_config_record(cfg, inputs, world, input_ids), indent=1, default=str))
 
     net: nn.Module = model
     if distributed:
