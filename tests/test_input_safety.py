@@ -438,3 +438,36 @@ def test_an_error_after_the_progress_bar_started_is_still_one_line(synth, tmp_pa
         f["items"][sorted(f["items"])[-1]]["cams"].attrs["image_size"] = [-1, 5]
     _one_line_error(invoke("seed", "--cams", cams, "--data", root, "--out", tmp_path / "s.h5", "--no-crf"),
                     "expected [H, W]")
+
+
+def test_an_image_or_mask_that_is_a_fifo_is_refused_not_waited_on(tmp_path):
+    """A FIFO named <id>.png (or a device) blocked every reader forever: open() waits for a writer."""
+    import os
+    import threading
+
+    from dhr_cli.errors import DatasetError
+    from dhr_cli.io.datasets import open_dataset, read_index_png
+
+    data = make_dataset(tmp_path / "data", n_images=3, seed=2)
+    ds = open_dataset(data, "train")
+    image = ds.image_path(ds.ids[0])
+    image.unlink()
+    os.mkfifo(image)
+    mask = tmp_path / "mask.png"
+    os.mkfifo(mask)
+    got = {}
+
+    def read(name, fn):
+        try:
+            fn()
+        except DatasetError as e:
+            got[name] = str(e)
+
+    for name, fn in (("image", lambda: ds.image(ds.ids[0])), ("size", lambda: ds.image_size(ds.ids[0])),
+                     ("mask", lambda: read_index_png(mask))):
+        t = threading.Thread(target=read, args=(name, fn), daemon=True)
+        t.start()
+        t.join(10)
+        assert not t.is_alive(), f"{name}: still waiting on the FIFO"
+    assert got["image"] == got["size"] == f"{image}: the image is not a regular file"
+    assert got["mask"] == f"{mask}: the mask is not a regular file"

@@ -54,6 +54,8 @@ def max_pixels() -> int:
 
 def _open_checked(path: Path, what: str) -> Image.Image:
     """PIL image of `path`, header read only; DatasetError if it is above the pixel limit."""
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO (or a device) named <id>.png blocked the read forever
+        raise DatasetError(f"{path}: the {what} is not a regular file")
     im = Image.open(path)
     w, h = im.size
     if _max_pixels and w * h > _max_pixels:
