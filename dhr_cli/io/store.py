@@ -241,11 +241,9 @@ class Store:
         read (a check of every item costs what a header read does)."""
         with _damage_as_error(self.path, item_id):
             group = self._group(item_id)
-            for name in ("cams", "features"):
-                ds = group.get(name)
-                if isinstance(ds, h5py.Dataset) and "image_size" in ds.attrs:  # that one attribute alone: 2x faster
-                    return image_size_attr(ds.attrs["image_size"], f"{self.path}:{item_id}: {name}")
-            return Item(self.path, item_id, {}, {}).image_size  # its one-line error
+            attrs = {name: {"image_size": group[name].attrs["image_size"]} for name in ("cams", "features")
+                     if isinstance(group.get(name), h5py.Dataset) and "image_size" in group[name].attrs}
+            return Item(self.path, item_id, {}, attrs).image_size  # that one attribute alone: 2x faster than all
 
     def _group(self, item_id: str) -> h5py.Group:
         """items/<id> as a group, else a one-line StoreError (a missing id, a broken link, a dataset)."""
@@ -661,9 +659,7 @@ def make_provenance(command: str, config=None, inputs: dict[str, Any] | None = N
     inputs = {k: str(v) for k, v in (inputs or {}).items()}
     if dataset is not None:
         inputs.setdefault("split", dataset.split or "")
-    ids_of = {k: _file_id(v) for k, v in inputs.items() if k != "split"}
-    if dataset is not None:
-        ids_of["data"] = "dataset:" + dataset.fingerprint(ids)
+    ids_of = input_ids(inputs, dataset, ids)
     return {
         "command": command,
         "argv": sys.argv,
@@ -675,6 +671,15 @@ def make_provenance(command: str, config=None, inputs: dict[str, Any] | None = N
         "input_ids": ids_of,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def input_ids(inputs: dict[str, Any], dataset=None, ids: list[str] | None = None) -> dict[str, str]:
+    """What a --resume must find unchanged beyond the paths: each input file's (or folder's) id and, with
+    `dataset`, the dataset's fingerprint over `ids` (as "data")."""
+    ids_of = {k: _file_id(str(v)) for k, v in inputs.items() if k != "split"}
+    if dataset is not None:
+        ids_of["data"] = "dataset:" + dataset.fingerprint(ids)
+    return ids_of
 
 
 def _file_id(path: str) -> str:
@@ -745,6 +750,19 @@ def provenance_differences(saved: dict, now: dict) -> list[str]:
 
 
 # ---- safety: output paths, locks, integrity ------------------------------------------------
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text` into `path` through a per-process temporary and one rename (two writers never share a
+    temporary); a full disk or `ulimit -f` leaves what was there before, no temporary, and one line."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"{path}: could not be written ({e.strerror or e}); it was left as it was, "
+                         "free space and rerun") from None
+
+
 def check_output_path(path: Path) -> None:
     """OUT must name a regular file (or nothing yet) in an existing folder: never a device, FIFO,
     directory, or a symlink to one of those."""

@@ -255,21 +255,11 @@ def _num(x: float) -> float | None:
 
 def write_json(result: EvalResult, path: str | os.PathLike, top: int = 20) -> Path:
     """Write the JSON report atomically (temp name, then rename)."""
-    from dhr_cli.io.store import check_output_path
+    from dhr_cli.io.store import check_output_path, write_text_atomic
 
     path = Path(path)
     check_output_path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # two writers never share a temp file
-    text = json.dumps(result.to_json(top), indent=2, allow_nan=False) + "\n"
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:  # disk full, ...: no half-written report and no temp file stay behind
-        tmp.unlink(missing_ok=True)
-        from dhr_cli.errors import StoreError
-
-        raise StoreError(f"{path}: could not be written ({e.strerror or e}); it was left as it was, "
-                         "free space and rerun") from None
+    write_text_atomic(path, json.dumps(result.to_json(top), indent=2, allow_nan=False) + "\n")
     return path
 
 

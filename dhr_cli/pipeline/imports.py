@@ -389,9 +389,8 @@ def run_import_labels(src: str | Path, dataset, out: str | Path, *, overwrite: b
     _id_forms() knows (IRN's int ids, COCO's 12-digit numbers). Written atomically (a temporary file,
     renamed), under OUT.lock."""
     import json
-    import os
 
-    from dhr_cli.io.store import OutputLock, check_output_path
+    from dhr_cli.io.store import OutputLock, check_output_path, write_text_atomic
 
     src, out = Path(src), Path(out)
     if not src.is_file():
@@ -428,14 +427,7 @@ def run_import_labels(src: str | Path, dataset, out: str | Path, *, overwrite: b
     try:
         if out.exists() and not overwrite:  # made by another writer since the check above
             raise InputError(f"{out}: already exists; pass --overwrite to replace it")
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # two writers never share a temp file
-        try:
-            tmp.write_text(json.dumps(labels, indent=0, sort_keys=True) + "\n")
-            os.replace(tmp, out)
-        except OSError as e:  # disk full, `ulimit -f`, ...: no half-written file stays behind
-            tmp.unlink(missing_ok=True)
-            raise InputError(f"{out}: could not be written ({e.strerror or e}); it was left as it was, "
-                             "free space and rerun") from None
+        write_text_atomic(out, json.dumps(labels, indent=0, sort_keys=True) + "\n")
     finally:
         lock.release()
     return {"written": len(labels), "missing": absent, "keys": len(raw)}

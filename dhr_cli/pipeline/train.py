@@ -46,7 +46,7 @@ from dhr_cli.errors import CheckpointError, DatasetError, InputError, StoreError
 from dhr_cli.io.datasets import Dataset, open_dataset
 from dhr_cli.io.loading import LazyStore, MaskSource, error_carrying_loader, raise_carried
 from dhr_cli.io.progress import progress_bar
-from dhr_cli.io.store import check_replaceable, make_provenance
+from dhr_cli.io.store import check_replaceable, input_ids
 from dhr_cli.pipeline.inputs import check_classes
 from dhr_cli.pipeline.run_folder import is_train_run
 from dhr_cli.io.runtime import resolve_device
@@ -308,7 +308,7 @@ def _input_ids(inputs: dict, dataset: Dataset, ids: list[str]) -> dict:
     """What --resume must find unchanged beyond the paths: the masks (a store, or every PNG of a folder), the
     USS store, and the training images and label files (the dataset's fingerprint over `ids`)."""
     files = {k: inputs[k] for k in ("masks", "uss") if inputs.get(k) is not None}
-    return make_provenance("train", None, files, dataset=dataset, ids=ids)["input_ids"]
+    return input_ids(files, dataset, ids)
 
 
 _RESUME_FREE = {"epochs", "device", "num_workers", "log_every", "val_split", "val_size", "checkpoint_every"}
