@@ -110,6 +110,35 @@ def test_a_killed_writer_not_yet_reaped_holds_no_lock(tmp_path):
         child.wait()
 
 
+def test_a_lock_or_export_stage_whose_pid_was_reused_is_stale(tmp_path, capfd):
+    """The writer died and its PID now belongs to a later process (a reboot, the PIDs wrapping around):
+    a process that started after the lock (or staging folder) was written cannot be its writer."""
+    from dhr_cli.pipeline.export import interrupted_export
+
+    later = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = tmp_path / "m.h5.lock"
+        lock.write_text(f"{later.pid} {socket.gethostname()}\n")
+        with pytest.raises(StoreError, match=f"PID {later.pid}"):  # written after it started: its own, live
+            create_store(tmp_path / "m.h5", "masks", CLASSES, provenance={})
+        hour_ago = time.time() - 3600
+        os.utime(lock, (hour_ago, hour_ago))  # written before it started: a dead writer's PID, reused
+        with create_store(tmp_path / "m.h5", "masks", CLASSES, provenance={}) as w:
+            w.write("a", {"mask": np.ones((2, 2), np.uint8)})
+        assert f"stale lock of PID {later.pid}" in capfd.readouterr().err
+
+        folder = tmp_path / "png"
+        stage = folder / f".dhr-export-{later.pid}.tmp"
+        stage.mkdir(parents=True)
+        (stage / ".moving").touch()
+        assert interrupted_export(folder) is None  # a live export's stage, mid-move
+        os.utime(stage, (hour_ago, hour_ago))
+        assert f"PID {later.pid}) was killed while moving" in interrupted_export(folder)
+    finally:
+        later.kill()
+        later.wait()
+
+
 def test_lock_is_taken_before_anything_and_released_on_every_exit(tmp_path):
     out = tmp_path / "m.h5"
     with create_store(out, "masks", CLASSES, provenance={}) as w:

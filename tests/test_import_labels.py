@@ -154,3 +154,22 @@ def test_label_vectors_of_scores_not_labels_are_refused(tmp_path, value):
     code, output = _cli("import", "labels", tmp_path / "scores.npy", "--data", root, "--out", out)
     assert code == 1 and f"scores.npy: the vector of '{IDS[1]}' holds {value:g}; 0/1 entries expected" in output
     assert "Traceback" not in output and not out.exists()
+
+
+def test_a_stopped_import_labels_does_not_advise_the_resume_it_cannot_use(tmp_path, monkeypatch):
+    """`dhr import` has --resume for stores, but a labels.json is written whole: a stop said "rerun with
+    --resume to continue", which then refuses a missing OUT."""
+    from dhr_cli.io import store
+    from dhr_cli.io.progress import Terminated
+
+    root = _flat(tmp_path / "flat")
+    src, out = tmp_path / "cls_labels.npy", tmp_path / "labels.json"
+    np.save(src, _vectors(4), allow_pickle=True)
+
+    def stopped(*args, **kwargs):
+        raise Terminated()
+
+    monkeypatch.setattr(store, "write_text_atomic", stopped)
+    code, output = _cli("import", "labels", src, "--data", root, "--out", out)
+    assert code == 143 and "terminated" in output and "--resume" not in output and "rerun it" in output, output
+    assert not out.exists()

@@ -87,12 +87,18 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 def user_errors(fn):
     """Turn DhrError (and OS errors on the user's files) into `Error: ...` and exit status 1."""
 
-    from dhr_cli.io.progress import Terminated, clear_termination
+    from dhr_cli.io.progress import Terminated, clear_termination, output_resumable
 
-    # What a stop advises: the commands with --resume keep their items for it; the others (export, eval,
-    # merge, ...) are run again (a stopped export is finished by the next one).
-    then = ("what was written is kept, rerun with --resume to continue"
-            if "resume" in inspect.signature(fn).parameters else "it has no --resume: rerun it")
+    has_resume = "resume" in inspect.signature(fn).parameters
+
+    def then() -> str:
+        """What a stop advises: the commands with --resume keep their items for it; the others (export,
+        eval, merge, ...) and outputs written whole (`import labels`) are run again."""
+        if not has_resume:
+            return "it has no --resume: rerun it"
+        if not output_resumable():
+            return "nothing was written: rerun it"
+        return "what was written is kept, rerun with --resume to continue"
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -107,9 +113,9 @@ def user_errors(fn):
         except OSError as e:  # permission denied, disk full, ...: the user's to fix
             _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
         except Terminated:
-            _fail(f"terminated (SIGTERM); {then}", code=143)
+            _fail(f"terminated (SIGTERM); {then()}", code=143)
         except KeyboardInterrupt:
-            _fail(f"interrupted; {then}", code=130)
+            _fail(f"interrupted; {then()}", code=130)
         finally:
             clear_termination()
             _sigterm_default()  # a SIGTERM while the interpreter exits (torchrun stopping the other ranks) ends it

@@ -61,6 +61,10 @@ def import_cmd(
     from dhr_cli.pipeline.imports import run_import
 
     fmt = ImportFormat(fmt).value
+    if fmt == "labels":
+        from dhr_cli.io.progress import output_written_whole
+
+        output_written_whole()  # a stop advises a plain rerun, not the --resume of the other formats
     check_output(out_path, overwrite=overwrite, resume=resume,  # before any work: the shared output check
                  resumable=fmt != "labels", inputs={"SRC": src, "--data": data})  # a labels.json is written whole
 

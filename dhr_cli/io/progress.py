@@ -26,7 +26,9 @@ class Terminated(KeyboardInterrupt):
 # Set by the CLI's SIGTERM handler. The handler also raises Terminated at once, but Python swallows an
 # exception raised inside a finaliser or weakref callback ("Exception ignored in ..."), and the run went
 # on to its end: every long loop (track) raises it again at its next item.
-_termination = {"requested": False}
+# "resumable": False once a command with --resume said this run's output is written whole (`import
+# labels`), so a stop does not advise that --resume.
+_termination = {"requested": False, "resumable": True}
 
 
 def request_termination() -> None:
@@ -38,7 +40,15 @@ def termination_requested() -> bool:
 
 
 def clear_termination() -> None:
-    _termination["requested"] = False
+    _termination.update(requested=False, resumable=True)
+
+
+def output_written_whole() -> None:
+    _termination["resumable"] = False
+
+
+def output_resumable() -> bool:
+    return _termination["resumable"]
 
 
 def _stop_if_terminated() -> None:

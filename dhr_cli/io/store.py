@@ -875,7 +875,8 @@ def _refuse_if_being_written(out: Path) -> None:
     """The lock's own one-line refusal when OUT.lock names a live process on this host."""
     lock = Path(out).with_name(Path(out).name + ".lock")
     pid, host = _lock_owner(lock)
-    if pid is not None and pid != os.getpid() and host in ("", socket.gethostname()) and pid_alive(pid):
+    if (pid is not None and pid != os.getpid() and host in ("", socket.gethostname())
+            and pid_alive(pid, _written_at(lock))):
         raise StoreError(_live_writer(lock, out, pid, host))
 
 
@@ -894,24 +895,53 @@ def _live_writer(lock: Path, out, pid: int, host: str, resumable: bool = True) -
     return f"{lock}: {out} is being written by PID {pid}{where} (a live process); wait for it, or stop it and {rerun}"
 
 
-def pid_alive(pid: int) -> bool:
+def pid_alive(pid: int, since: float | None = None) -> bool:
+    """Whether process `pid` runs. `since`: when the file naming it (a lock, a staging folder) was last
+    written (epoch seconds); a process of that PID that started after it is another one, the PID reused
+    since the writer died (a reboot, or the PIDs wrapping around), and does not count."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    # A zombie (killed, not yet reaped by its parent) still answers kill(0) but writes nothing more.
+        pass
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+            fields = f.read().rsplit(b")", 1)[1].split()
     except (OSError, IndexError):  # no /proc (macOS): the answer of kill(0)
         return True
+    # A zombie (killed, not yet reaped by its parent) still answers kill(0) but writes nothing more.
+    if fields[0] == b"Z":
+        return False
+    started = _process_start(fields)
+    return since is None or started is None or started <= since + _CLOCK_SLACK_S
+
+
+_CLOCK_SLACK_S = 2.0  # /proc/stat's boot time is whole seconds; file times and the clock can differ a little
+
+
+def _process_start(stat_fields: list[bytes]) -> float | None:
+    """A process's start (epoch seconds) from its /proc/PID/stat fields after the name: field 22 of
+    proc(5), clock ticks after boot, plus the boot time of /proc/stat."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            boot = next(float(line.split()[1]) for line in f if line.startswith(b"btime "))
+        return boot + int(stat_fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+
+
+def _written_at(path: Path) -> float | None:
+    try:
+        return Path(path).stat().st_mtime
+    except OSError:
+        return None
 
 
 class OutputLock:
     """OUT.lock, created with O_CREAT|O_EXCL and holding 'PID HOST': one writer per output. A lock
-    whose process is gone (same host, PID not alive) is stale: it is named and taken over."""
+    whose process is gone (same host, PID not alive, or alive but started after the lock was written)
+    is stale: it is named and taken over."""
 
     def __init__(self, out: Path, resumable: bool = True):
         self.path = Path(out).with_name(Path(out).name + ".lock")
@@ -929,7 +959,7 @@ class OutputLock:
                                      f"host ({host}) cannot check, so the lock is treated as live; if that run is "
                                      f"dead, delete {self.path} and rerun{' with --resume' if resumable else ''}"
                                      ) from None
-                if pid is not None and pid_alive(pid) and pid != os.getpid():
+                if pid is not None and pid != os.getpid() and pid_alive(pid, _written_at(self.path)):
                     raise StoreError(_live_writer(self.path, out, pid, owner, resumable)) from None
                 if pid == os.getpid():  # taken further up by this process (rank 0 around its merge)
                     return

@@ -50,7 +50,8 @@ def _sibling_stage(out: Path, pid: int | str) -> Path:
 
 
 def _stale_stages(folder: Path, prefix: str):
-    """Staging folders `<prefix><PID>.tmp` in `folder` whose export process is gone, with the PID."""
+    """Staging folders `<prefix><PID>.tmp` in `folder` whose export process is gone, with the PID. The
+    folder's time tells a PID reused by a later process from the export that made it."""
     from dhr_cli.io.store import pid_alive
 
     if not folder.is_dir():
@@ -58,7 +59,7 @@ def _stale_stages(folder: Path, prefix: str):
     for stage in sorted(folder.iterdir()):
         pid = stage.name[len(prefix): -len(".tmp")]
         if (stage.name.startswith(prefix) and stage.name.endswith(".tmp") and pid.isdigit() and stage.is_dir()
-                and not pid_alive(int(pid))):
+                and not pid_alive(int(pid), since=stage.stat().st_mtime)):  # a PID reused since: gone too
             yield stage, int(pid)
 
 
