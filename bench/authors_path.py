@@ -40,7 +40,8 @@ def build(root: Path, items: int, side: int, grid: int, seed: int = 0) -> dict:
     """A flat dataset and its seeds / USS / WSS stores: `items` images of side x side."""
     from PIL import Image
 
-    from dhr_cli.io.store import create_store, make_provenance
+    from dhr_cli.io.provenance import make_provenance
+    from dhr_cli.io.store import create_store
     from dhr_cli.io.datasets import VOC_CLASSES
 
     rng = np.random.default_rng(seed)

@@ -43,7 +43,8 @@ def build(root: Path, images: int, seed: int = 0) -> Path:
 
     import real_data
     from dhr_cli.io.datasets import open_dataset
-    from dhr_cli.io.store import create_store, make_provenance
+    from dhr_cli.io.provenance import make_provenance
+    from dhr_cli.io.store import create_store
     from dhr_cli.testing.synthetic import simulate_cams, simulate_features
 
     data = real_data.build_real_dataset(root, n_images=images, seed=seed, include_voc=False)

@@ -45,7 +45,8 @@ def _photos(n: int) -> list[np.ndarray]:
 
 
 def size_part(out: Path, ranks: list[int], n_photos: int) -> list[dict]:
-    from dhr_cli.io.store import make_provenance, open_store
+    from dhr_cli.io.provenance import make_provenance
+    from dhr_cli.io.store import open_store
     from dhr_cli.io.distributed import output_store
     from dhr_cli.kernels.features import low_rank_features
     from dhr_cli.models.base import IMAGENET_MEAN, IMAGENET_STD

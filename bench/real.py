@@ -233,7 +233,8 @@ def run_cam(ctx: Context, out: Path, crf: bool, bg: float | None = None) -> None
     import torch
 
     from dhr_cli.io.datasets import open_dataset
-    from dhr_cli.io.store import create_store, make_provenance, open_store
+    from dhr_cli.io.provenance import make_provenance
+    from dhr_cli.io.store import create_store, open_store
 
     crf_fn = _crf_function() if crf else None
     ds = open_dataset(ctx.data, ctx.split)
@@ -256,7 +257,8 @@ def run_rw(ctx: Context, out: Path) -> None:
     from dhr_cli.config import RandomWalkConfig
     from dhr_cli.io.datasets import open_dataset
     from dhr_cli.io.runtime import resolve_device
-    from dhr_cli.io.store import create_store, make_provenance, open_store
+    from dhr_cli.io.provenance import make_provenance
+    from dhr_cli.io.store import create_store, open_store
     from dhr_cli.kernels.randomwalk import random_walk_mask
 
     cfg = RandomWalkConfig()

@@ -233,7 +233,7 @@ _CASES = {
     "refine: existing output": lambda d, t: (["refine", "--masks", d.parent / "seeds.h5", "--data", d, "--sam",
                                               "vit_b", "--sam-weights", t / "nope.pth", "--out", _existing(t)],
                                              "exists.h5", None),
-    # the one output check (io/store.py check_output), run by every command before its work
+    # the one output check (io/outputs.py check_output), run by every command before its work
     "seed: existing output": lambda d, t: (["seed", "--cams", d / "cams.h5", "--data", d, "--out", _existing(t)],
                                            "exists.h5", None),
     "seed: --out in a missing folder": lambda d, t: (["seed", "--cams", d / "cams.h5", "--data", d, "--out",

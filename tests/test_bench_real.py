@@ -108,7 +108,8 @@ def test_driver_on_procedural_dataset(tmp_path):
 @needs_packages
 def test_driver_on_real_photos_with_given_cams(tmp_path):
     """The real-photo path of the driver, with CAMs and features simulated from the exact masks."""
-    from dhr_cli.io.store import create_store, make_provenance
+    from dhr_cli.io.provenance import make_provenance
+    from dhr_cli.io.store import create_store
     from dhr_cli.testing.synthetic import simulate_cams, simulate_features
 
     data = real_data.build_real_dataset(tmp_path / "data", n_images=2, seed=1, install=False, max_stamps_per_class=1)

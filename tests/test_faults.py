@@ -94,7 +94,7 @@ def test_eval_outputs_are_locked_so_a_second_eval_cannot_replace_them(synth, tmp
 
 def test_a_killed_writer_not_yet_reaped_holds_no_lock(tmp_path):
     """A zombie answers kill(0) like a live process; its lock is stale all the same."""
-    from dhr_cli.io.store import pid_alive
+    from dhr_cli.io.outputs import pid_alive
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.time() + 30

@@ -131,7 +131,8 @@ def test_import(data, tmp_path):
 
 
 def test_refine(tmp_path):
-    from dhr_cli.io.store import create_store, make_provenance
+    from dhr_cli.io.provenance import make_provenance
+    from dhr_cli.io.store import create_store
     from dhr_cli.testing.sam import tiny_sam
 
     flat = make_flat(tmp_path / "flat", items={f"i{k}": ((1,), (1, 2), (2,))[k % 3] for k in range(5)})

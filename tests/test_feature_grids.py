@@ -262,7 +262,8 @@ def _scene(root, size=64, small=(40, 46, 40, 46)):
 
 def _features_store(path, gt, grid, classes):
     """One-hot ground truth pooled to `grid` (adaptive average): features that know the classes exactly."""
-    from dhr_cli.io.store import create_store, make_provenance
+    from dhr_cli.io.provenance import make_provenance
+    from dhr_cli.io.store import create_store
 
     onehot = torch.nn.functional.one_hot(torch.from_numpy(gt).long(), 3).permute(2, 0, 1).float()[None]
     f = torch.nn.functional.adaptive_avg_pool2d(onehot, grid)[0].numpy() + 0.05
@@ -273,7 +274,8 @@ def _features_store(path, gt, grid, classes):
 def test_propagate_uses_the_finer_uss_grid(tmp_path):
     """A USS store on a finer grid than the WSS store (and the seeds resized to it, Step 2.1) keeps a
     small object that the coarse grid loses: propagation works on the grid of the USS features."""
-    from dhr_cli.io.store import create_store, make_provenance, open_store
+    from dhr_cli.io.provenance import make_provenance
+    from dhr_cli.io.store import create_store, open_store
 
     root = tmp_path / "d"
     gt = _scene(root)

@@ -159,7 +159,7 @@ def test_label_vectors_of_scores_not_labels_are_refused(tmp_path, value):
 def test_a_stopped_import_labels_does_not_advise_the_resume_it_cannot_use(tmp_path, monkeypatch):
     """`dhr import` has --resume for stores, but a labels.json is written whole: a stop said "rerun with
     --resume to continue", which then refuses a missing OUT."""
-    from dhr_cli.io import store
+    from dhr_cli.io import outputs
     from dhr_cli.io.progress import Terminated
 
     root = _flat(tmp_path / "flat")
@@ -169,7 +169,7 @@ def test_a_stopped_import_labels_does_not_advise_the_resume_it_cannot_use(tmp_pa
     def stopped(*args, **kwargs):
         raise Terminated()
 
-    monkeypatch.setattr(store, "write_text_atomic", stopped)
+    monkeypatch.setattr(outputs, "write_text_atomic", stopped)
     code, output = _cli("import", "labels", src, "--data", root, "--out", out)
     assert code == 143 and "terminated" in output and "--resume" not in output and "rerun it" in output, output
     assert not out.exists()

@@ -49,7 +49,8 @@ def bomb(tmp_path_factory):
     """The synthetic set with every input store made from the real images, then one image replaced by a
     PNG whose header says 20000x20000 (400 megapixels): `bomb` is that image's path."""
     from dhr_cli.config import TrainConfig
-    from dhr_cli.io.store import create_store, make_provenance
+    from dhr_cli.io.provenance import make_provenance
+    from dhr_cli.io.store import create_store
     from dhr_cli.models import sam
     from dhr_cli.pipeline.train import run_train
     from dhr_cli.testing.sam import tiny_sam, tiny_sam_type

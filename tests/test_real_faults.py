@@ -257,7 +257,7 @@ def test_a_rank_dies_with_its_torchrun_launcher(when):
 def test_a_live_writers_partial_is_named_as_such_not_as_an_interrupted_run(tmp_path):
     """Two identical commands started together: the second's up-front output check met the first's
     OUT.partial and called it "an interrupted run; pass --resume", while that run was alive."""
-    from dhr_cli.io.store import check_output
+    from dhr_cli.io.outputs import check_output
 
     out = tmp_path / "m.h5"
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

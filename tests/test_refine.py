@@ -255,7 +255,8 @@ def test_assign_segments_sam_wsss_rule():
 # ---- whole runs --------------------------------------------------------------------------------
 @pytest.fixture
 def setup(tmp_path, tiny):
-    from dhr_cli.io.store import create_store, make_provenance
+    from dhr_cli.io.provenance import make_provenance
+    from dhr_cli.io.store import create_store
     from dhr_cli.io.datasets import open_dataset
 
     data = make_flat(tmp_path / "data")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from dhr_cli.errors import StoreError
-from dhr_cli.io.store import create_store, make_provenance, open_store
+from dhr_cli.io.provenance import make_provenance
+from dhr_cli.io.store import create_store, open_store
 from tests.helpers import write_plain_store
 
 CLASSES = ["background", "cat", "dog"]

@@ -109,7 +109,7 @@ def cams_cmd(
         raise
     except ValueError as e:
         raise InputError(f"--scales / --dtype / --feature-stride: {e}") from None
-    from dhr_cli.io.store import check_output
+    from dhr_cli.io.outputs import check_output
 
     check_output(out_path, overwrite=overwrite, resume=resume,  # before any slow work (head fitting, model loading)
                  inputs={"--data": data, "--wss-weights": wss_weights, "--uss-weights": uss_weights,

@@ -46,7 +46,7 @@ def eval_cmd(
         on_missing=on_missing,  # type: ignore[arg-type]
         report_images=top,
     )
-    from dhr_cli.io.store import OutputLock, check_output
+    from dhr_cli.io.outputs import OutputLock, check_output
 
     inputs = {"--pred": list(pred) + list(compare or []), "--data": data, "--gt-cache": gt_cache}
     locks = []  # OUT.lock beside each output, from its check to its write: a second eval is refused

@@ -56,8 +56,8 @@ def import_cmd(
     quiet: Quiet = False,
 ) -> None:
     from dhr_cli.io.datasets import open_dataset
-    from dhr_cli.io.store import make_provenance
-    from dhr_cli.io.store import check_output
+    from dhr_cli.io.provenance import make_provenance
+    from dhr_cli.io.outputs import check_output
     from dhr_cli.pipeline.imports import run_import
 
     fmt = ImportFormat(fmt).value

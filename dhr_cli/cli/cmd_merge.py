@@ -18,7 +18,7 @@ def merge_cmd(
     overwrite: Overwrite = False,
 ) -> None:
     from dhr_cli.io.distributed import merge_stores
-    from dhr_cli.io.store import check_output
+    from dhr_cli.io.outputs import check_output
 
     check_output(out, overwrite=overwrite, resumable=False,  # before any work: the shared output check
                  inputs={"INPUTS": inputs})

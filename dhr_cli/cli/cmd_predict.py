@@ -53,7 +53,7 @@ def predict_cmd(
 ) -> None:
     from dhr_cli.errors import InputError
     from dhr_cli.pipeline.predict import run_predict
-    from dhr_cli.io.store import check_output
+    from dhr_cli.io.outputs import check_output
 
     check_output(out_store, overwrite=overwrite, resume=resume,  # before any work: the shared output check
                  inputs={"--model": model, "--data": data})

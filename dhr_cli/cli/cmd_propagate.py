@@ -98,7 +98,7 @@ def propagate_cmd(
     from dhr_cli.errors import InputError
     from dhr_cli.pipeline.cams import pair_weights
     from dhr_cli.pipeline.propagate import run_propagate
-    from dhr_cli.io.store import check_output
+    from dhr_cli.io.outputs import check_output
 
     check_output(out, overwrite=overwrite, resume=resume,  # before any work: the shared output check
                  inputs={"--seeds": seeds, "--data": data, "--uss": uss, "--wss": list(wss or []),

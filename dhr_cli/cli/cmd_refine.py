@@ -53,7 +53,7 @@ def refine_cmd(
 ) -> None:
     from dhr_cli.errors import InputError
     from dhr_cli.pipeline.refine import run_refine
-    from dhr_cli.io.store import check_output
+    from dhr_cli.io.outputs import check_output
 
     check_output(out_store, overwrite=overwrite, resume=resume,  # before any work: the shared output check
                  inputs={"--masks": masks, "--data": data, "--sam-weights": sam_weights})

@@ -70,7 +70,7 @@ def seed_cmd(
 ) -> None:
     from dhr_cli.errors import InputError
     from dhr_cli.pipeline.seed import run_seed
-    from dhr_cli.io.store import check_output
+    from dhr_cli.io.outputs import check_output
 
     check_output(out, overwrite=overwrite, resume=resume,  # before any work: the shared output check
                  inputs={"--cams": cams, "--data": data, "--init-masks": init_masks})

@@ -82,7 +82,7 @@ def train_cmd(
     from dataclasses import replace
 
     from dhr_cli.errors import InputError
-    from dhr_cli.io.store import check_output
+    from dhr_cli.io.outputs import check_output
     from dhr_cli.pipeline.train import check_overwritable, run_train
 
     check_output(out_dir, folder=True, overwrite=overwrite, resume=resume,  # before any work: the shared output check

@@ -677,7 +677,9 @@ def build_gt_cache(ds: "COCODataset", cache: str | os.PathLike | None = None, *,
     Written atomically (CACHE.partial, renamed at the end); an interrupted build resumes; a cache
     that is up to date is left alone, a stale one replaced. Returns {path, written, state}."""
     from dhr_cli.io.progress import track
-    from dhr_cli.io.store import _partial, create_store, make_provenance, open_store
+    from dhr_cli.io.outputs import partial_path
+    from dhr_cli.io.provenance import make_provenance
+    from dhr_cli.io.store import create_store, open_store
 
     if not isinstance(ds, COCODataset):
         raise DatasetError(f"{ds.root}: --build-cache is for COCO official annotation files (layout coco); "
@@ -697,7 +699,7 @@ def build_gt_cache(ds: "COCODataset", cache: str | os.PathLike | None = None, *,
             logger.warning("%s: %s; rebuilding it", path, problem)
             state = "rebuilt"
     overwrite = state == "rebuilt"
-    partial = _partial(path)
+    partial = partial_path(path)
     if partial.is_file() and not overwrite and gt_cache_problem(partial, ds._json, ds.classes) is not None:
         overwrite = True  # a partial build of another annotation file: start again
     fingerprint = json_fingerprint(ds._json)

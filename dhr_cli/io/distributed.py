@@ -24,7 +24,8 @@ import numpy as np
 
 from dhr_cli.errors import StoreError
 from dhr_cli.io.datasets import class_mismatch
-from dhr_cli.io.store import OutputLock, StoreWriter, check_output, create_store, open_store, validate_item
+from dhr_cli.io.outputs import OutputLock, check_output
+from dhr_cli.io.store import StoreWriter, create_store, open_store, validate_item
 
 logger = logging.getLogger(__name__)
 

@@ -16,22 +16,18 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
-import socket
-import stat
-import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import h5py
 import numpy as np
 
-from dhr_cli import __version__
 from dhr_cli.config import IGNORE_INDEX
 from dhr_cli.errors import StoreError
+from dhr_cli.io.outputs import OutputLock, partial_path, check_not_input, check_output, check_output_path
+from dhr_cli.io.provenance import provenance_differences
 
 FORMAT = "dhr.store"
 VERSION = 1
@@ -41,8 +37,6 @@ MAIN_DATASET = {"cams": "cams", "features": "features", "seeds": "mask", "masks"
 _TMP_PREFIX = ".writing-"  # an item group's name until all its datasets are written
 _UNSURE = "dhr_unsure"  # item attribute set when an I/O error struck while it was written
 _ROOM_MARGIN = 256 << 10  # bytes kept free beyond an item's raw size (HDF5 metadata, chunk index)
-# Options that may change between a run and its --resume without changing a result.
-RESUME_FREE = frozenset({"device", "workers", "num_workers", "batch_size", "quiet", "log_every"})
 
 
 # ---- reading --------------------------------------------------------------------------------
@@ -121,7 +115,7 @@ class Store:
     def __init__(self, path: str | os.PathLike, expect: str | tuple[str, ...] | None = None):
         self.path = Path(path)
         if not self.path.exists():
-            hint = " (an interrupted run left OUT.partial: rerun it with --resume)" if _partial(self.path).exists() else ""
+            hint = " (an interrupted run left OUT.partial: rerun it with --resume)" if partial_path(self.path).exists() else ""
             raise StoreError(f"{self.path}: no such file{hint}")
         if self.path.is_dir():
             raise StoreError(f"{self.path}: is a directory, expected an HDF5 store file")
@@ -421,7 +415,7 @@ class StoreWriter:
         twice = names_twice(self.classes)
         if twice:  # never write a store that open_store refuses
             raise StoreError(f"{path}: classes {twice} name one class more than once")
-        self.partial = _partial(self.path)
+        self.partial = partial_path(self.path)
         # What a failed write advises: a command with --resume keeps its items for it; one without
         # (merge) removes its partial, and its inputs are what a rerun starts from.
         self.rerun = ("the items written so far are kept, free space and rerun with --resume" if resumable else
@@ -648,363 +642,7 @@ def create_store(path, kind, classes, *, provenance, overwrite=False, resume=Fal
                        root_attrs=root_attrs, resumable=resumable)
 
 
-def make_provenance(command: str, config=None, inputs: dict[str, Any] | None = None, *, dataset=None,
-                    ids: list[str] | None = None) -> dict:
-    """What produced a store: command line, options, version, input stores, time. With `dataset`
-    (its root is inputs["data"]), the split is an input too and the data's id is its fingerprint over
-    `ids` (the items this run writes): a --resume over another split, or after an image or label file
-    changed, is refused instead of publishing old items beside new ones."""
-    if is_dataclass(config):
-        config = asdict(config)
-    inputs = {k: str(v) for k, v in (inputs or {}).items()}
-    if dataset is not None:
-        inputs.setdefault("split", dataset.split or "")
-    ids_of = input_ids(inputs, dataset, ids)
-    return {
-        "command": command,
-        "argv": sys.argv,
-        "options": config or {},
-        "dhr_version": __version__,
-        "inputs": inputs,
-        # the same files however they were spelt (./a.h5, a.h5, /abs/a.h5): what --resume compares
-        "input_paths": {k: os.path.abspath(v) if v and k != "split" and os.path.exists(v) else v for k, v in inputs.items()},
-        "input_ids": ids_of,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-
-
-def input_ids(inputs: dict[str, Any], dataset=None, ids: list[str] | None = None) -> dict[str, str]:
-    """What a --resume must find unchanged beyond the paths: each input file's (or folder's) id and, with
-    `dataset`, the dataset's fingerprint over `ids` (as "data")."""
-    ids_of = {k: _file_id(str(v)) for k, v in inputs.items() if k != "split"}
-    if dataset is not None:
-        ids_of["data"] = "dataset:" + dataset.fingerprint(ids)
-    return ids_of
-
-
-def _file_id(path: str) -> str:
-    """Size and modification time of an input file; of a folder (`--init-masks DIR`, an import's SRC), a
-    digest of every file in it, so that files edited between a kill and a --resume are seen; else ""."""
-    try:
-        st = os.stat(path)
-    except (OSError, ValueError):
-        return ""
-    if stat.S_ISREG(st.st_mode):
-        return f"{st.st_size}:{st.st_mtime_ns}"
-    return "folder:" + _folder_digest(path) if stat.S_ISDIR(st.st_mode) else ""
-
-
-def _folder_digest(path: str) -> str:
-    """SHA-1 of the names, sizes and modification times of a folder's files (not its sub-folders): about
-    5 us a file (20k files, warm directory cache), ~0.4 s for COCO train's 82k masks."""
-    import hashlib
-
-    digest = hashlib.sha1()
-    try:
-        with os.scandir(path) as entries:
-            files = sorted((e.name, e.stat()) for e in entries if e.is_file())
-    except OSError:
-        return "unreadable"
-    for name, st in files:
-        digest.update(f"{name}\0{st.st_size}:{st.st_mtime_ns}\0".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()[:20]
-
-
-def option_differences(saved: dict, now: dict, free=RESUME_FREE, prefix: str = "") -> list[str]:
-    """The options whose values differ, as 'name: saved (partial) vs now (this run)', nested
-    dataclass options flattened with dots; names in `free` may differ. Shared with `dhr train`."""
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        if key in free:
-            continue
-        a, b = saved.get(key, "<unset>"), now.get(key, "<unset>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += option_differences(a, b, free, f"{prefix}{key}.")
-        elif _canon(a) != _canon(b):
-            out.append(f"{prefix}{key}: {a} (partial) vs {b} (this run)")
-    return out
-
-
-def _canon(value):
-    return json.loads(json.dumps(value, default=str))
-
-
-def provenance_differences(saved: dict, now: dict) -> list[str]:
-    """What makes a partial store's run differ from this one: command, options, input paths and ids."""
-    out = []
-    if saved.get("command") != now.get("command"):
-        out.append(f"command: {saved.get('command')} (partial) vs {now.get('command')} (this run)")
-    out += option_differences(saved.get("options") or {}, now.get("options") or {})
-    # input paths as absolute paths where both runs recorded them (older stores: as spelt)
-    where = "input_paths" if "input_paths" in saved and "input_paths" in now else "inputs"
-    paths_then, paths_now = saved.get(where) or {}, now.get(where) or {}
-    out += option_differences(paths_then, paths_now, free=(), prefix="input ")
-    if "input_ids" in saved:  # stores of older dhr versions carry no input ids
-        ids_then, ids_now = saved.get("input_ids") or {}, now.get("input_ids") or {}
-        for key in sorted(set(ids_then) & set(ids_now)):
-            if ids_then[key] != ids_now[key] and paths_then.get(key) == paths_now.get(key):
-                what = {"dataset": "its split's ids, images or label files", "folder": "the files in it"}.get(
-                    str(ids_now[key]).partition(":")[0], "size/mtime")
-                out.append(f"input {key}: {now['inputs'][key]} changed since the partial run ({what})")
-    return out
-
-
-# ---- safety: output paths, locks, integrity ------------------------------------------------
-def write_text_atomic(path: Path, text: str) -> None:
-    """`text` into `path` through a per-process temporary and one rename (two writers never share a
-    temporary); a full disk or `ulimit -f` leaves what was there before, no temporary, and one line."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise StoreError(f"{path}: could not be written ({e.strerror or e}); it was left as it was, "
-                         "free space and rerun") from None
-
-
-def check_output_path(path: Path) -> None:
-    """OUT must name a regular file (or nothing yet) in an existing folder: never a device, FIFO,
-    directory, or a symlink to one of those."""
-    path = Path(path)
-    if path.is_dir():
-        raise StoreError(f"{path}: is a directory, expected an output file name")
-    if os.path.lexists(path):
-        try:
-            st = os.stat(path)
-        except OSError:
-            raise StoreError(f"{path}: is a dangling symlink, expected an output file name") from None
-        if not stat.S_ISREG(st.st_mode):
-            raise StoreError(f"{path}: is not a regular file (a device, FIFO or socket); choose an output file name")
-    if not path.parent.exists():
-        raise StoreError(f"{path}: folder {path.parent} does not exist")
-
-
-def check_output(path, *, folder: bool = False, overwrite: bool = False, resume: bool = False,
-                 resumable: bool = True, inputs: dict[str, Any] | None = None) -> Path:
-    """The one up-front check of an output path, called by every command before any work starts, so
-    a run never fails at its end for want of a place to write.
-
-    A file (stores, `uss fit`'s head, `eval --json`, `cams --save-head`): a regular file name or nothing
-    yet, in an existing folder (`check_output_path`); an existing OUT needs --overwrite (or --resume when
-    the command is `resumable`), and so does an interrupted OUT.partial. A folder (`export`,
-    `eval --report`, `train --out`): not a file, in an existing folder; a non-empty one needs --overwrite
-    (or --resume). Never one of the command's `inputs` ({option: path or paths}), a folder holding one,
-    or a part of an input dataset (`check_not_input`): --overwrite would replace them."""
-    path = Path(path)
-    if overwrite and resume:
-        raise StoreError(f"{path}: --overwrite and --resume exclude each other")
-    check_not_input(path, inputs or {}, folder=folder)
-    hint = "pass --overwrite to replace it" + (" or --resume to complete it" if resumable else "")
-    if folder:
-        if os.path.lexists(path) and not path.is_dir():
-            raise StoreError(f"{path}: is a file, expected a folder")
-        if path.is_dir():
-            if any(path.iterdir()) and not (overwrite or resume):
-                raise StoreError(f"{path}: folder exists and is not empty; {hint}")
-        elif not path.parent.is_dir():
-            raise StoreError(f"{path}: folder {path.parent} does not exist")
-        return path
-    check_output_path(path)
-    partial = _partial(path)
-    if (path.exists() or (resumable and partial.exists())) and not (overwrite or resume):
-        _refuse_if_being_written(path)  # a live writer's partial is not "an interrupted run"
-    if path.exists() and not (overwrite or resume):
-        raise StoreError(f"{path}: already exists; {hint}")
-    if resumable and partial.exists() and not (overwrite or resume):
-        raise StoreError(f"{partial}: an interrupted run is there; pass --resume to continue it or --overwrite "
-                         "to start again")
-    return path
-
-
-def check_not_input(out: Path, inputs: dict[str, Any], *, folder: bool = False) -> None:
-    """Refuse an existing OUT that is an input of the same command, holds one (a folder), or is a
-    file or folder that an input dataset reads (its classes.txt, its masks/): --overwrite would
-    replace them. A dataset the command does not read may receive outputs (export into a new
-    SegmentationClassAug/ is how masks reach another trainer)."""
-    from dhr_cli.io.datasets import dataset_part
-
-    if not os.path.lexists(out):
-        return
-    part_of = None
-    for option, value in inputs.items():
-        if option == "split":  # a name, not a path
-            continue
-        for given in value if isinstance(value, (list, tuple)) else [value]:
-            if given is None or str(given) == "" or not os.path.lexists(given):
-                continue
-            given = Path(given)
-            if os.path.samefile(out, given):
-                raise StoreError(f"{out}: is also the input {option}; write the output to another path")
-            if folder and out.is_dir() and Path(os.path.realpath(given)).is_relative_to(os.path.realpath(out)):
-                raise StoreError(f"{out}: holds the input {option} ({given}); write the output to another folder")
-            if given.is_dir():
-                part_of = part_of or dataset_part(out) or False
-                if part_of and os.path.samefile(part_of, given):
-                    raise StoreError(f"{out}: is read by the dataset {option} {given}; write the output elsewhere")
-
-
-def check_replaceable(folder: Path, recognised: Callable[[Path], bool], what: str) -> None:
-    """--overwrite of a command that removes its whole output folder (`dhr train`, `dhr demo`): only an
-    empty folder or one `recognised` as `what` may go, never a file or a user's folder named by mistake."""
-    folder = Path(folder)
-    if folder.is_symlink():  # rmtree refuses links; removing what one points to would surprise
-        raise StoreError(f"{folder}: is a symbolic link; --overwrite removes nothing through a link, "
-                         "give the folder itself")
-    if os.path.lexists(folder) and not folder.is_dir():
-        raise StoreError(f"{folder}: is a file, not a folder; nothing was removed")
-    if folder.is_dir() and any(folder.iterdir()) and not recognised(folder):
-        raise StoreError(f"{folder}: does not look like {what}, so --overwrite removes nothing; "
-                         "choose another folder, or empty it yourself")
-
-
-def holds_only(folder: Path, names: Iterable[str]) -> bool:
-    """Every entry of `folder` is one of `names` or a side file dhr writes beside one: X.partial, X.lock,
-    or .X.<pid>.tmp (an atomic write's temporary, which a kill leaves)."""
-    names = set(names)
-    return all(_written_name(p.name) in names for p in Path(folder).iterdir())
-
-
-def _written_name(name: str) -> str:
-    """The output a side file belongs to: X for X.partial, X.lock, X.partial.lock and .X.<pid>.tmp."""
-    temporary = re.fullmatch(r"\.(.+)\.\d+\.tmp", name)
-    return temporary.group(1) if temporary else name.removesuffix(".lock").removesuffix(".partial")
-
-
-def _refuse_if_being_written(out: Path) -> None:
-    """The lock's own one-line refusal when OUT.lock names a live process on this host."""
-    lock = Path(out).with_name(Path(out).name + ".lock")
-    pid, host = _lock_owner(lock)
-    if (pid is not None and pid != os.getpid() and host in ("", socket.gethostname())
-            and pid_alive(pid, _written_at(lock))):
-        raise StoreError(_live_writer(lock, out, pid, host))
-
-
-def _lock_owner(lock: Path) -> tuple[int | None, str]:
-    """(PID, host) a lock file names; (None, '') when it is absent, empty or garbage."""
-    try:
-        text = lock.read_text().split()
-        return int(text[0]), (text[1] if len(text) > 1 else "")
-    except (OSError, ValueError, IndexError):
-        return None, ""
-
-
-def _live_writer(lock: Path, out, pid: int, host: str, resumable: bool = True) -> str:
-    where = f" on {host}" if host else ""
-    rerun = "rerun with --resume" if resumable else "rerun"
-    return f"{lock}: {out} is being written by PID {pid}{where} (a live process); wait for it, or stop it and {rerun}"
-
-
-def pid_alive(pid: int, since: float | None = None) -> bool:
-    """Whether process `pid` runs. `since`: when the file naming it (a lock, a staging folder) was last
-    written (epoch seconds); a process of that PID that started after it is another one, the PID reused
-    since the writer died (a reboot, or the PIDs wrapping around), and does not count."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):  # no /proc (macOS): the answer of kill(0)
-        return True
-    # A zombie (killed, not yet reaped by its parent) still answers kill(0) but writes nothing more.
-    if fields[0] == b"Z":
-        return False
-    started = _process_start(fields)
-    return since is None or started is None or started <= since + _CLOCK_SLACK_S
-
-
-_CLOCK_SLACK_S = 2.0  # /proc/stat's boot time is whole seconds; file times and the clock can differ a little
-
-
-def _process_start(stat_fields: list[bytes]) -> float | None:
-    """A process's start (epoch seconds) from its /proc/PID/stat fields after the name: field 22 of
-    proc(5), clock ticks after boot, plus the boot time of /proc/stat."""
-    try:
-        with open("/proc/stat", "rb") as f:
-            boot = next(float(line.split()[1]) for line in f if line.startswith(b"btime "))
-        return boot + int(stat_fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, StopIteration, IndexError, ValueError):
-        return None
-
-
-def _written_at(path: Path) -> float | None:
-    try:
-        return Path(path).stat().st_mtime
-    except OSError:
-        return None
-
-
-class OutputLock:
-    """OUT.lock, created with O_CREAT|O_EXCL and holding 'PID HOST': one writer per output. A lock
-    whose process is gone (same host, PID not alive, or alive but started after the lock was written)
-    is stale: it is named and taken over."""
-
-    def __init__(self, out: Path, resumable: bool = True):
-        self.path = Path(out).with_name(Path(out).name + ".lock")
-        self.held = False
-        self.pid = os.getpid()
-        host = socket.gethostname()
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                pid, owner = self._owner()
-                if pid is not None and owner and owner != host:
-                    # A PID on another host cannot be checked from here: the lock counts as live.
-                    raise StoreError(f"{self.path}: {out} is being written by PID {pid} on host {owner}, which this "
-                                     f"host ({host}) cannot check, so the lock is treated as live; if that run is "
-                                     f"dead, delete {self.path} and rerun{' with --resume' if resumable else ''}"
-                                     ) from None
-                if pid is not None and pid != os.getpid() and pid_alive(pid, _written_at(self.path)):
-                    raise StoreError(_live_writer(self.path, out, pid, owner, resumable)) from None
-                if pid == os.getpid():  # taken further up by this process (rank 0 around its merge)
-                    return
-                print(f"note: {self.path}: stale lock of PID {pid} on {owner or '?'} (not running); taking it over",
-                      file=sys.stderr)
-                try:
-                    os.unlink(self.path)
-                except FileNotFoundError:
-                    pass
-                continue
-            except OSError as e:
-                raise StoreError(f"{self.path}: cannot create the lock file ({e.strerror})") from None
-            try:
-                with os.fdopen(fd, "w") as f:
-                    f.write(f"{os.getpid()} {host}\n")
-            except OSError as e:  # disk full: an empty lock would be left behind, looking live or garbage
-                try:
-                    os.unlink(self.path)
-                except OSError:
-                    pass
-                raise StoreError(f"{self.path}: cannot write the lock file ({e.strerror}); free space and rerun") from None
-            self.held = True
-            self.pid = os.getpid()
-            return
-        raise StoreError(f"{self.path}: could not take the lock (another writer keeps racing for it)")
-
-    def _owner(self) -> tuple[int | None, str]:
-        pid, host = _lock_owner(self.path)
-        if pid is None:  # being written right now, or garbage: an empty, fresh one counts as live
-            try:
-                if time.time() - self.path.stat().st_mtime < 5:
-                    time.sleep(0.2)
-                    pid, host = _lock_owner(self.path)
-            except OSError:
-                pass
-        return pid, host
-
-    def release(self) -> None:
-        # Only the process that took it (not a forked child) removes it.
-        if self.held and os.getpid() == self.pid:
-            self.held = False
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+# ---- integrity ------------------------------------------------------------------------------
 
 
 def _item_problem(group, read: bool = True) -> str | None:
@@ -1097,10 +735,6 @@ def _room(path: Path) -> tuple[int, str] | None:
 def _disk_full(error: Exception) -> bool:
     """ENOSPC, as an OSError or as the text of an HDF5 error (h5py raises RuntimeError for some)."""
     return isinstance(error, OSError) and error.errno == errno.ENOSPC or "No space left" in str(error)
-
-
-def _partial(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
 
 
 def _attr_str(value) -> str | None:

@@ -71,7 +71,7 @@ def run_cams(dataset, source, out: str | Path, cfg: CamsConfig = CamsConfig(), *
         shard,
     )
     from dhr_cli.io.progress import progress_bar
-    from dhr_cli.io.store import make_provenance
+    from dhr_cli.io.provenance import make_provenance
 
     rank = current_rank()
     device = resolve_device(device_for_rank(str(cfg.device if device is None else device), rank))
@@ -204,7 +204,7 @@ def open_source(name: str, dataset, *, kind: str | None, weights=None, device=No
 def cams_provenance(name: str, source, dataset, cfg: CamsConfig, weights=None, *, inputs: dict | None = None,
                     **extra) -> dict:
     """The provenance of a store `run_cams` writes: the same for `dhr cams` and the features cache."""
-    from dhr_cli.io.store import make_provenance
+    from dhr_cli.io.provenance import make_provenance
 
     provenance = make_provenance("cams", cfg, inputs=store_inputs(dataset, weights, **(inputs or {})),
                                  dataset=dataset)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dhr_cli.config import DemoConfig, EvalConfig, PropagateConfig, SeedConfig
 from dhr_cli.errors import InputError
-from dhr_cli.io.store import check_replaceable, holds_only
+from dhr_cli.io.outputs import check_replaceable, holds_only
 
 logger = logging.getLogger(__name__)
 

@@ -255,7 +255,7 @@ def _num(x: float) -> float | None:
 
 def write_json(result: EvalResult, path: str | os.PathLike, top: int = 20) -> Path:
     """Write the JSON report atomically (temp name, then rename)."""
-    from dhr_cli.io.store import check_output_path, write_text_atomic
+    from dhr_cli.io.outputs import check_output_path, write_text_atomic
 
     path = Path(path)
     check_output_path(path)

@@ -52,7 +52,7 @@ def _sibling_stage(out: Path, pid: int | str) -> Path:
 def _stale_stages(folder: Path, prefix: str):
     """Staging folders `<prefix><PID>.tmp` in `folder` whose export process is gone, with the PID. The
     folder's time tells a PID reused by a later process from the export that made it."""
-    from dhr_cli.io.store import pid_alive
+    from dhr_cli.io.outputs import pid_alive
 
     if not folder.is_dir():
         return
@@ -83,7 +83,7 @@ def check_export_dir(out: Path, overwrite: bool, store: Path) -> None:
     """The shared output check of an export folder, after tidying what killed exports left: a staging
     folder whose files had all been written and had begun to move is moved in (that export is
     finished); any other is removed, so it cannot make OUT look non-empty."""
-    from dhr_cli.io.store import check_output
+    from dhr_cli.io.outputs import check_output
 
     for stage, _ in _stale_stages(out.parent, f".{out.name}{_INSIDE}"):
         shutil.rmtree(stage, ignore_errors=True)
@@ -109,7 +109,7 @@ def _staged(out: Path):
     into place; an existing one is staged inside it, marked `_MOVING` before the files move so that a
     kill (or a SIGTERM, which keeps the stage) among the moves is finished later (`check_export_dir`). OUT.lock, beside OUT, keeps a second
     export into the same folder from mixing its files in."""
-    from dhr_cli.io.store import OutputLock
+    from dhr_cli.io.outputs import OutputLock
 
     lock = OutputLock(out, resumable=False)  # export has no --resume: a rerun redoes it
     fresh = not out.exists()

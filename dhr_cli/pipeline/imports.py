@@ -265,7 +265,8 @@ def run_import(fmt: str, src: str | Path, dataset, out: str | Path, *, provenanc
     """Convert the peer files in `src` for every image of `dataset` into a store at `out`."""
     from dhr_cli.io.datasets import _check_same_size, read_index_png
     from dhr_cli.io.progress import track
-    from dhr_cli.io.store import create_store, make_provenance
+    from dhr_cli.io.provenance import make_provenance
+    from dhr_cli.io.store import create_store
 
     if fmt not in FORMATS:
         raise InputError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -390,7 +391,7 @@ def run_import_labels(src: str | Path, dataset, out: str | Path, *, overwrite: b
     renamed), under OUT.lock."""
     import json
 
-    from dhr_cli.io.store import OutputLock, check_output_path, write_text_atomic
+    from dhr_cli.io.outputs import OutputLock, check_output_path, write_text_atomic
 
     src, out = Path(src), Path(out)
     if not src.is_file():

@@ -117,7 +117,7 @@ def run_predict(cfg: PredictConfig, model: str | os.PathLike, data: str | os.Pat
         output_store,
         shard,
     )
-    from dhr_cli.io.store import make_provenance
+    from dhr_cli.io.provenance import make_provenance
 
     rank = current_rank()
     device = resolve_device(device_for_rank(cfg.device, rank))

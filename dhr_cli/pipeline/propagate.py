@@ -26,7 +26,8 @@ from dhr_cli.io.distributed import device_for_rank, output_store, shard
 from dhr_cli.io.loading import StoreReaders, batches_in_workers, iterate_batches, kernel_threads, store_reading_workers
 from dhr_cli.io.progress import track
 from dhr_cli.io.runtime import resolve_device
-from dhr_cli.io.store import Store, make_provenance
+from dhr_cli.io.provenance import make_provenance
+from dhr_cli.io.store import Store
 from dhr_cli.kernels.crf import crf_function
 from dhr_cli.kernels.propagate import (
     PropagateItem,

@@ -31,7 +31,7 @@ from dhr_cli.io.datasets import open_dataset
 from dhr_cli.io.distributed import current_rank, device_for_rank, output_store, shard
 from dhr_cli.io.progress import track
 from dhr_cli.io.runtime import resolve_device
-from dhr_cli.io.store import make_provenance
+from dhr_cli.io.provenance import make_provenance
 from dhr_cli.kernels.prompts import (
     assign_segments,
     batched_points,

@@ -31,7 +31,7 @@ THUMB_SIDE = 240  # longer side of the overlay thumbnails, pixels
 
 def check_report_dir(out: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse a file or a non-empty folder (unless overwrite); the parent folder must exist."""
-    from dhr_cli.io.store import check_output
+    from dhr_cli.io.outputs import check_output
 
     return check_output(out, folder=True, overwrite=overwrite, resumable=False)
 

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from dhr_cli.io.store import holds_only
+from dhr_cli.io.outputs import holds_only
 
 # Everything a run writes into its folder (config.json first, checkpoints/ holds last.pt).
 RUN_FILES = ("config.json", "checkpoints", "log.jsonl", "epochs.csv", "model.pt")

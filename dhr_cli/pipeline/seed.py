@@ -19,7 +19,7 @@ from dhr_cli.io.distributed import device_for_rank, output_store, shard
 from dhr_cli.io.loading import MaskSource, StoreReaders, batches_in_workers, default_workers, iterate_batches, kernel_threads
 from dhr_cli.io.progress import track
 from dhr_cli.io.runtime import resolve_device
-from dhr_cli.io.store import make_provenance
+from dhr_cli.io.provenance import make_provenance
 from dhr_cli.kernels.crf import crf_function
 from dhr_cli.kernels.seed import CAM_FLOOR, seed_masks
 from dhr_cli.pipeline.inputs import (

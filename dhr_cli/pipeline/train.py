@@ -46,7 +46,8 @@ from dhr_cli.errors import CheckpointError, DatasetError, InputError, StoreError
 from dhr_cli.io.datasets import Dataset, open_dataset
 from dhr_cli.io.loading import LazyStore, MaskSource, error_carrying_loader, raise_carried
 from dhr_cli.io.progress import progress_bar
-from dhr_cli.io.store import check_replaceable, input_ids
+from dhr_cli.io.outputs import check_replaceable
+from dhr_cli.io.provenance import input_ids
 from dhr_cli.pipeline.inputs import check_classes
 from dhr_cli.pipeline.run_folder import is_train_run
 from dhr_cli.io.runtime import resolve_device

@@ -19,20 +19,17 @@ import torch.nn.functional as F
 
 from dhr_cli.config import UssFitConfig
 from dhr_cli.errors import CheckpointError, DatasetError, InputError
+from dhr_cli.io.outputs import partial_path
 from dhr_cli.io.runtime import resolve_device
 from dhr_cli.models.checkpoints import save_atomic
 
 logger = logging.getLogger(__name__)
 
 
-def _partial(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
-
-
 def check_output(out: Path, overwrite: bool, resume: bool, inputs: dict | None = None) -> None:
     """Fail before any work if OUT or an interrupted OUT.partial would be lost (the shared output check;
     a finished head is never resumed: it needs --overwrite)."""
-    from dhr_cli.io.store import check_output
+    from dhr_cli.io.outputs import check_output
 
     check_output(out, overwrite=overwrite, resume=resume, inputs=inputs)
     if out.exists() and not overwrite:
@@ -116,12 +113,12 @@ def run_uss_fit(dataset, backbone: str, out: str | Path, cfg: UssFitConfig = Uss
     device = resolve_device(str(cfg.device if device is None else device))
     key = _state_key(dataset, name, backbone_weights, cfg)
     state = None
-    if resume and _partial(out).exists() and not overwrite:
+    if resume and partial_path(out).exists() and not overwrite:
         from dhr_cli.models.checkpoints import read_checkpoint
 
-        state = read_checkpoint(_partial(out))
+        state = read_checkpoint(partial_path(out))
         if not isinstance(state, dict) or state.get("key") != key:
-            raise InputError(f"{_partial(out)}: was started with other data, backbone or settings; "
+            raise InputError(f"{partial_path(out)}: was started with other data, backbone or settings; "
                              "remove it or pass --overwrite to start over")
     src = backbone_source(name, backbone_weights, device, trust=trust)
     for p in src.parameters():
@@ -141,12 +138,12 @@ def run_uss_fit(dataset, backbone: str, out: str | Path, cfg: UssFitConfig = Uss
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         step, history = int(state["step"]), list(state["history"])
-        logger.info("%s: resuming at step %d", _partial(out), step)
+        logger.info("%s: resuming at step %d", partial_path(out), step)
 
     def save_state() -> None:
         save_atomic({"key": key, "head": proj.state_dict(), "optimizer": opt.state_dict(), "step": step,
                       "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "history": history},
-                     _partial(out))
+                     partial_path(out))
 
     b = min(cfg.batch_size, n)
     s = cfg.feature_samples
@@ -180,12 +177,12 @@ def run_uss_fit(dataset, backbone: str, out: str | Path, cfg: UssFitConfig = Uss
         raise
     if step < cfg.steps:
         save_state()
-        return {"steps": step, "complete": False, "out": str(_partial(out)), "history": history}
+        return {"steps": step, "complete": False, "out": str(partial_path(out)), "history": history}
     head = pack_head(proj.eval(), name, backbone_weights, asdict(cfg), step)
     head["fit"] = {"data": key["data"], "split": key["split"], "images": n,
                    "final_loss": history[-1] if history else None}
     save_atomic(head, out)
-    _partial(out).unlink(missing_ok=True)
+    partial_path(out).unlink(missing_ok=True)
     return {"steps": step, "complete": True, "out": str(out), "history": history, "images": n}
 
 

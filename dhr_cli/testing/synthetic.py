@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dhr_cli.io.store import create_store, make_provenance
+from dhr_cli.io.provenance import make_provenance
+from dhr_cli.io.store import create_store
 
 CLASSES = ["background", "person", "cat", "dog", "car", "bus"]
 GROUPS = {1: 0, 2: 1, 3: 1, 4: 2, 5: 2}  # label -> USS group (person | animals | vehicles)
