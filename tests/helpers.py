@@ -1,8 +1,13 @@
-"""Small builders for test data: datasets in the three layouts and stores written with plain h5py."""
+"""Small builders for test data: datasets in the three layouts, stores written with plain h5py, a live
+writer's lock."""
 
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -133,3 +138,16 @@ def png_header(path: Path, width: int, height: int) -> Path:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
                      + chunk(b"IEND", b""))
     return path
+
+
+@contextmanager
+def live_writer_lock(out: Path):
+    """OUT.lock naming a live process of this host (started before the lock was written, so it is that
+    lock's writer): what a second writer of OUT finds while the first runs."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        Path(out).with_name(Path(out).name + ".lock").write_text(f"{holder.pid} {socket.gethostname()}\n")
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()

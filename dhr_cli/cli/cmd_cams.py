@@ -137,7 +137,8 @@ def cams_cmd(
     if save_head:  # checked before the head is fitted, not after
         if os.path.abspath(save_head) == os.path.abspath(out_path):
             raise InputError(f"{save_head}: named by both --save-head and --out; give the head file its own name")
-        check_output(save_head, overwrite=overwrite, resumable=False,
+        # --resume refits the same head (the fit is seeded) and rewrites it: an existing head file is its own
+        check_output(save_head, overwrite=overwrite, resume=resume, resumable=False,
                      inputs={"--out": out_path, "--data": data, "--head": head, "--wss-weights": wss_weights})
     if train_head:
         from dhr_cli.models.lite0 import check_feature_options

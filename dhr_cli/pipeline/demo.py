@@ -22,7 +22,7 @@ from pathlib import Path
 
 from dhr_cli.config import DemoConfig, EvalConfig, PropagateConfig, SeedConfig
 from dhr_cli.errors import InputError
-from dhr_cli.io.outputs import check_replaceable, holds_only
+from dhr_cli.io.outputs import OutputLock, check_replaceable, holds_only
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,18 @@ def lite0_available() -> bool:
 
 
 def run_demo(out: Path, cfg: DemoConfig = DemoConfig(), overwrite: bool = False) -> dict:
-    """Run every step into OUT; returns the headline numbers (also in OUT/summary.json and OUT/summary.md)."""
+    """Run every step into OUT; returns the headline numbers (also in OUT/summary.json and OUT/summary.md).
+    OUT.lock (beside OUT) is held throughout: a second demo into OUT, --overwrite or not, is refused in one
+    line instead of removing the folder a live demo writes."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)  # the demo makes OUT with its parents; the lock sits beside it
+    lock = OutputLock(Path(out), resumable=False)
+    try:
+        return _run_demo(Path(out), cfg, overwrite)
+    finally:
+        lock.release()
+
+
+def _run_demo(out: Path, cfg: DemoConfig, overwrite: bool) -> dict:
     from dhr_cli.pipeline.evaluate import run_eval, write_json
     from dhr_cli.pipeline.propagate import run_propagate
     from dhr_cli.pipeline.report import write_report

@@ -23,6 +23,7 @@ and N processes with a global batch B see the same batches as one process with b
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -46,7 +47,7 @@ from dhr_cli.errors import CheckpointError, DatasetError, InputError, StoreError
 from dhr_cli.io.datasets import Dataset, open_dataset
 from dhr_cli.io.loading import LazyStore, MaskSource, error_carrying_loader, raise_carried
 from dhr_cli.io.progress import progress_bar
-from dhr_cli.io.outputs import check_replaceable
+from dhr_cli.io.outputs import OutputLock, check_replaceable, write_text_atomic
 from dhr_cli.io.provenance import input_ids
 from dhr_cli.pipeline.inputs import check_classes
 from dhr_cli.pipeline.run_folder import is_train_run
@@ -352,6 +353,9 @@ def run_train(cfg: TrainConfig, data: str | os.PathLike, masks: str | os.PathLik
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     run_dir = Path(out)
     fresh = not resume and not (run_dir.is_dir() and any(run_dir.iterdir()))  # this run makes the folder
+    # RUN_DIR.lock (beside the folder) for the whole run, on rank 0: a second `dhr train` of the same
+    # --out (a --resume or --overwrite while this one runs) is refused in one line, never mixed in.
+    lock = OutputLock(run_dir) if rank == 0 else None
     try:
         return _run(cfg, Path(data), Path(masks), run_dir, uss, split, backbone_weights, resume, overwrite,
                     quiet or rank != 0, max_steps, rank, world, device)
@@ -362,6 +366,8 @@ def run_train(cfg: TrainConfig, data: str | os.PathLike, masks: str | os.PathLik
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:
+        if lock is not None:
+            lock.release()
         if distributed and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -439,7 +445,7 @@ def _run(cfg, data, masks_path, run_dir, uss_spec, split, backbone_weights, resu
         logger.info("resuming %s at epoch %d, batch %d (step %d)", run_dir, start_epoch + 1,
                     partial["batches"] if partial else 0, step)
     elif rank == 0:
-        (run_dir / "config.json").write_text(json.dumps(_config_record(cfg, inputs, world, input_ids), indent=1, default=str))
+        write_text_atomic(run_dir / "config.json", json.dumps(_config_record(cfg, inputs, world, input_ids), indent=1, default=str))
 
     net: nn.Module = model
     if distributed:
@@ -555,11 +561,12 @@ def _trim_logs(run_dir: Path, step: int, history: list[dict]) -> None:
                 continue  # a line cut by the kill
             if r.get("step", 0) <= step and (r.get("kind") != "epoch" or r.get("epoch", 0) <= len(history)):
                 keep.append(line)
-        log_path.write_text("".join(line + "\n" for line in keep))
-    csv_path = run_dir / "epochs.csv"
-    csv_path.unlink(missing_ok=True)
-    for record in history:
-        _append_csv(csv_path, record)
+        write_text_atomic(log_path, "".join(line + "\n" for line in keep))  # a failed write keeps the old log
+    rows = io.StringIO(newline="")
+    w = csv.DictWriter(rows, fieldnames=_CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(history)
+    write_text_atomic(run_dir / "epochs.csv", rows.getvalue())
 
 
 def _train_step(net, model, batch, regen, optimizer, scaler, cfg, device, use_amp, amp_dtype, world) -> dict:
@@ -595,8 +602,11 @@ def _train_step(net, model, batch, regen, optimizer, scaler, cfg, device, use_am
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:  # a full disk or `ulimit -f`: name the file (a cut last line is dropped on --resume)
+        raise CheckpointError(f"{path}: could not be written ({e.strerror or e}); free space and rerun with --resume") from None
 
 
 _CSV_FIELDS = ["epoch", "step", "loss", "loss_seg", "loss_cls", "lr", "val_miou", "seconds"]
@@ -604,11 +614,14 @@ _CSV_FIELDS = ["epoch", "step", "loss", "loss_seg", "loss_cls", "lr", "val_miou"
 
 def _append_csv(path: Path, record: dict) -> None:
     new = not path.exists()
-    with path.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=_CSV_FIELDS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerow(record)
+    try:
+        with path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=_CSV_FIELDS, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(record)
+    except OSError as e:  # rebuilt from the checkpoint's history on --resume
+        raise CheckpointError(f"{path}: could not be written ({e.strerror or e}); free space and rerun with --resume") from None
 
 
 # ---- validation ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from dhr_cli.config import UssFitConfig
 from dhr_cli.errors import CheckpointError, DatasetError, InputError
-from dhr_cli.io.outputs import partial_path
+from dhr_cli.io.outputs import OutputLock, partial_path
 from dhr_cli.io.runtime import resolve_device
 from dhr_cli.models.checkpoints import save_atomic
 
@@ -94,7 +94,18 @@ def run_uss_fit(dataset, backbone: str, out: str | Path, cfg: UssFitConfig = Uss
 
     stop_after: run at most this many steps in this call, leaving OUT.partial (a time-boxed job, or a
     test of --resume); a later call with resume=True continues where it stopped, bit for bit.
+    OUT.lock is held throughout, as by every store writer: a second writer of OUT is refused in one line.
     """
+    lock = OutputLock(Path(out))  # taken first: the output check in _fit then sees what no other writer changes
+    try:
+        return _fit(dataset, backbone, out, cfg, backbone_weights=backbone_weights, device=device,
+                    overwrite=overwrite, resume=resume, trust=trust, quiet=quiet, stop_after=stop_after)
+    finally:
+        lock.release()
+
+
+def _fit(dataset, backbone: str, out: str | Path, cfg: UssFitConfig, *, backbone_weights, device, overwrite: bool,
+         resume: bool, trust: bool, quiet: bool, stop_after: int | None) -> dict:
     from dhr_cli.io.progress import progress_bar
     from dhr_cli.kernels.correlation import stego_loss, super_perm
     from dhr_cli.models import canonical
@@ -150,10 +161,14 @@ def run_uss_fit(dataset, backbone: str, out: str | Path, cfg: UssFitConfig = Uss
     end = cfg.steps if stop_after is None else min(cfg.steps, step + stop_after)
     out.parent.mkdir(parents=True, exist_ok=True)
     proj.train()
+    # A stop (SIGTERM, Ctrl-C) can land anywhere in a step: the state saved then must be that of the last
+    # whole step, or the resumed run replays the step with RNGs already advanced (not bit for bit).
+    rng_at_step, stepping = (gen.get_state(), torch.get_rng_state()), False
     try:
         with progress_bar(quiet) as bar:
             task = bar.add_task("fitting the USS head", total=cfg.steps, completed=step, rate="")
             while step < end:
+                rng_at_step = (gen.get_state(), torch.get_rng_state())
                 idx = torch.randperm(n, generator=gen)[:b].tolist()
                 pick = torch.randint(0, 1 << 30, (b, 3), generator=gen).tolist()
                 pos = [int(knn[i, r[0] % cfg.neighbours]) for i, r in zip(idx, pick)]
@@ -166,14 +181,20 @@ def run_uss_fit(dataset, backbone: str, out: str | Path, cfg: UssFitConfig = Uss
                 parts = stego_loss(signals[:b], codes[:b], signals[b:], codes[b:], coords1, coords2, negatives, cfg)
                 opt.zero_grad()
                 parts["loss"].backward()
+                stepping = True  # from here the weights change: the step must finish before a state is saved
                 opt.step()
                 step += 1
                 history.append([round(float(parts[k].detach()), 5) for k in ("loss", "self", "knn", "random")])
+                rng_at_step = (gen.get_state(), torch.get_rng_state())  # the state of the step just done
+                stepping = False
                 bar.update(task, advance=1, rate=f"loss {history[-1][0]:+.4f}")
                 if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                     save_state()
     except KeyboardInterrupt:
-        save_state()
+        if not stepping:  # mid-update: keep the last periodic state instead
+            gen.set_state(rng_at_step[0])
+            torch.set_rng_state(rng_at_step[1])
+            save_state()
         raise
     if step < cfg.steps:
         save_state()
