@@ -20,8 +20,8 @@ from dhr_cli.io.store import create_store, open_store
 CLASSES = ["background", "cat", "dog"]
 
 
-def _masks(path, ids, value=1, classes=CLASSES):
-    with create_store(path, "masks", classes, provenance={"command": "t"}) as w:
+def _masks(path, ids, value=1, classes=CLASSES, options=None):
+    with create_store(path, "masks", classes, provenance={"command": "t", "options": options or {}}) as w:
         for i in ids:
             w.write(i, {"mask": np.full((3, 4), value, np.uint8)})
     return path
@@ -53,6 +53,19 @@ def test_merge_refuses_duplicates_and_mismatches(tmp_path):
     with pytest.raises(StoreError, match="cannot merge"):
         merge_stores([a, c], tmp_path / "o.h5")
     assert not (tmp_path / "o.h5").exists() and not (tmp_path / "o.h5.partial").exists()
+
+
+def test_merge_refuses_parts_made_with_other_options(tmp_path):
+    """Node 1's part of `--method cam` beside node 0's DHR masks merged under node 0's provenance: the
+    store said every item was DHR's. Options a --resume may change (workers, device) may differ."""
+    a = _masks(tmp_path / "a.h5", ["1"], options={"method": "dhr", "tau": 0.8, "num_workers": 2})
+    b = _masks(tmp_path / "b.h5", ["2"], options={"method": "cam", "tau": 0.8, "num_workers": 2})
+    c = _masks(tmp_path / "c.h5", ["3"], options={"method": "dhr", "tau": 0.8, "num_workers": 0})
+    with pytest.raises(StoreError, match=r"b.h5: written with other options than .*a.h5 \(method: cam \(b.h5\) vs "
+                                         r"dhr \(a.h5\)\); cannot merge"):
+        merge_stores([a, b], tmp_path / "o.h5")
+    assert not (tmp_path / "o.h5").exists() and not (tmp_path / "o.h5.partial").exists()
+    assert merge_stores([a, c], tmp_path / "o.h5") == 2
 
 
 def test_merge_refuses_feature_stores_of_two_networks(tmp_path):
@@ -109,9 +122,10 @@ _JOB = """
 import sys
 import numpy as np
 from dhr_cli.io.distributed import output_store, shard
-out, resume = sys.argv[1], sys.argv[2] == "resume"
+out, resume, tau = sys.argv[1], sys.argv[2] == "resume", float(sys.argv[3])
 ids = [f"img{i}" for i in range(7)]
-with output_store(out, "masks", [f"c{k}" for k in range(20)], provenance={}, resume=resume) as w:
+provenance = {"command": "job", "options": {"tau": tau}}
+with output_store(out, "masks", [f"c{k}" for k in range(20)], provenance=provenance, resume=resume) as w:
     for i in shard(ids):
         if i not in w:
             w.write(i, {"mask": np.full((2, 2), int(i[3:]), np.uint8)})
@@ -122,10 +136,16 @@ def test_torchrun_resume_completes_a_merged_store(tmp_path):
     """--resume on an OUT merged by an earlier run (no shards left): only the items it lacks are computed."""
     (tmp_path / "job.py").write_text(_JOB)
     out = tmp_path / "out.h5"
-    with create_store(out, "masks", [f"c{k}" for k in range(20)], provenance={"command": "t"}) as w:
+    with create_store(out, "masks", [f"c{k}" for k in range(20)],
+                      provenance={"command": "job", "options": {"tau": 0.8}}) as w:
         for i in range(5):  # img5 and img6 missing; 19 marks an item that must not be recomputed
             w.write(f"img{i}", {"mask": np.full((2, 2), 19, np.uint8)})
-    proc = _torchrun(tmp_path / "job.py", out, "resume")
+    # other options: refused as a one-process --resume is (the merged items were made at tau 0.8)
+    proc = _torchrun(tmp_path / "job.py", out, "resume", 0.3)
+    assert proc.returncode != 0 and "tau: 0.8 (partial) vs 0.3 (this run)" in proc.stderr, proc.stderr[-2000:]
+    with open_store(out) as s:
+        assert s.ids == [f"img{i}" for i in range(5)]
+    proc = _torchrun(tmp_path / "job.py", out, "resume", 0.8)
     assert proc.returncode == 0, proc.stderr[-2000:]
     with open_store(out) as s:
         assert s.ids == [f"img{i}" for i in range(7)]

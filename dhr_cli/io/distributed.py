@@ -25,6 +25,7 @@ import numpy as np
 from dhr_cli.errors import StoreError
 from dhr_cli.io.datasets import class_mismatch
 from dhr_cli.io.outputs import OutputLock, check_output
+from dhr_cli.io.provenance import option_differences, provenance_differences
 from dhr_cli.io.store import StoreWriter, create_store, open_store, validate_item
 
 logger = logging.getLogger(__name__)
@@ -140,6 +141,18 @@ def _sharded(out, kind, classes, rank, provenance, overwrite, resume, root_attrs
             if previous.kind != kind or previous.classes != classes:
                 raise StoreError(f"{out}: holds {previous.kind!r} with classes {previous.classes}, which does not "
                                  "match this run; use --overwrite")
+            # The rule of a single-process --resume over a complete store. The dataset fingerprint
+            # covers each rank's own ids: compared with this rank's, as the merge recorded it.
+            saved = dict(previous.provenance)
+            by_rank = saved.get("rank_input_ids") or {}
+            if saved.get("world_size") == rank.world and str(rank.rank) in by_rank:
+                saved["input_ids"] = by_rank[str(rank.rank)]
+            else:  # no per-rank record: every input but the dataset fingerprint
+                saved["input_ids"] = {k: v for k, v in (saved.get("input_ids") or {}).items() if k != "data"}
+            differ = provenance_differences(saved, provenance)
+            if differ:
+                raise StoreError(f"{out}: --resume with options or inputs that differ from the run that wrote it: "
+                                 f"{'; '.join(differ)}; rerun with the same options or use --overwrite")
             merged_before = set(previous.ids)
     provenance = {**provenance, "rank": rank.rank, "world_size": rank.world}
     with create_store(shard_path(out, rank), kind, classes, provenance=provenance, overwrite=overwrite,
@@ -151,14 +164,19 @@ def _sharded(out, kind, classes, rank, provenance, overwrite, resume, root_attrs
     if rank.is_main:
         shards = [shard_path(out, Rank(r, rank.world)) for r in range(rank.world)]
         keep = [out] if merged_before else []  # after the shards: an item in both is taken from its shard
-        merge_stores(shards + keep, out, overwrite=True, skip_duplicates=bool(keep))
+        by_rank = {}
+        for r, path in enumerate(shards):
+            with open_store(path) as s:
+                by_rank[str(r)] = s.provenance.get("input_ids") or {}
+        merge_stores(shards + keep, out, overwrite=True, skip_duplicates=bool(keep),
+                     extra_provenance={"rank_input_ids": by_rank})
         for path in shards:
             path.unlink()
     _barrier(rank)
 
 
 def merge_stores(inputs: Sequence[Path], out: Path, *, overwrite: bool = False, quiet: bool = True,
-                 skip_duplicates: bool = False) -> int:
+                 skip_duplicates: bool = False, extra_provenance: dict | None = None) -> int:
     """Copy every item of stores of one kind and class list into one store; returns the item count.
 
     An item id in two inputs is an error, unless `skip_duplicates` (then the first input's copy is
@@ -179,6 +197,16 @@ def merge_stores(inputs: Sequence[Path], out: Path, *, overwrite: bool = False, 
                 if s.attrs.get(key) != first.attrs.get(key):
                     raise StoreError(f"{s.path}: {key} {s.attrs.get(key)!r}, but {first.path} has "
                                      f"{first.attrs.get(key)!r}: one network's maps beside another's; cannot merge")
+            # The merged provenance is the first input's: items of another command or other options would
+            # be published under it (and trusted by a later --resume). Paths and splits differ by node.
+            p, q = first.provenance, s.provenance
+            names = (s.path.name, first.path.name)
+            differ = [f"command: {q.get('command')} ({names[0]}) vs {p.get('command')} ({names[1]})"] \
+                if p.get("command") != q.get("command") else []
+            differ += option_differences(q.get("options") or {}, p.get("options") or {}, names=names)
+            if differ:
+                raise StoreError(f"{s.path}: written with other options than {first.path} ({'; '.join(differ)}); "
+                                 "cannot merge")
         seen: dict[str, Path] = {}
         plan: list[tuple[object, list[str]]] = []
         for s in stores:
@@ -194,7 +222,7 @@ def merge_stores(inputs: Sequence[Path], out: Path, *, overwrite: bool = False, 
         root_attrs = {k: v for k, v in first.attrs.items()
                       if k not in ("dhr_format", "dhr_version", "kind", "classes", "ignore_index", "provenance")}
         provenance = {**first.provenance, "merged_from": [str(s.path) for s in stores],
-                      "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                      "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra_provenance or {})}
         provenance.pop("rank", None)
         partial = out.with_name(out.name + ".partial")
         if partial.exists() and not overwrite:

@@ -80,18 +80,19 @@ def _folder_digest(path: str) -> str:
     return digest.hexdigest()[:20]
 
 
-def option_differences(saved: dict, now: dict, free=RESUME_FREE, prefix: str = "") -> list[str]:
-    """The options whose values differ, as 'name: saved (partial) vs now (this run)', nested
-    dataclass options flattened with dots; names in `free` may differ. Shared with `dhr train`."""
+def option_differences(saved: dict, now: dict, free=RESUME_FREE, prefix: str = "",
+                       names: tuple[str, str] = ("partial", "this run")) -> list[str]:
+    """The options whose values differ, as 'name: saved (partial) vs now (this run)' (`names`), nested
+    dataclass options flattened with dots; names in `free` may differ. Shared with `dhr train` and merge."""
     out = []
     for key in sorted(set(saved) | set(now)):
         if key in free:
             continue
         a, b = saved.get(key, "<unset>"), now.get(key, "<unset>")
         if isinstance(a, dict) and isinstance(b, dict):
-            out += option_differences(a, b, free, f"{prefix}{key}.")
+            out += option_differences(a, b, free, f"{prefix}{key}.", names)
         elif _canon(a) != _canon(b):
-            out.append(f"{prefix}{key}: {a} (partial) vs {b} (this run)")
+            out.append(f"{prefix}{key}: {a} ({names[0]}) vs {b} ({names[1]})")
     return out
 
 

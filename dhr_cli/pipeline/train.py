@@ -562,11 +562,7 @@ def _trim_logs(run_dir: Path, step: int, history: list[dict]) -> None:
             if r.get("step", 0) <= step and (r.get("kind") != "epoch" or r.get("epoch", 0) <= len(history)):
                 keep.append(line)
         write_text_atomic(log_path, "".join(line + "\n" for line in keep))  # a failed write keeps the old log
-    rows = io.StringIO(newline="")
-    w = csv.DictWriter(rows, fieldnames=_CSV_FIELDS, extrasaction="ignore")
-    w.writeheader()
-    w.writerows(history)
-    write_text_atomic(run_dir / "epochs.csv", rows.getvalue())
+    write_text_atomic(run_dir / "epochs.csv", _csv_text(history, header=True))
 
 
 def _train_step(net, model, batch, regen, optimizer, scaler, cfg, device, use_amp, amp_dtype, world) -> dict:
@@ -602,25 +598,32 @@ def _train_step(net, model, batch, regen, optimizer, scaler, cfg, device, use_am
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
-    try:
-        with path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-    except OSError as e:  # a full disk or `ulimit -f`: name the file (a cut last line is dropped on --resume)
-        raise CheckpointError(f"{path}: could not be written ({e.strerror or e}); free space and rerun with --resume") from None
+    _append(path, json.dumps(record) + "\n")
 
 
 _CSV_FIELDS = ["epoch", "step", "loss", "loss_seg", "loss_cls", "lr", "val_miou", "seconds"]
 
 
 def _append_csv(path: Path, record: dict) -> None:
-    new = not path.exists()
+    _append(path, _csv_text([record], header=not path.exists()))
+
+
+def _csv_text(records: list[dict], header: bool) -> str:
+    rows = io.StringIO(newline="")
+    w = csv.DictWriter(rows, fieldnames=_CSV_FIELDS, extrasaction="ignore")
+    if header:
+        w.writeheader()
+    w.writerows(records)
+    return rows.getvalue()
+
+
+def _append(path: Path, text: str) -> None:
+    """One record onto a log; a full disk or `ulimit -f` names the file (a cut last line is dropped and
+    epochs.csv rebuilt from the checkpoint on --resume)."""
     try:
         with path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=_CSV_FIELDS, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerow(record)
-    except OSError as e:  # rebuilt from the checkpoint's history on --resume
+            f.write(text)
+    except OSError as e:
         raise CheckpointError(f"{path}: could not be written ({e.strerror or e}); free space and rerun with --resume") from None
 
 
