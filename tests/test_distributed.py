@@ -229,3 +229,50 @@ def test_torchrun_cams_matches_one_process_and_resumes(tmp_path):
                 assert (s.read(i).features == 7).all()
             else:
                 np.testing.assert_array_equal(s.read(i).arrays["features"], ref.read(i).arrays["features"])
+
+
+@pytest.mark.slow
+def test_a_torchrun_store_resumes_in_one_process_and_under_torchrun_with_its_own_options_only(tmp_path):
+    """Each rank's dataset fingerprint covers its own ids: one process resuming a torchrun-merged store was
+    refused ("input data changed"), while torchrun resuming it with another tau mixed the new masks in."""
+    from dhr_cli.testing.synthetic import make_dataset
+
+    data = make_dataset(tmp_path / "d", n_images=6)
+    seeds, out = tmp_path / "seeds.h5", tmp_path / "masks.h5"
+    assert CliRunner().invoke(app, ["seed", "--cams", str(data / "cams.h5"), "--data", str(data), "--out",
+                                    str(seeds), "--no-crf", "-q"]).exit_code == 0
+    args = ["propagate", "--seeds", seeds, "--data", data, "--uss", data / "uss.h5", "--wss", data / "wss.h5",
+            "--no-crf", "-q", "--out", out]
+    proc = _torchrun("-m", "dhr_cli", *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open_store(out) as s:
+        before = {i: s.read(i).mask.copy() for i in s.ids}
+    r = CliRunner().invoke(app, [*map(str, args), "--resume"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, [*map(str, args), "--resume", "--tau", "0.3"])
+    assert r.exit_code == 1 and "tau: 0.8 (partial) vs 0.3 (this run)" in r.output, r.output
+    proc = _torchrun("-m", "dhr_cli", *args, "--resume", "--tau", "0.3")
+    assert proc.returncode != 0 and "tau: 0.8 (partial) vs 0.3 (this run)" in proc.stderr, proc.stderr[-2000:]
+    proc = _torchrun("-m", "dhr_cli", *args, "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open_store(out) as s:
+        assert sorted(s.ids) == sorted(before) and all((s.read(i).mask == m).all() for i, m in before.items())
+
+
+def test_resume_ids_of_merged_stores_are_compared_per_rank_or_left_out():
+    from dhr_cli.io.provenance import provenance_differences
+
+    def prov(data_id, **extra):
+        return {"command": "propagate", "options": {"tau": 0.8}, "inputs": {"data": "d"}, "input_paths": {"data": "/d"},
+                "input_ids": {"data": f"dataset:{data_id}"}, **extra}
+
+    changed = ["input data: d changed since the partial run (its split's ids, images or label files)"]
+    assert provenance_differences(prov("all"), prov("other")) == changed  # one process, both runs
+    merged = prov("rank0", world_size=2, merged_from=["a", "b"],
+                  rank_input_ids={"0": {"data": "dataset:rank0"}, "1": {"data": "dataset:rank1"}})
+    assert provenance_differences(merged, prov("rank1", rank=1, world_size=2)) == []
+    assert provenance_differences(merged, prov("edited", rank=1, world_size=2)) == changed
+    assert provenance_differences(merged, prov("all")) == []  # one process: no fingerprint of all ids to compare
+    assert provenance_differences(prov("node0", merged_from=["p0", "p1"]), prov("all")) == []  # `dhr merge` of parts
+    assert provenance_differences(merged, {**prov("all"), "options": {"tau": 0.3}}) == [
+        "tau: 0.8 (partial) vs 0.3 (this run)"]

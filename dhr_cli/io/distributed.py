@@ -141,15 +141,9 @@ def _sharded(out, kind, classes, rank, provenance, overwrite, resume, root_attrs
             if previous.kind != kind or previous.classes != classes:
                 raise StoreError(f"{out}: holds {previous.kind!r} with classes {previous.classes}, which does not "
                                  "match this run; use --overwrite")
-            # The rule of a single-process --resume over a complete store. The dataset fingerprint
-            # covers each rank's own ids: compared with this rank's, as the merge recorded it.
-            saved = dict(previous.provenance)
-            by_rank = saved.get("rank_input_ids") or {}
-            if saved.get("world_size") == rank.world and str(rank.rank) in by_rank:
-                saved["input_ids"] = by_rank[str(rank.rank)]
-            else:  # no per-rank record: every input but the dataset fingerprint
-                saved["input_ids"] = {k: v for k, v in (saved.get("input_ids") or {}).items() if k != "data"}
-            differ = provenance_differences(saved, provenance)
+            # The rule of a single-process --resume over a complete store, as this rank sees it.
+            differ = provenance_differences(previous.provenance, {**provenance, "rank": rank.rank,
+                                                                  "world_size": rank.world})
             if differ:
                 raise StoreError(f"{out}: --resume with options or inputs that differ from the run that wrote it: "
                                  f"{'; '.join(differ)}; rerun with the same options or use --overwrite")

@@ -102,6 +102,7 @@ def _canon(value):
 
 def provenance_differences(saved: dict, now: dict) -> list[str]:
     """What makes a partial store's run differ from this one: command, options, input paths and ids."""
+    saved = _ids_for_this_rank(saved, now)
     out = []
     if saved.get("command") != now.get("command"):
         out.append(f"command: {saved.get('command')} (partial) vs {now.get('command')} (this run)")
@@ -118,3 +119,19 @@ def provenance_differences(saved: dict, now: dict) -> list[str]:
                     str(ids_now[key]).partition(":")[0], "size/mtime")
                 out.append(f"input {key}: {now['inputs'][key]} changed since the partial run ({what})")
     return out
+
+
+def _ids_for_this_rank(saved: dict, now: dict) -> dict:
+    """Under torchrun each rank's dataset fingerprint covers its own ids ("rank" / "world_size" in its
+    provenance). A store merged by rank 0 records every rank's ids ("rank_input_ids"): a run of the same
+    world size compares its own rank's; a run of another world size (one process resuming a torchrun
+    store, or the reverse) cannot compare the dataset fingerprint and leaves it out, the rest compared,
+    and so does a resume of a `dhr merge` of nodes' parts (it keeps the first part's fingerprint)."""
+    world, rank = now.get("world_size", 1), now.get("rank", 0)
+    by_rank = saved.get("rank_input_ids") or {}
+    if saved.get("world_size", 1) == world:
+        if str(rank) in by_rank:
+            return {**saved, "input_ids": by_rank[str(rank)]}
+        if not by_rank and "merged_from" not in saved:
+            return saved
+    return {**saved, "input_ids": {k: v for k, v in (saved.get("input_ids") or {}).items() if k != "data"}}
