@@ -24,7 +24,7 @@ import numpy as np
 
 from dhr_cli.errors import StoreError
 from dhr_cli.io.datasets import class_mismatch
-from dhr_cli.io.outputs import OutputLock, check_output
+from dhr_cli.io.outputs import OutputLock, check_output, partial_path
 from dhr_cli.io.provenance import option_differences, provenance_differences
 from dhr_cli.io.store import StoreWriter, create_store, open_store, validate_item
 
@@ -91,7 +91,7 @@ def interrupted(out: Path, rank: Rank | None = None) -> bool:
     rank = rank or current_rank()
     out = Path(out)
     path = out if rank.world == 1 else shard_path(out, rank)
-    return path.with_name(path.name + ".partial").exists()
+    return partial_path(path).exists()
 
 
 @contextlib.contextmanager
@@ -218,7 +218,7 @@ def merge_stores(inputs: Sequence[Path], out: Path, *, overwrite: bool = False, 
         provenance = {**first.provenance, "merged_from": [str(s.path) for s in stores],
                       "merged_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(extra_provenance or {})}
         provenance.pop("rank", None)
-        partial = out.with_name(out.name + ".partial")
+        partial = partial_path(out)
         if partial.exists() and not overwrite:
             raise StoreError(f"{partial}: an interrupted run is there; pass --overwrite to replace it")
         writer = create_store(out, first.kind, first.classes, provenance=provenance, overwrite=overwrite,

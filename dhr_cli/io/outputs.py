@@ -138,10 +138,10 @@ def _written_name(name: str) -> str:
 
 def _refuse_if_being_written(out: Path) -> None:
     """The lock's own one-line refusal when OUT.lock names a live process on this host."""
-    lock = Path(out).with_name(Path(out).name + ".lock")
+    lock = lock_path(out)
     pid, host = _lock_owner(lock)
     if (pid is not None and pid != os.getpid() and host in ("", socket.gethostname())
-            and pid_alive(pid, _written_at(lock))):
+            and pid_alive(pid, written_at(lock))):
         raise StoreError(_live_writer(lock, out, pid, host))
 
 
@@ -196,7 +196,8 @@ def _process_start(stat_fields: list[bytes]) -> float | None:
         return None
 
 
-def _written_at(path: Path) -> float | None:
+def written_at(path: Path) -> float | None:
+    """A file's (or folder's) modification time, None when it is gone: the `since` of `pid_alive`."""
     try:
         return Path(path).stat().st_mtime
     except OSError:
@@ -209,7 +210,7 @@ class OutputLock:
     is stale: it is named and taken over."""
 
     def __init__(self, out: Path, resumable: bool = True):
-        self.path = Path(out).with_name(Path(out).name + ".lock")
+        self.path = lock_path(out)
         self.held = False
         self.pid = os.getpid()
         host = socket.gethostname()
@@ -224,7 +225,7 @@ class OutputLock:
                                      f"host ({host}) cannot check, so the lock is treated as live; if that run is "
                                      f"dead, delete {self.path} and rerun{' with --resume' if resumable else ''}"
                                      ) from None
-                if pid is not None and pid != os.getpid() and pid_alive(pid, _written_at(self.path)):
+                if pid is not None and pid != os.getpid() and pid_alive(pid, written_at(self.path)):
                     raise StoreError(_live_writer(self.path, out, pid, owner, resumable)) from None
                 if pid == os.getpid():  # taken further up by this process (rank 0 around its merge)
                     return
@@ -274,3 +275,7 @@ class OutputLock:
 
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
+
+
+def lock_path(out: Path) -> Path:
+    return Path(out).with_name(Path(out).name + ".lock")

@@ -52,14 +52,14 @@ def _sibling_stage(out: Path, pid: int | str) -> Path:
 def _stale_stages(folder: Path, prefix: str):
     """Staging folders `<prefix><PID>.tmp` in `folder` whose export process is gone, with the PID. The
     folder's time tells a PID reused by a later process from the export that made it."""
-    from dhr_cli.io.outputs import pid_alive
+    from dhr_cli.io.outputs import pid_alive, written_at
 
     if not folder.is_dir():
         return
     for stage in sorted(folder.iterdir()):
         pid = stage.name[len(prefix): -len(".tmp")]
         if (stage.name.startswith(prefix) and stage.name.endswith(".tmp") and pid.isdigit() and stage.is_dir()
-                and not pid_alive(int(pid), since=stage.stat().st_mtime)):  # a PID reused since: gone too
+                and not pid_alive(int(pid), since=written_at(stage))):  # a PID reused since: gone too
             yield stage, int(pid)
 
 
